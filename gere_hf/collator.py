@@ -1,0 +1,102 @@
+"""Replay tensors from the memory-mapped store, merged into the user's task batch under reserved keys.
+
+The user's (or TRL's) collator builds the task batch unchanged; :class:`GeReCollator` adds the replay samples that the
+:class:`~gere_hf.schedule.ReplaySchedule` assigns to the micro-batch. Everything under the ``gere_`` prefix is removed
+by the trainer before the model sees the batch. Labels travel packed (2 bits per element) and are unpacked on the
+training device in one fused op (:func:`gere_hf.reference.unpack_labels`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .reference import ReferenceStates
+
+RESERVED_PREFIX = "gere_"
+
+
+def split_replay_inputs(inputs: dict) -> tuple[dict, dict]:
+    """(task inputs, replay inputs): the reserved keys, with their prefix stripped, go to the second dict."""
+    task = {k: v for k, v in inputs.items() if not k.startswith(RESERVED_PREFIX)}
+    replay = {k[len(RESERVED_PREFIX) :]: v for k, v in inputs.items() if k.startswith(RESERVED_PREFIX)}
+    return task, replay
+
+
+class GeReCollator:
+    """Collates replay samples of a :class:`ReferenceStates` store and merges them into task batches.
+
+    Args:
+        store: the reference store (its token ids, labels and extras are read per sample, memory-mapped).
+        pad_token_id: padding id of the replay input ids (padding is masked and never enters a loss).
+        extras: store extras the loss needs (``"hidden"``, ``"topk"``).
+        base_collator: the user's collator, for :meth:`__call__`.
+    """
+
+    def __init__(
+        self,
+        store: ReferenceStates,
+        pad_token_id: int,
+        extras: Sequence[str] = (),
+        base_collator: Callable | None = None,
+        need_labels: bool = True,
+    ):
+        self.store = store
+        self.pad_token_id = int(pad_token_id)
+        self.extras = tuple(extras)
+        self.base_collator = base_collator
+        self.need_labels = need_labels
+        store.require_extras(self.extras)
+
+    def __call__(self, features: list[dict], replay_indices: Sequence[int] = ()) -> dict:
+        batch = self.base_collator(features) if self.base_collator is not None else {}
+        batch.update(self.replay_batch(replay_indices))
+        return batch
+
+    def replay_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Right-padded replay tensors for ``indices``, under reserved keys; empty for no indices."""
+        if len(indices) == 0:
+            return {}
+        store = self.store
+        h = store.hidden_size
+        lengths = [int(store.lengths[i]) for i in indices]
+        width = max(lengths)
+        b = len(indices)
+        input_ids = np.full((b, width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((b, width), dtype=np.int64)
+        for row, i in enumerate(indices):
+            input_ids[row, : lengths[row]] = store.input_ids(i)
+            attention_mask[row, : lengths[row]] = 1
+        labels = np.where(attention_mask == 1, input_ids, -100)
+        out = {
+            "gere_input_ids": torch.from_numpy(input_ids),
+            "gere_attention_mask": torch.from_numpy(attention_mask),
+            "gere_labels": torch.from_numpy(labels),
+            "gere_indices": torch.tensor(list(indices), dtype=torch.long),
+        }
+        if self.need_labels:
+            if h % 4 == 0:  # every token row is a whole number of bytes: ship packed, unpack on the device
+                packed = np.zeros((b, width, h // 4), dtype=np.uint8)
+                for row, i in enumerate(indices):
+                    packed[row, : lengths[row]] = store.packed_labels(i).reshape(lengths[row], h // 4)
+                out["gere_packed_labels"] = torch.from_numpy(packed)
+            else:
+                labels_tm = torch.zeros((b, width, h), dtype=torch.int8)
+                for row, i in enumerate(indices):
+                    labels_tm[row, : lengths[row]] = store.labels(i)
+                out["gere_tm_labels"] = labels_tm
+        if "hidden" in self.extras:
+            hidden = torch.zeros((b, width, h), dtype=torch.float16)
+            for row, i in enumerate(indices):
+                hidden[row, : lengths[row]] = store.hidden(i)
+            out["gere_ref_hidden"] = hidden
+        if "topk" in self.extras:
+            lp = torch.zeros((b, width, store.topk), dtype=torch.float32)
+            ids = torch.zeros((b, width, store.topk), dtype=torch.long)
+            for row, i in enumerate(indices):
+                lp[row, : lengths[row]], ids[row, : lengths[row]] = store.topk_teacher(i)
+            out["gere_topk_logprobs"] = lp
+            out["gere_topk_ids"] = ids
+        return out

@@ -1,0 +1,120 @@
+"""`GeReConfig`: everything GeRe adds to a Trainer, as a dataclass usable with `HfArgumentParser`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+LOSSES = ("tm", "ce", "kl", "l1", "l2", "none")
+REFERENCES = ("base", "stage_start")
+NONFINITE_POLICIES = ("error", "skip")
+# What each loss needs in the store besides the 2-bit labels.
+LOSS_EXTRAS = {"tm": (), "ce": (), "kl": ("topk",), "l1": ("hidden",), "l2": ("hidden",), "none": ()}
+
+
+class GeReConfigError(ValueError):
+    """A GeRe option with a value that cannot work."""
+
+
+@dataclass
+class GeReConfig:
+    """Options of GeRe replay. Defaults follow the paper: 1,000 general texts of ≤563 tokens, TM loss, dynamic weight."""
+
+    loss: str = field(
+        default="tm",
+        metadata={"help": "Replay loss: 'tm' (replay CE + threshold margin, the paper's BaselineR+TM), 'ce' (vanilla "
+                  "replay), 'kl' (replay CE + top-k logit imitation), 'l1'/'l2' (replay CE + feature imitation), "
+                  "'none' (no replay: plain fine-tuning)."},
+    )
+    weight: str = field(
+        default="dy",
+        metadata={"help": "Weight w of the replay term: a non-negative number, or 'dy' (dynamic: w = CE / term, "
+                  "detached, as in the official code)."},
+    )
+    threshold_k: float = field(
+        default=1.0, metadata={"help": "Thresholds are mean ± k·std per hidden dimension over all replay tokens."}
+    )
+    replay_source: str = field(
+        default="wiki",
+        metadata={"help": "Replay texts: 'wiki' (built-in offline Wikipedia summaries), a local jsonl/json/parquet/"
+                  "csv/txt file or folder, or a Hub dataset id."},
+    )
+    replay_num_samples: int = field(default=1000, metadata={"help": "Number of replay texts."})
+    replay_max_length: int = field(default=563, metadata={"help": "Replay texts are truncated to this many tokens."})
+    replay_text_column: str = field(default="text", metadata={"help": "Column of the replay source holding text."})
+    replay_seed: int = field(default=0, metadata={"help": "Seed of the replay selection and of the replay order."})
+    replay_per_step: int | None = field(
+        default=None,
+        metadata={"help": "Batch interpolation (BI): exactly this many replay samples in every optimizer step, summed "
+                  "over processes and accumulation steps. Default (None): every replay sample once per epoch, "
+                  "spread evenly over the epoch's steps."},
+    )
+    store_dir: str | None = field(
+        default=None,
+        metadata={"help": "Directory of the reference store; built there when missing. Default: "
+                  "<output_dir>/gere_store."},
+    )
+    reference: str = field(
+        default="base",
+        metadata={"help": "'base': the model as given before any continual training (a PeftModel's adapter-disabled "
+                  "base); 'stage_start': rebuilt from the current model at the start of each train()."},
+    )
+    store_batch_size: int = field(default=16, metadata={"help": "Batch size of the store build's forward."})
+    store_dtype: str | None = field(
+        default=None, metadata={"help": "Autocast dtype of the store build (bf16, fp16); default: the model's."}
+    )
+    topk: int = field(default=32, metadata={"help": "Teacher log-probs kept per token for 'kl'."})
+    kl_temperature: float = field(default=1.0, metadata={"help": "Temperature of the 'kl' logit imitation."})
+    rebuild_store: bool = field(
+        default=False, metadata={"help": "Rebuild the store even if one for other settings exists at store_dir."}
+    )
+    nonfinite: str = field(
+        default="error",
+        metadata={"help": "On a NaN/inf loss: 'error' stops with a message naming the step and term; 'skip' drops "
+                  "that micro-batch's loss and counts it (logged as nonfinite_skipped)."},
+    )
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise GeReConfigError(f"Unknown GeRe loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        _ = self.weight_value  # raises on a bad weight
+        for name in ("threshold_k", "kl_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise GeReConfigError(f"{name} must be a positive finite number, got {value!r}.")
+        if self.reference not in REFERENCES:
+            raise GeReConfigError(f"Unknown reference {self.reference!r}; choose one of {', '.join(REFERENCES)}.")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise GeReConfigError(f"Unknown nonfinite policy {self.nonfinite!r}; choose 'error' or 'skip'.")
+        if self.replay_num_samples < 1:
+            raise GeReConfigError(f"replay_num_samples must be ≥ 1, got {self.replay_num_samples}.")
+        if self.replay_max_length < 2:
+            raise GeReConfigError(f"replay_max_length must be ≥ 2, got {self.replay_max_length}.")
+        if self.replay_per_step is not None and self.replay_per_step < 1:
+            raise GeReConfigError(f"replay_per_step must be ≥ 1 (or None), got {self.replay_per_step}.")
+        if self.store_batch_size < 1 or self.topk < 1:
+            raise GeReConfigError("store_batch_size and topk must be ≥ 1.")
+
+    @property
+    def weight_value(self) -> float | None:
+        """The fixed weight, or None for the dynamic 'dy' weight."""
+        if isinstance(self.weight, str) and self.weight.strip().lower() == "dy":
+            return None
+        try:
+            value = float(self.weight)
+        except (TypeError, ValueError):
+            raise GeReConfigError(f"Unknown weight {self.weight!r}; give a non-negative number or 'dy'.") from None
+        if not math.isfinite(value) or value < 0:
+            raise GeReConfigError(f"The replay weight must be a non-negative finite number or 'dy', got {self.weight!r}.")
+        return value
+
+    @property
+    def replay_enabled(self) -> bool:
+        return self.loss != "none"
+
+    @property
+    def store_extras(self) -> tuple[str, ...]:
+        return LOSS_EXTRAS[self.loss]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
