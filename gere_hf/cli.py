@@ -1,0 +1,128 @@
+"""The `gere-hf` command: cache, inspect, run, report, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def _cache(args) -> int:
+    from .models import load_model_and_tokenizer
+    from .reference import ReferenceStates
+    from .replay import ReplaySet
+
+    extras = [e for e in (args.extras or "").split(",") if e]
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.model_dtype)
+    replay = ReplaySet.load(
+        tokenizer, args.replay, args.num_samples, args.max_length, args.seed, args.text_column, args.allow_fewer
+    )
+    t0 = time.time()
+    store = ReferenceStates.build(
+        model, replay, args.out, k=args.k, batch_size=args.batch_size, dtype=args.dtype, extras=extras,
+        topk=args.topk, rebuild=args.rebuild,
+    )
+    m = store.manifest
+    print(
+        f"samples={len(store)} tokens={store.num_tokens} hidden={store.hidden_size} "
+        f"bytes_on_disk={m['bytes_on_disk']} ({m['bytes_on_disk'] / 2**20:.2f} MiB, {m['bits_per_element']:.3f} "
+        f"bits/element) official_fp32_layout={m['official_fp32_bytes'] / 2**20:.1f} MiB "
+        f"build_seconds={m['build']['seconds']} tokens_per_second={m['build']['tokens_per_second']} "
+        f"(this call: {time.time() - t0:.1f} s)"
+    )
+    return 0
+
+
+def _inspect(args) -> int:
+    from .reference import ReferenceStates
+
+    store = ReferenceStates.open(args.store, verify=not args.no_verify)
+    m = dict(store.manifest)
+    m.pop("files", None)
+    print(json.dumps({"manifest": m, "statistics": store.summary()}, indent=2))
+    return 0
+
+
+def _run(args) -> int:
+    from .recipe import run_recipe
+
+    run_recipe(args.recipe, resume=args.resume, overrides=args.set or [])
+    return 0
+
+
+def _report(args) -> int:
+    from .report import compare_runs
+
+    print(compare_runs(args.runs, out_dir=args.out))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(output_dir=args.output_dir, full=args.full, losses=args.losses.split(","), resume=args.resume)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gere-hf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("cache", help="Build (or resume, or check) a reference activation store.")
+    p.add_argument("--model", required=True, help="Model path, Hub id, or built-in name (smollm2-135m).")
+    p.add_argument("--replay", default="wiki", help="Replay source: 'wiki', a local file/folder, or a Hub dataset.")
+    p.add_argument("--out", required=True, help="Store directory.")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--max-length", type=int, default=563)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--k", type=float, default=1.0, help="Thresholds are mean ± k·std.")
+    p.add_argument("--extras", default="", help="Comma-separated extras: hidden (for l1/l2), topk (for kl).")
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--dtype", default=None, help="Autocast dtype of the build forward (bf16, fp16).")
+    p.add_argument("--model-dtype", default=None, help="dtype to load the model in (float32, bfloat16).")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--allow-fewer", action="store_true", help="Use all texts if the source has fewer than asked.")
+    p.add_argument("--rebuild", action="store_true", help="Replace a store built for other settings.")
+    p.set_defaults(func=_cache)
+
+    p = sub.add_parser("inspect", help="Print a store's manifest, fingerprint and statistics summary.")
+    p.add_argument("store")
+    p.add_argument("--no-verify", action="store_true", help="Skip checksum verification.")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("run", help="Run a continual-learning recipe (YAML).")
+    p.add_argument("recipe")
+    p.add_argument("--resume", action="store_true", help="Continue after the last finished stage.")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a recipe field (dotted keys).")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("report", help="Compare runs side by side.")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default=None, help="Write comparison.md and compare.png here.")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("demo", help="The offline demo: SmolLM2 on a 3-task sequence with loss none, ce and tm.")
+    p.add_argument("--output-dir", default="gere_demo")
+    p.add_argument("--full", action="store_true", help="A larger setting: more samples, more steps.")
+    p.add_argument("--losses", default="none,ce,tm")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Our errors name the problem and the fix; a traceback would bury that.
+        print(f"gere-hf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
