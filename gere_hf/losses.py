@@ -1,0 +1,321 @@
+# Copyright 2025 The gere_hf Authors. Licensed under the Apache License, Version 2.0.
+"""Loss terms used by GeRe replay (arXiv 2508.04676).
+
+Every function here is a pure tensor function: no module state, no config objects. Inputs of any floating dtype
+(fp16/bf16/fp32) are cast to float32 inside, and every loss returns a 0-dim float32 tensor that is differentiable
+w.r.t. the *student* tensors (``hidden`` / ``logits``). Reference-side tensors (thresholds, labels, stored hidden
+states, teacher log-probs) are treated as constants.
+
+Shapes used throughout: ``B`` batch, ``T`` sequence length, ``H`` hidden size, ``V`` vocabulary size, ``K`` number of
+stored teacher top-k entries. ``mask`` is ``[B, T]`` (bool or 0/1): a token contributes iff its mask entry is non-zero.
+Masked-out positions are excluded with ``torch.where`` (not multiplication) so that garbage stored at padding
+positions (inf/NaN in an fp16 store, out-of-range ids) can neither leak NaN into the value nor into the gradient.
+
+See ``docs/losses.md`` for the equations, normalisations and the dynamic ("dy") weighting.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "causal_lm_loss",
+    "dynamic_weight",
+    "feature_imitation_loss",
+    "logit_imitation_loss",
+    "threshold_labels",
+    "threshold_margin_loss",
+]
+
+# Added to the count of non-zero terms / targets, as in the official GeRe normalisation; it only matters when the
+# count is 0, where the numerator is 0 as well, so the result is 0 instead of NaN.
+_COUNT_EPS = 1e-8
+
+# Floor for log-tail-masses in the top-k KL. The smallest normal float32: clamping only ever triggers in degenerate
+# cases (K == V, or a teacher whose stored top-k mass rounds to >= 1), never for a genuinely small but representable
+# tail, so the gradient is not silently cut off for a confident student.
+_LOG_TAIL_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def _token_mask(mask: torch.Tensor, expected_shape: torch.Size, name: str) -> torch.Tensor:
+    if tuple(mask.shape) != tuple(expected_shape):
+        raise ValueError(f"`mask` must have shape {tuple(expected_shape)} to match `{name}`, got {tuple(mask.shape)}.")
+    return mask != 0
+
+
+def threshold_labels(reference_hidden: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    r"""Ternary activation-state labels of reference hidden states, as stored by the GeRe reference store.
+
+    For every element :math:`r` of ``reference_hidden`` with per-dimension thresholds :math:`l, u`:
+
+    .. math::
+
+        y = \begin{cases} -1 & r \le l \\ +1 & r \ge u \ (\text{and } r > l) \\ 0 & l < r < u \end{cases}
+
+    The ``-1`` case is tested first, so it wins when ``lower == upper`` (e.g. a dimension whose standard deviation
+    is 0): such an element is never labelled 0.
+
+    Args:
+        reference_hidden: ``[..., H]`` hidden states of the reference (base) model, any floating dtype.
+        lower: ``[H]`` lower thresholds, broadcast over the leading dimensions.
+        upper: ``[H]`` upper thresholds, broadcast over the leading dimensions.
+
+    Returns:
+        ``int8`` tensor of the same shape as ``reference_hidden`` with values in ``{-1, 0, 1}``.
+    """
+    ref = reference_hidden.to(torch.float32)
+    lower = lower.to(device=ref.device, dtype=torch.float32)
+    upper = upper.to(device=ref.device, dtype=torch.float32)
+    labels = torch.zeros(ref.shape, dtype=torch.int8, device=ref.device)
+    labels = labels.masked_fill(ref >= upper, 1)
+    # Applied last so that it overrides +1 when lower == upper.
+    labels = labels.masked_fill(ref <= lower, -1)
+    return labels
+
+
+def threshold_margin_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    r"""GeRe threshold-based margin (TM) loss.
+
+    Penalises each hidden-state element for leaving the activation interval recorded for the reference model. With
+    student hidden state :math:`h`, label :math:`y` (from :func:`threshold_labels`) and thresholds :math:`l, u` of its
+    dimension:
+
+    .. math::
+
+        \ell(h) = \begin{cases}
+            \mathrm{relu}(h - l) & y = -1 \\
+            \mathrm{relu}(h - u) + \mathrm{relu}(l - h) & y = 0 \\
+            \mathrm{relu}(u - h) & y = +1
+        \end{cases}
+
+    .. math::
+
+        \mathcal{L}_{TM} = \frac{\sum_{b,t,k} m_{b,t}\, \ell_{b,t,k}}{\#\{(b,t,k) : m_{b,t}\, \ell_{b,t,k} \ne 0\} + 10^{-8}}
+
+    i.e. the mean over the *violating* elements only (the official GeRe normalisation; the count is an integer and
+    carries no gradient). The loss is exactly 0 when every element lies on its recorded side of the thresholds, in
+    particular when ``hidden`` is the reference hidden state that produced ``labels``.
+
+    Args:
+        hidden: ``[B, T, H]`` student hidden states (any floating dtype; computed in float32).
+        labels: ``[B, T, H]`` integer labels in ``{-1, 0, 1}`` (``int8`` in the store).
+        lower: ``[H]`` lower thresholds.
+        upper: ``[H]`` upper thresholds.
+        mask: ``[B, T]`` bool or 0/1; positions with 0 contribute neither to the sum nor to the count.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if labels.shape != hidden.shape:
+        raise ValueError(f"`labels` must have the shape of `hidden` {tuple(hidden.shape)}, got {tuple(labels.shape)}.")
+    keep = _token_mask(mask, hidden.shape[:-1], "hidden").unsqueeze(-1)
+    h = hidden.to(torch.float32)
+    lower = lower.to(device=h.device, dtype=torch.float32)
+    upper = upper.to(device=h.device, dtype=torch.float32)
+
+    above_lower = F.relu(h - lower)
+    below_upper = F.relu(upper - h)
+    inside = F.relu(h - upper) + F.relu(lower - h)
+    term = torch.where(labels == -1, above_lower, torch.where(labels == 1, below_upper, inside))
+    term = torch.where(keep, term, torch.zeros((), dtype=term.dtype, device=term.device))
+
+    num_violations = (term != 0).sum().to(torch.float32)
+    return term.sum() / (num_violations + _COUNT_EPS)
+
+
+def feature_imitation_loss(
+    hidden: torch.Tensor,
+    reference_hidden: torch.Tensor,
+    mask: torch.Tensor,
+    p: int = 1,
+) -> torch.Tensor:
+    r"""L1 / L2 feature imitation of stored reference hidden states.
+
+    .. math::
+
+        \mathcal{L}_{L1} = \frac{1}{N H} \sum_{(b,t): m_{b,t} \ne 0} \sum_{k=1}^{H} |h_{b,t,k} - r_{b,t,k}|,
+        \qquad
+        \mathcal{L}_{L2} = \frac{1}{N H} \sum_{(b,t): m_{b,t} \ne 0} \sum_{k=1}^{H} (h_{b,t,k} - r_{b,t,k})^2
+
+    with :math:`N` the number of masked-in tokens. Returns 0 (not NaN) when :math:`N = 0`.
+
+    Args:
+        hidden: ``[B, T, H]`` student hidden states.
+        reference_hidden: ``[B, T, H]`` stored reference hidden states (typically fp16; cast to float32).
+        mask: ``[B, T]`` bool or 0/1.
+        p: 1 for mean absolute error, 2 for mean squared error.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if p not in (1, 2):
+        raise ValueError(f"`p` must be 1 (L1) or 2 (L2), got {p!r}.")
+    if reference_hidden.shape != hidden.shape:
+        raise ValueError(
+            f"`reference_hidden` must have the shape of `hidden` {tuple(hidden.shape)}, "
+            f"got {tuple(reference_hidden.shape)}."
+        )
+    keep = _token_mask(mask, hidden.shape[:-1], "hidden")
+    h = hidden.to(torch.float32)
+    # Replace padding rows of the reference by the (detached) student so their difference is exactly 0 and an
+    # inf/NaN stored there cannot turn the zero upstream gradient into NaN.
+    ref = torch.where(keep.unsqueeze(-1), reference_hidden.to(device=h.device, dtype=torch.float32), h.detach())
+    diff = h - ref
+    per_element = diff.abs() if p == 1 else diff.square()
+    per_element = torch.where(keep.unsqueeze(-1), per_element, torch.zeros((), dtype=h.dtype, device=h.device))
+    denom = keep.sum().to(torch.float32) * h.shape[-1]
+    return per_element.sum() / denom.clamp(min=1.0)
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a <= 0, accurate in both regimes (Maechler, 2012)."""
+    a = a.clamp(max=0.0)
+    return torch.where(a < -math.log(2.0), torch.log1p(-torch.exp(a)), torch.log(-torch.expm1(a)))
+
+
+def logit_imitation_loss(
+    logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    r"""Top-k KL divergence from stored teacher log-probs to the student ("kl" replay term).
+
+    The store keeps, for every replay token, the teacher's top-:math:`K` ids :math:`S` and their log-probabilities
+    :math:`\log p_i` with :math:`p = \mathrm{softmax}(z^{teacher} / \tau)`. The student is
+    :math:`q = \mathrm{softmax}(z / \tau)`. The vocabulary is coarse-grained into :math:`K + 1` outcomes, the
+    :math:`K` stored ids plus one "tail" bucket holding the remaining mass:
+
+    .. math::
+
+        p_{tail} = 1 - \sum_{i \in S} p_i, \qquad q_{tail} = 1 - \sum_{i \in S} q_i
+
+    .. math::
+
+        \mathrm{KL}_{K+1}(p \,\|\, q) = \sum_{i \in S} p_i (\log p_i - \log q_i)
+            + p_{tail} (\log p_{tail} - \log q_{tail})
+
+    By the data-processing inequality this is a **lower bound** of the full-vocabulary
+    :math:`\mathrm{KL}(p \,\|\, q)`; it is exactly 0 when the student equals the teacher. The loss is the mean of
+    :math:`\mathrm{KL}_{K+1}` over masked-in tokens (0 when there are none). There is **no** :math:`\tau^2` factor
+    (the official GeRe code has none either); multiply outside if you want the Hinton scaling.
+
+    Numerics: :math:`\log q_{tail}` is a log-sum-exp over the student's non-top-k log-probs (exact, no cancellation
+    even when the tail is tiny; costs one extra ``[B, T, V]`` float32 buffer); :math:`\log p_{tail}` is computed from
+    the stored log-probs with a stable ``log(1 - exp(.))``. Both log-tails are floored at the log of the smallest
+    normal float32, which only matters in degenerate cases (``K == V``).
+
+    Args:
+        logits: ``[B, T, V]`` student logits (any floating dtype).
+        teacher_topk_logprobs: ``[B, T, K]`` teacher ``log_softmax(z / temperature)`` at ``teacher_topk_ids``, stored
+            with the same ``temperature``.
+        teacher_topk_ids: ``[B, T, K]`` int64 vocabulary ids, distinct within a token. Values at masked-out positions
+            are ignored (they may be out of range).
+        mask: ``[B, T]`` bool or 0/1.
+        temperature: softmax temperature :math:`\tau > 0` applied to the student logits.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if temperature <= 0:
+        raise ValueError(f"`temperature` must be > 0, got {temperature}.")
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError(
+            f"`teacher_topk_logprobs` {tuple(teacher_topk_logprobs.shape)} and `teacher_topk_ids` "
+            f"{tuple(teacher_topk_ids.shape)} must have the same shape."
+        )
+    if teacher_topk_ids.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"teacher top-k tensors must be [B, T, K] with [B, T] = {tuple(logits.shape[:-1])}, "
+            f"got {tuple(teacher_topk_ids.shape)}."
+        )
+    keep = _token_mask(mask, logits.shape[:-1], "logits")
+    keep_k = keep.unsqueeze(-1)
+    device = logits.device
+
+    # Padding positions may hold arbitrary ids/log-probs; make them harmless before gather/scatter.
+    ids = torch.where(keep_k, teacher_topk_ids.to(device=device, dtype=torch.long), 0)
+    teacher_lp = teacher_topk_logprobs.to(device=device, dtype=torch.float32)
+    uniform_lp = -math.log(teacher_lp.shape[-1] + 1)
+    teacher_lp = torch.where(keep_k, teacher_lp, uniform_lp)
+
+    student_lp = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)
+    student_topk_lp = student_lp.gather(-1, ids)
+    # A finite fill (not -inf): with K == V every entry is filled, and logsumexp's backward over an all -inf row is
+    # NaN; a finite fill keeps it finite instead of relying on scatter discarding the gradient at filled entries.
+    tail_only = student_lp.scatter(-1, ids, torch.finfo(torch.float32).min)
+    student_log_tail = torch.logsumexp(tail_only, dim=-1).clamp(min=_LOG_TAIL_FLOOR)
+
+    teacher_p = teacher_lp.exp()
+    teacher_log_topk_mass = torch.logsumexp(teacher_lp, dim=-1)
+    teacher_tail = (-torch.expm1(teacher_log_topk_mass.clamp(max=0.0))).clamp(min=0.0)
+    teacher_log_tail = _log1mexp(teacher_log_topk_mass).clamp(min=_LOG_TAIL_FLOOR)
+
+    kl = (teacher_p * (teacher_lp - student_topk_lp)).sum(-1) + teacher_tail * (teacher_log_tail - student_log_tail)
+    kl = torch.where(keep, kl, torch.zeros((), dtype=kl.dtype, device=device))
+    return kl.sum() / keep.sum().to(torch.float32).clamp(min=1.0)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r"""Next-token cross-entropy used for replay samples ("ce" replay term and the task CE).
+
+    .. math::
+
+        \mathcal{L}_{CE} = \frac{-\sum_{b} \sum_{t=1}^{T-1} [y_{b,t} \ne -100] \log \mathrm{softmax}(z_{b,t-1})_{y_{b,t}}}
+                               {\#\{(b,t) : t \ge 1,\ y_{b,t} \ne -100\} + 10^{-8}}
+
+    i.e. ``logits[:, :-1]`` predict ``labels[:, 1:]``, positions labelled ``-100`` are ignored, and the sum is divided
+    by the number of non-ignored targets of this micro-batch (the official GeRe normalisation). Computed in float32;
+    returns 0 when every target is ignored.
+
+    Args:
+        logits: ``[B, T, V]`` logits (any floating dtype).
+        labels: ``[B, T]`` int64 token ids, ``-100`` for ignored positions (not shifted).
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"`labels` must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}.")
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    # Shift the labels (by padding with -100) rather than slicing the logits, so no [B, T-1, V] copy is made.
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    vocab_size = logits.shape[-1]
+    total = F.cross_entropy(
+        logits.to(torch.float32).reshape(-1, vocab_size),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    num_targets = (shift_labels != -100).sum().to(torch.float32)
+    return total / (num_targets + _COUNT_EPS)
+
+
+def dynamic_weight(ce: torch.Tensor, term: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    r"""The official GeRe dynamic ("dy") weight :math:`w = \mathrm{sg}(CE) / (\mathrm{sg}(term) + \epsilon)`.
+
+    Both inputs are detached (``sg`` = stop-gradient), so ``w * term`` has the *value* of ``ce`` (when ``term`` is
+    well above ``eps``) but the *gradient* of ``term`` scaled by ``w``. When ``term`` is exactly 0 (e.g. the TM loss
+    while the model still equals the reference), ``w * term`` is 0.
+
+    Args:
+        ce: 0-dim cross-entropy value.
+        term: 0-dim replay term (tm / kl / l1 / l2).
+        eps: added to the denominator.
+
+    Returns:
+        Detached 0-dim float32 tensor.
+    """
+    ce = torch.as_tensor(ce).detach().to(torch.float32)
+    term = torch.as_tensor(term).detach().to(device=ce.device, dtype=torch.float32)
+    return ce / (term + eps)
