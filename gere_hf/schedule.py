@@ -1,7 +1,7 @@
 """Which replay samples go into which micro-batch: a pure function of (optimizer step, micro-batch, rank).
 
 Replay samples are consumed as a stream of seeded permutations of the replay set (pass p is permutation p), so every
-sample is used once before any is reused. Each optimizer step takes a contiguous range of that stream and splits it
+sample is used once before any is reused (in the default mode, once in every epoch). Each optimizer step takes a contiguous range of that stream and splits it
 evenly over its *slots*, one slot per (accumulation micro-batch, process). Keying on the trainer state rather than on
 the dataloader keeps the mix exact under dataloader workers, resumption from a checkpoint and any number of processes,
 and every process runs the same number of replay forwards (ZeRO-3 gathers parameters collectively in each forward).
@@ -80,7 +80,17 @@ class ReplaySchedule:
         return out
 
     def sample_at(self, position: int) -> int:
-        p, i = divmod(position, self.num_samples)
+        """The replay sample at a stream position.
+
+        With ``per_step`` the stream is pass after pass of fresh permutations. In the default mode each epoch has its
+        own permutation, cycled to fill the epoch's rounds, so every sample is used in every epoch (the fewer than
+        ``slots`` samples that round up the last round are used twice).
+        """
+        if self.per_step is not None:
+            p, i = divmod(position, self.num_samples)
+        else:
+            p, q = divmod(position, self.rounds_per_epoch * self.slots)
+            i = q % self.num_samples
         return int(_permutation(self.num_samples, self.seed, p)[i])
 
 

@@ -10,9 +10,11 @@ Loss of a micro-batch with replay, as in the official code::
 
     total = mean(task CE, replay CE) + w · replay term        (term: tm, kl, l1 or l2; none for 'ce')
 
-Returned already scaled for gradient accumulation (``loss_is_scaled_for_ga = True``): the task CE keeps the parent's
-normalisation over all tokens of the accumulated batch, per-micro-batch means are divided by the number of
-micro-batches in the step.
+Returned already scaled for gradient accumulation (``loss_is_scaled_for_ga = True``): both CE terms are token means
+over the whole optimizer step on all processes (the task CE keeps the parent's ``num_items_in_batch``
+normalisation; the replay CE is divided by the step's replay target count, known from the schedule), so they do not
+depend on how a step is split into micro-batches or processes. The replay term is a per-micro-batch quantity (its
+normaliser counts non-zero hinge terms) and is divided by the number of micro-batches in the step.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class GeReMixin:
         self._gere_steps_per_epoch = None
         self._gere_last_step = -1
         self._gere_micro = 0
+        self._gere_step_targets = 0
         self._gere_sums = torch.zeros(2 * len(_METRICS), dtype=torch.float64)
         self._gere_samples_seen = 0
         self._gere_nonfinite_skipped = 0
@@ -199,6 +202,7 @@ class GeReMixin:
             step = self.state.global_step
             if step != self._gere_last_step:
                 self._gere_last_step, self._gere_micro = step, 0
+                self._gere_step_targets = self._gere_count_step_targets(step)
             indices = self.gere_schedule.indices(
                 step, self._gere_micro, self.args.process_index, self.current_gradient_accumulation_steps
             )
@@ -207,6 +211,12 @@ class GeReMixin:
             inputs = {**inputs, **self.gere_collator.replay_batch(indices)}
             self.gere_data_seconds += time.perf_counter() - t0
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _gere_count_step_targets(self, step: int) -> int:
+        """Replay CE targets in the whole optimizer step, over all processes: the replay CE's normaliser."""
+        start, count = self.gere_schedule.step_range(step)
+        lengths = self.gere_store.lengths
+        return int(sum(int(lengths[self.gere_schedule.sample_at(p)]) - 1 for p in range(start, start + count)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         task_inputs, replay = split_replay_inputs(inputs)
@@ -232,15 +242,18 @@ class GeReMixin:
         else:
             replay_ce, term = self._gere_replay_losses(model, replay)
             terms["replay_ce"] = replay_ce.detach()
-            replay_part = replay_ce / 2
+            # Like the task CE, the replay CE is a token mean over the whole optimizer step on all processes (DDP
+            # averages gradients, hence the world size), so it does not depend on how the step is split.
+            local_targets = replay["labels"][..., 1:].ne(-100).sum()
+            replay_ce_part = replay_ce * local_targets * self.args.world_size / max(self._gere_step_targets, 1)
+            total = task_part / 2 + replay_ce_part / 2
             if term is not None:
                 fixed = self.gere_config.weight_value
                 weight = dynamic_weight((task_mean + replay_ce.detach()) / 2, term) if fixed is None else fixed
-                replay_part = replay_part + weight * term
+                total = total + weight * term / ga
                 terms["replay_term"] = term.detach()
                 if term.detach() > 0:  # with a zero term the dynamic weight is CE/1e-8 and multiplies nothing
                     terms["replay_weight"] = torch.as_tensor(weight, dtype=torch.float32)
-            total = task_part / 2 + replay_part / ga
             self._gere_samples_seen += int(replay["input_ids"].shape[0])
         total = self._gere_check_finite(total, terms, model)
         self._gere_accumulate(terms)
@@ -275,7 +288,7 @@ class GeReMixin:
         finally:
             if handle is not None:
                 handle.remove()
-        replay_ce = outputs.loss.float()
+        replay_ce = torch.nan_to_num(outputs.loss.float(), nan=0.0)  # NaN only when no sample has a target
         if loss == "ce":
             return replay_ce, None
         if loss == "kl":
