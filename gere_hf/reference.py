@@ -148,7 +148,9 @@ def model_weights_hash(model, max_params: int = 32, elements: int = 16) -> str:
             gather = deepspeed.zero.GatheredParameters([param])
         with gather, torch.no_grad():
             flat = param.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(elements, flat.numel())).long()
+            # Integer arithmetic: a float32 linspace rounds n - 1 up to n for tensors of more than 2**24 elements.
+            steps = min(elements, flat.numel())
+            idx = torch.arange(steps, dtype=torch.long) * (flat.numel() - 1) // max(steps - 1, 1)
             values = flat[idx.to(flat.device)].float().cpu().numpy()
             h.update(f"{name}{tuple(param.shape) if param.numel() else param.ds_shape}".encode())
             h.update(values.tobytes())
