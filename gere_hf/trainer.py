@@ -229,6 +229,9 @@ class GeReMixin:
                 f"The task batch has no 'labels' (keys: {sorted(task_inputs)}). GeRe adds replay to a language-model "
                 "loss: use a collator that sets labels, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
             )
+        # The replay forward runs first: under ZeRO-3, TRL's fused LM head (SFTTrainer) reads lm_head.weight outside
+        # the module and its backward fails on the re-partitioned weight when a later forward ran lm_head.
+        replay_losses = self._gere_replay_losses(model, replay) if replay else None
         result = super().compute_loss(model, task_inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         task_loss, outputs = result if return_outputs else (result, None)
@@ -240,7 +243,7 @@ class GeReMixin:
         if not replay:
             total = task_part
         else:
-            replay_ce, term = self._gere_replay_losses(model, replay)
+            replay_ce, term = replay_losses
             terms["replay_ce"] = replay_ce.detach()
             # Like the task CE, the replay CE is a token mean over the whole optimizer step on all processes (DDP
             # averages gradients, hence the world size), so it does not depend on how the step is split.
