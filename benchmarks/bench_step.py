@@ -1,0 +1,195 @@
+"""Training-step cost of GeRe: TM vs vanilla replay (CE) vs the replay texts given as plain training data.
+
+Every mode trains on the same task batches and the same replay samples per optimizer step, with the same seed:
+
+- ``tm``:    GeReTrainer(loss="tm")  (replay CE + threshold margin; labels from the 2-bit store)
+- ``ce``:    GeReTrainer(loss="ce")  (vanilla replay)
+- ``plain``: transformers.Trainer on the same tokens with no GeRe machinery: each batch is the task rows plus the
+             step's replay rows, collated together (what a user does by concatenating replay texts into the data)
+
+Each mode runs in its own process so peak memory (CPU: max RSS; GPU: torch.cuda.max_memory_allocated) is its own.
+Reports seconds per optimizer step (median after warm-up), tokens/s, peak memory, and the replay data path (store
+reads + packing) as a share of the step. Targets (issue 6): TM within 5% of CE in time and memory; CE within 5% of
+plain; replay data path ≤ 2% of the step.
+
+    python benchmarks/bench_step.py --model tiny --steps 30
+    python benchmarks/bench_step.py --model smollm2 --steps 12 --batch-size 4 --replay-per-step 2
+    python benchmarks/bench_step.py --model llama-1b-shape --device cuda --dtype bf16 --batch-size 8 --seq-len 563
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = ("plain", "ce", "tm")
+
+
+def _model_and_tokenizer(name: str, dtype):
+    import torch
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    from gere_hf.models import load_model_and_tokenizer, tiny_llama
+
+    if name == "tiny":
+        return tiny_llama(hidden_size=64, num_layers=2), ByT5Tokenizer()
+    if name == "smollm2":
+        model, tok = load_model_and_tokenizer("smollm2-135m")
+        return model.to(dtype), tok
+    if name == "llama-1b-shape":  # Llama-3.2-1B's shape, random init (no download); byte tokenizer for the text
+        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
+                             tie_word_embeddings=True, rope_theta=500000.0)
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).to(dtype), ByT5Tokenizer()
+    raise SystemExit(f"unknown --model {name!r}; choose tiny, smollm2 or llama-1b-shape")
+
+
+def _task_dataset(tokenizer, n: int, seq_len: int):
+    from datasets import Dataset
+
+    from gere_hf.tasks import load_builtin_task
+
+    try:
+        rows = load_builtin_task("polarity", num_train=min(n, 150), num_eval=10).train
+        texts = [p + c for p, c in zip(rows["prompt"], rows["completion"])]
+    except Exception:  # the demo extra is not installed: synthetic task text of similar length
+        texts = [f"Review: a film about number {i}, neither good nor bad.\nSentiment: neutral" for i in range(n)]
+    texts = (texts * (n // len(texts) + 1))[:n]
+    ds = Dataset.from_dict({"text": texts})
+    return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=seq_len), batched=True,
+                  remove_columns=["text"])
+
+
+def run_mode(a) -> dict:
+    import torch
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+
+    from gere_hf import GeReConfig, GeReTrainer, ReferenceStates, ReplaySet
+    from gere_hf.schedule import ReplaySchedule
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    model, tok = _model_and_tokenizer(a.model, dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    replay = ReplaySet.load(tok, "wiki", a.replay_samples, a.seq_len, allow_fewer=True)
+    store = ReferenceStates.build(model, replay, a.store, batch_size=a.batch_size, progress=False)
+    train = _task_dataset(tok, a.batch_size * (a.steps + 2), a.seq_len)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    args = TrainingArguments(
+        a.out, per_device_train_batch_size=a.batch_size, max_steps=a.steps, logging_steps=a.steps, report_to=[],
+        save_strategy="no", seed=0, disable_tqdm=True, learning_rate=1e-5, use_cpu=a.device == "cpu",
+        bf16=a.dtype == "bf16" and a.device == "cuda", dataloader_num_workers=0,
+    )
+    schedule = ReplaySchedule(len(store), per_step=a.replay_per_step, seed=0)
+    if a.mode == "plain":
+        step_counter = {"n": 0}
+
+        def plain_collator(features):
+            step = step_counter["n"]
+            step_counter["n"] += 1
+            extra = [{"input_ids": store.input_ids(i).tolist()} for i in schedule.indices(step, 0, 0)]
+            return collator([{"input_ids": f["input_ids"]} for f in features] + extra)
+
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=plain_collator,
+                          processing_class=tok, callbacks=[Timer()])
+    else:
+        trainer = GeReTrainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tok,
+                              callbacks=[Timer()], reference_states=store,
+                              gere_config=GeReConfig(loss=a.mode, replay_per_step=a.replay_per_step))
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    warm = times[a.warmup:] or times
+    step_s = statistics.median(warm)
+    task_tokens = sum(len(x) for x in train["input_ids"][: a.batch_size * a.steps]) / a.steps
+    replay_tokens = sum(int(store.lengths[i]) for s in range(a.steps) for i in schedule.indices(s, 0, 0)) / a.steps
+    peak = (torch.cuda.max_memory_allocated() if a.device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    data_s = getattr(trainer, "gere_data_seconds", 0.0) / max(len(times), 1)
+    return {
+        "mode": a.mode, "step_seconds": step_s, "tokens_per_second": (task_tokens + replay_tokens) / step_s,
+        "peak_memory_bytes": int(peak), "replay_data_seconds_per_step": data_s,
+        "replay_data_share": data_s / step_s if a.mode != "plain" else None,
+        "steps_timed": len(warm),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--replay-per-step", type=int, default=4)
+    p.add_argument("--replay-samples", type=int, default=200)
+    p.add_argument("--seq-len", type=int, default=563)
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--json", default=None, help="Write the results here.")
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.mode:  # child process
+        print("RESULT " + json.dumps(run_mode(a)))
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        for mode in a.modes.split(","):
+            cmd = [sys.executable, __file__, "--mode", mode, "--store", store, "--out", os.path.join(tmp, mode)]
+            for key in ("model", "device", "dtype", "steps", "warmup", "batch_size", "replay_per_step",
+                        "replay_samples", "seq_len"):
+                cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
+            results.append(json.loads(line[-1][7:]))
+    by = {r["mode"]: r for r in results}
+    print(f"\nmodel={a.model} device={a.device} dtype={a.dtype} batch={a.batch_size} seq_len≤{a.seq_len} "
+          f"replay/step={a.replay_per_step} steps={a.steps}")
+    print("| mode | s/step | tokens/s | peak memory (MiB) | replay data share | time vs ce | memory vs ce |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        ce = by.get("ce")
+        tv = f"{r['step_seconds'] / ce['step_seconds']:.3f}×" if ce else "-"
+        mv = f"{r['peak_memory_bytes'] / ce['peak_memory_bytes']:.3f}×" if ce else "-"
+        share = f"{100 * r['replay_data_share']:.2f}%" if r["replay_data_share"] is not None else "-"
+        print(f"| {r['mode']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | "
+              f"{r['peak_memory_bytes'] / 2**20:.0f} | {share} | {tv} | {mv} |")
+    if "ce" in by and "plain" in by:
+        print(f"ce vs plain: time {by['ce']['step_seconds'] / by['plain']['step_seconds']:.3f}×, memory "
+              f"{by['ce']['peak_memory_bytes'] / by['plain']['peak_memory_bytes']:.3f}×")
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"settings": {k: v for k, v in vars(a).items() if k not in ("mode", "store", "out")},
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
