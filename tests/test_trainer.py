@@ -233,3 +233,35 @@ def test_nonfinite_loss_stops_naming_the_step_and_term(tmp_path, replay_store):
                           gere_config=GeReConfig(loss="tm", replay_per_step=4), reference_states=store)
     with pytest.raises(GeReTrainingError, match=r"Non-finite loss at optimizer step 1.*task_loss"):
         trainer.train()
+
+
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "bf16"])
+def test_tm_works_with_gradient_checkpointing_and_bf16(tmp_path, replay_store, option):
+    _, store = replay_store
+    trainer = GeReTrainer(model=_model(), args=_args(tmp_path, steps=2, **{option: True}), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="tm", replay_per_step=4), reference_states=store)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert logs[0]["replay_term"] <= (1e-6 if option == "gradient_checkpointing" else 0.5)
+
+
+def test_default_mix_uses_every_replay_sample_once_per_epoch(tmp_path, replay_store):
+    _, store = replay_store
+    seen = []
+
+    class Record(GeReTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "gere_indices" in inputs:
+                seen.extend(inputs["gere_indices"].tolist())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    args = TrainingArguments(str(tmp_path / "epoch"), per_device_train_batch_size=4, num_train_epochs=1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=100)
+    trainer = Record(model=_model(), args=args, train_dataset=_lm_dataset(32),
+                     data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                     gere_config=GeReConfig(loss="ce"), reference_states=store)
+    trainer.train()
+    assert trainer.state.global_step == 8
+    assert sorted(seen) == list(range(len(store)))
