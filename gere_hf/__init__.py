@@ -2,23 +2,50 @@
 
 __version__ = "0.1.0"
 
-from .collator import GeReCollator
-from .config import GeReConfig, GeReConfigError
-from .losses import (
-    causal_lm_loss,
-    dynamic_weight,
-    feature_imitation_loss,
-    logit_imitation_loss,
-    threshold_labels,
-    threshold_margin_loss,
-)
-from .models import UnsupportedModelError, find_final_norm, load_model_and_tokenizer
-from .reference import ReferenceStates, ReferenceStatesError, ReferenceStatesMismatch
-from .replay import ReplayDataError, ReplaySet, load_replay_texts, replay_heldout_texts
-from .schedule import ReplaySchedule, ReplayScheduleError
-from .trainer import GeReSFTTrainer, GeReTrainer, GeReTrainingError
+# Public names load on first use: `gere-hf inspect` should not pay for importing trl and the Trainer stack.
+_LAZY = {
+    "GeReCollator": ".collator",
+    "GeReConfig": ".config",
+    "GeReConfigError": ".config",
+    "GeReSFTTrainer": ".trainer",
+    "GeReTrainer": ".trainer",
+    "GeReTrainingError": ".trainer",
+    "ReferenceStates": ".reference",
+    "ReferenceStatesError": ".reference",
+    "ReferenceStatesMismatch": ".reference",
+    "ReplayDataError": ".replay",
+    "ReplaySchedule": ".schedule",
+    "ReplayScheduleError": ".schedule",
+    "ReplaySet": ".replay",
+    "UnsupportedModelError": ".models",
+    "causal_lm_loss": ".losses",
+    "dynamic_weight": ".losses",
+    "feature_imitation_loss": ".losses",
+    "find_final_norm": ".models",
+    "load_model_and_tokenizer": ".models",
+    "load_replay_texts": ".replay",
+    "logit_imitation_loss": ".losses",
+    "replay_heldout_texts": ".replay",
+    "threshold_labels": ".losses",
+    "threshold_margin_loss": ".losses",
+}
 
-__all__ = [
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gere_hf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = [  # noqa: F822 (lazily provided by __getattr__)
     "GeReCollator",
     "GeReConfig",
     "GeReConfigError",
