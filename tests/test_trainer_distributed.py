@@ -89,10 +89,22 @@ def test_ddp_replay_mix_is_exact_and_terms_match_one_process(tmp_path, store_pat
     assert ranks[0]["files_written"] is not None and ranks[1]["files_written"] is None
 
 
+@pytest.fixture(scope="module")
+def one_process_reference(tmp_path_factory, store_path):
+    cache = {}
+
+    def get(peft):
+        if peft not in cache:
+            cache[peft] = _run(tmp_path_factory.mktemp("ref"), store_path, "single", 1, mode="single", ga=4, peft=peft)[0]
+        return cache[peft]
+
+    return get
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
-def test_deepspeed_runs_log_the_same_terms_as_one_process(tmp_path, store_path, stage, peft):
-    ref = _run(tmp_path, store_path, "single", 1, mode="single", ga=4, peft=peft)[0]
+def test_deepspeed_runs_log_the_same_terms_as_one_process(tmp_path, store_path, one_process_reference, stage, peft):
+    ref = one_process_reference(peft)
     ranks = _run(tmp_path, store_path, stage, 2, mode=stage, ga=2, peft=peft)
     assert all(r["global_step"] == 4 for r in ranks)
     _assert_same_logs(ref, ranks[0], rtol=2e-3)
