@@ -1,0 +1,450 @@
+"""Reports of a continual run: ``results.json``, ``report.md`` and figures, and comparisons across runs.
+
+:func:`write_report` takes the results of :meth:`gere_hf.evaluation.ContinualEvaluator.results` (the schema is in
+``docs/evaluation.md``); :func:`compare_runs` puts several run folders side by side (e.g. replay loss none / ce / tm).
+Figures are drawn with matplotlib's Agg canvas through the object-oriented API, never touching ``pyplot``'s global
+backend.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+COMPARISON_FILE = "comparison.md"
+FIGURES = ("accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png")
+_VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "gere_hf")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers (and Python's)."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+            if name == "gere_hf":
+                try:
+                    import gere_hf
+
+                    version = getattr(gere_hf, "__version__", None)
+                except ImportError:
+                    pass
+            versions[name] = version or "not installed"
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _fmt(x: Any, digits: int = 4, signed: bool = False) -> str:
+    if not _num(x):
+        return "–"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _stage_labels(results: dict) -> list[str]:
+    stages = results.get("stages") or ["base"] + list(results.get("tasks", []))
+    return [name if t == 0 else f"{t}: {name}" for t, name in enumerate(stages)]
+
+
+def _seen_ap(row: Sequence[float] | None, t: int) -> float | None:
+    if row is None or t == 0:
+        return None
+    seen = [x for x in row[:t] if _num(x)]
+    return sum(seen) / len(seen) if len(seen) == t else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _plot_accuracy_matrix(results: dict, path: str) -> None:
+    import numpy as np
+
+    tasks = list(results["tasks"])
+    labels = _stage_labels(results)
+    data = np.array(
+        [[x if _num(x) else np.nan for x in row] if row is not None else [np.nan] * len(tasks)
+         for row in results["matrix"]],
+        dtype=float,
+    )
+    fig = _new_figure(1.6 + 1.2 * len(tasks), 1.2 + 0.5 * len(labels))
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(data), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for (r, c), value in np.ndenumerate(data):
+        if not np.isnan(value):
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black",
+                    fontweight="bold" if r == c + 1 else "normal", fontsize=9)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("task (training order)")
+    ax.set_ylabel("model after stage")
+    ax.set_title(f"Accuracy matrix{_title_suffix(results)}")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.savefig(path, dpi=110)
+
+
+def _plot_general(results: dict, path: str) -> None:
+    general = results["general"]
+    labels = _stage_labels(results)
+    xs = [g["stage"] for g in general]
+    fig = _new_figure(max(5.0, 1.0 + 0.9 * len(xs)), 3.6)
+    ax = fig.add_subplot()
+    ax.plot(xs, [g["ppl"] for g in general], marker="o", color="tab:blue", label="perplexity")
+    ax.set_xticks(xs, [labels[x] if x < len(labels) else str(x) for x in xs], rotation=20, ha="right")
+    ax.set_ylabel("held-out general perplexity")
+    ax.set_title(f"General capability{_title_suffix(results)}")
+    deltas = [g.get("delta_nll_vs_base") for g in general]
+    if all(_num(d) for d in deltas):
+        twin = ax.twinx()
+        twin.bar(xs, deltas, alpha=0.25, color="tab:red", label="ΔNLL vs base")
+        twin.set_ylabel("ΔNLL vs base (nats/token)")
+        twin.axhline(0.0, color="grey", linewidth=0.8)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+def _plot_ap(results: dict, path: str) -> None:
+    tasks = list(results["tasks"])
+    matrix = results["matrix"]
+    labels = _stage_labels(results)
+    stages = [t for t in range(1, len(matrix)) if _seen_ap(matrix[t], t) is not None]
+    fig = _new_figure(max(5.0, 1.0 + 0.9 * len(matrix)), 3.6)
+    ax = fig.add_subplot()
+    for j, name in enumerate(tasks):
+        pts = [(t, matrix[t][j]) for t in range(len(matrix)) if matrix[t] is not None and _num(matrix[t][j])]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", linewidth=1, alpha=0.45, label=name)
+    if stages:
+        ax.plot(stages, [_seen_ap(matrix[t], t) for t in stages], marker="o", linewidth=2.5, color="black",
+                label="AP (seen tasks)")
+    ax.set_xticks(range(len(matrix)), labels, rotation=20, ha="right")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Average accuracy over seen tasks{_title_suffix(results)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, dpi=110)
+
+
+def _title_suffix(results: dict) -> str:
+    return f" — {results['label']}" if results.get("label") else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _check_results(results: dict) -> None:
+    missing = [k for k in ("tasks", "matrix") if k not in results]
+    if missing:
+        raise ValueError(
+            f"The results lack the key(s) {missing}; pass the dict of ContinualEvaluator.results() "
+            "(schema in docs/evaluation.md)."
+        )
+    T = len(results["tasks"])
+    if len(results["matrix"]) != T + 1:
+        raise ValueError(f"The results' matrix has {len(results['matrix'])} rows; {T} tasks need {T + 1} (base + T).")
+
+
+def _markdown_report(results: dict) -> str:
+    tasks = list(results["tasks"])
+    labels = _stage_labels(results)
+    matrix = results["matrix"]
+    title = results.get("label") or "continual run"
+    out = [f"# Continual evaluation: {title}", ""]
+    info = {t.get("name"): t for t in results.get("task_info", [])}
+    out.append("Tasks in training order (stage t trains task t):")
+    out.append("")
+    for j, name in enumerate(tasks, 1):
+        t = info.get(name, {})
+        details = ", ".join(
+            s for s in (
+                t.get("scoring") and {"loglik": "log-likelihood ranking", "exact_match": "exact match"}.get(
+                    t["scoring"], t["scoring"]),
+                t.get("num_eval") is not None and f"{t['num_eval']} eval / {t.get('num_train', '?')} train examples",
+                t.get("choices") and f"{len(t['choices'])} choices",
+            ) if s
+        )
+        out.append(f"{j}. `{name}`" + (f" ({details})" if details else ""))
+    out += ["", "## Accuracy matrix", "",
+            "Row: the model after that stage (`base` = before any training); column: the task. "
+            "Bold: the task just learned (R[t][t-1]). Last column: AP over the tasks seen so far.", ""]
+    rows = []
+    for r, row in enumerate(matrix):
+        cells = [labels[r] if r < len(labels) else str(r)]
+        for j in range(len(tasks)):
+            value = None if row is None else row[j]
+            cell = _fmt(value)
+            cells.append(f"**{cell}**" if r == j + 1 and _num(value) else cell)
+        cells.append(_fmt(_seen_ap(row, r)))
+        rows.append(cells)
+    out.append(_table(["Stage", *tasks, "AP (seen)"], rows))
+
+    metrics = results.get("metrics")
+    out += ["", "## Continual-learning metrics", ""]
+    if metrics:
+        T = metrics.get("num_stages", len(tasks))
+        if T < len(tasks):
+            out += [f"Over the first {T} of {len(tasks)} stages (the run has not evaluated the rest).", ""]
+        out.append(_table(["Metric", "Value"], [
+            ["AP (final average accuracy)", _fmt(metrics.get("ap"))],
+            ["BWT (backward transfer)", _fmt(metrics.get("bwt"), signed=True)],
+            ["FWT (forward transfer)", _fmt(metrics.get("fwt"), signed=True)],
+            ["Mean forgetting", _fmt(metrics.get("mean_forgetting"))],
+        ]))
+        forgetting = metrics.get("forgetting") or []
+        learned = metrics.get("learned") or []
+        final = metrics.get("final") or []
+        out += ["", _table(
+            ["Task", "Just learned R[j+1][j]", "Final R[T][j]", "Forgetting"],
+            [[tasks[j], _fmt(learned[j] if j < len(learned) else None), _fmt(final[j] if j < len(final) else None),
+              _fmt(forgetting[j] if j < len(forgetting) else None)] for j in range(T)],
+        )]
+    else:
+        out.append("No stage evaluated yet.")
+
+    general = results.get("general") or []
+    out += ["", "## General capability (held-out text)", ""]
+    if general:
+        gt = results.get("general_texts") or {}
+        if gt:
+            out += [f"{gt.get('num_texts', '?')} held-out texts (fingerprint `{gt.get('fingerprint', '?')}`), at most "
+                    f"{gt.get('max_length', '?')} tokens each; NLL in nats per token. Lower is better; ΔNLL > 0 means "
+                    "general capability was lost.", ""]
+        out.append(_table(
+            ["Stage", "NLL", "PPL", "ΔNLL vs base", "PPL ratio vs base", "Tokens"],
+            [[labels[g["stage"]] if g["stage"] < len(labels) else str(g["stage"]), _fmt(g.get("nll")),
+              _fmt(g.get("ppl"), 2), _fmt(g.get("delta_nll_vs_base"), signed=True),
+              _fmt(g.get("ppl_ratio_vs_base"), 4), str(g.get("tokens", "–"))] for g in general],
+        ))
+    else:
+        out.append("Not measured (no held-out general texts were given).")
+
+    lm_eval = [e for e in results.get("lm_eval") or [] if e.get("results")]
+    if lm_eval:
+        out += ["", "## lm-evaluation-harness", ""]
+        keys = sorted({(task, metric) for e in lm_eval for task, ms in e["results"].items() for metric in ms})
+        out.append(_table(
+            ["Stage"] + [f"{task} {metric}" for task, metric in keys],
+            [[labels[e["stage"]] if e["stage"] < len(labels) else str(e["stage"])]
+             + [_fmt(e["results"].get(task, {}).get(metric)) for task, metric in keys] for e in lm_eval],
+        ))
+
+    timings = results.get("timings")
+    if isinstance(timings, dict) and timings:
+        out += ["", "## Timings", "", _table(["Item", "Value"], [[k, _fmt_any(v)] for k, v in timings.items()])]
+    seconds = results.get("eval_seconds")
+    if seconds:
+        out += ["", "Evaluation time per stage: "
+                + ", ".join(f"{labels[s['stage']] if s['stage'] < len(labels) else s['stage']}: {s['seconds']:.1f} s"
+                            for s in seconds)]
+
+    versions = results.get("versions")
+    if versions:
+        out += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
+    return "\n".join(out) + "\n"
+
+
+def _fmt_any(value: Any) -> str:
+    if _num(value):
+        return _fmt(value, 2) if isinstance(value, float) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt_any(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt_any(v)}" for k, v in value.items())
+    return str(value)
+
+
+def write_report(run_dir: str | os.PathLike, results: dict) -> dict[str, str]:
+    """Write ``results.json``, ``report.md`` and the figures of one run into ``run_dir``.
+
+    ``results.json`` is ``results`` plus ``versions`` (torch, transformers, trl, peft, datasets, accelerate, gere_hf,
+    python); ``timings`` and any other keys given are kept. Figures: ``accuracy_matrix.png`` (heatmap),
+    ``ap_per_stage.png`` (AP over the seen tasks after each stage, with each task's curve) and ``general_ppl.png``
+    (held-out perplexity and ΔNLL per stage; only when general texts were measured).
+
+    Returns ``{"results": path, "report": path, <figure name>: path, ...}``.
+    """
+    _check_results(results)
+    run_dir = os.fspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    results = copy.deepcopy(results)
+    results["versions"] = {**package_versions(), **(results.get("versions") or {})}
+    paths = {"results": os.path.join(run_dir, RESULTS_FILE), "report": os.path.join(run_dir, REPORT_FILE)}
+    with open(paths["results"], "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+    with open(paths["report"], "w", encoding="utf-8") as f:
+        f.write(_markdown_report(results))
+    figures = [("accuracy_matrix.png", _plot_accuracy_matrix), ("ap_per_stage.png", _plot_ap)]
+    if results.get("general"):
+        figures.append(("general_ppl.png", _plot_general))
+    for name, plot in figures:
+        path = os.path.join(run_dir, name)
+        plot(results, path)
+        paths[name] = path
+    logger.info("Wrote the report of %s to %s", results.get("label") or "the run", run_dir)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several runs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def load_results(run_dir: str | os.PathLike) -> dict:
+    """The ``results.json`` of a run folder (or the file itself)."""
+    path = os.fspath(run_dir)
+    if os.path.isdir(path):
+        path = os.path.join(path, RESULTS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"No {RESULTS_FILE} at {path!r}. Give run folders written by write_report (the recipe's output_dir)."
+        )
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _final_general(results: dict) -> dict:
+    general = results.get("general") or []
+    return max(general, key=lambda g: g["stage"]) if general else {}
+
+
+_METRIC_COLUMNS = (("AP", "ap", False), ("BWT", "bwt", True), ("FWT", "fwt", True),
+                   ("Mean forgetting", "mean_forgetting", False))
+
+
+def compare_runs(
+    run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, labels: Sequence[str] | None = None
+) -> str:
+    """A Markdown table comparing runs: one row per run, columns AP, BWT, FWT, mean forgetting, final ΔNLL (general
+    text, vs base) and final PPL. Each run is labelled by ``results["label"]`` or its folder name (or ``labels``).
+
+    Runs over different task sequences are compared on what they share: a warning says what differs and the task
+    metrics are left out (general retention is still compared when the held-out texts match). With ``out_dir`` the
+    table is written to ``comparison.md`` and the bar chart ``compare.png`` next to it.
+    """
+    if not run_dirs:
+        raise ValueError("compare_runs needs at least one run folder.")
+    runs = [load_results(d) for d in run_dirs]
+    if labels is not None and len(labels) != len(runs):
+        raise ValueError(f"Got {len(labels)} labels for {len(runs)} runs.")
+    names = list(labels) if labels is not None else [
+        r.get("label") or os.path.basename(os.path.normpath(os.fspath(d))) for r, d in zip(runs, run_dirs)
+    ]
+    for i, name in enumerate(names):  # keep labels unique
+        if names.count(name) > 1:
+            names[i] = f"{name} ({os.path.basename(os.path.normpath(os.fspath(run_dirs[i])))}#{i})"
+
+    notes = []
+    sequences = [tuple(r.get("tasks", [])) for r in runs]
+    same_tasks = len(set(sequences)) == 1
+    if not same_tasks:
+        described = "; ".join(f"{n}: {list(s)}" for n, s in zip(names, sequences))
+        message = (f"The runs have different task sequences ({described}); AP, BWT, FWT and forgetting are not "
+                   "comparable and are left out.")
+        logger.warning(message)
+        notes.append(message)
+    stages_done = [(r.get("metrics") or {}).get("num_stages", 0) for r in runs]
+    if same_tasks and len(set(stages_done)) > 1:
+        message = (f"The runs evaluated different numbers of stages ({dict(zip(names, stages_done))}); their metrics "
+                   "cover different stages.")
+        logger.warning(message)
+        notes.append(message)
+    fingerprints = [(r.get("general_texts") or {}).get("fingerprint") for r in runs]
+    has_general = all(r.get("general") for r in runs)
+    same_general = has_general and len(set(fingerprints)) == 1
+    if has_general and not same_general:
+        message = (f"The runs measured general retention on different held-out texts (fingerprints "
+                   f"{dict(zip(names, fingerprints))}); the general columns are left out.")
+        logger.warning(message)
+        notes.append(message)
+    elif not has_general and any(r.get("general") for r in runs):
+        notes.append("Some runs have no general-text measurement; the general columns are left out.")
+
+    header = ["Run", "Stages"]
+    if not same_tasks:
+        header.insert(1, "Tasks")
+    metric_columns = _METRIC_COLUMNS if same_tasks else ()
+    header += [name for name, _, _ in metric_columns]
+    if same_general:
+        header += ["Final ΔNLL vs base", "Final PPL"]
+    rows = []
+    for name, r, done in zip(names, runs, stages_done):
+        metrics = r.get("metrics") or {}
+        row = [name, f"{done}/{len(r.get('tasks', []))}"]
+        if not same_tasks:
+            row.insert(1, " → ".join(r.get("tasks", [])))
+        row += [_fmt(metrics.get(key), signed=signed) for _, key, signed in metric_columns]
+        if same_general:
+            final = _final_general(r)
+            row += [_fmt(final.get("delta_nll_vs_base"), signed=True), _fmt(final.get("ppl"), 2)]
+        rows.append(row)
+    table = _table(header, rows)
+    text = "\n".join([*(f"> **Note:** {n}" for n in notes), *([""] if notes else []), table]) + "\n"
+
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, COMPARISON_FILE), "w", encoding="utf-8") as f:
+            f.write("# Run comparison\n\n" + text)
+        panels = [(title, [(r.get("metrics") or {}).get(key) for r in runs]) for title, key, _ in metric_columns]
+        if same_general:
+            panels.append(("Final ΔNLL vs base", [_final_general(r).get("delta_nll_vs_base") for r in runs]))
+            panels.append(("Final PPL", [_final_general(r).get("ppl") for r in runs]))
+        _plot_comparison(names, panels, os.path.join(out_dir, "compare.png"))
+    return text
+
+
+def _plot_comparison(names: list[str], panels: list[tuple[str, list]], path: str) -> None:
+    panels = panels or [("(nothing comparable)", [None] * len(names))]
+    fig = _new_figure(max(4.0, 2.6 * len(panels)), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax, (title, values) in zip(axes, panels):
+        heights = [v if _num(v) and not math.isinf(v) else 0.0 for v in values]
+        ax.bar(range(len(names)), heights, color=colors)
+        for i, v in enumerate(values):
+            ax.text(i, heights[i], _fmt(v, 3), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+
+from gere_hf.evaluation import continual_metrics
+from gere_hf.report import compare_runs, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_results(label, matrix, nlls, tasks=("polarity", "trivia", "wiki_topic"), fingerprint="abc123"):
+    import math
+
+    base = nlls[0]
+    return {
+        "schema_version": 1,
+        "label": label,
+        "tasks": list(tasks),
+        "task_info": [{"name": t, "num_train": 100, "num_eval": 50, "scoring": "loglik", "choices": [" a", " b"],
+                       "meta": {}} for t in tasks],
+        "stages": ["base", *tasks],
+        "matrix": matrix,
+        "num_stages_evaluated": len(matrix) - 1,
+        "metrics": continual_metrics(matrix),
+        "general": [{"stage": t, "name": "x", "nll": n, "ppl": math.exp(n), "tokens": 1000, "num_texts": 10,
+                     "delta_nll_vs_base": n - base, "ppl_ratio_vs_base": math.exp(n - base)}
+                    for t, n in enumerate(nlls)],
+        "general_texts": {"num_texts": 10, "fingerprint": fingerprint, "max_length": 563},
+        "eval_seconds": [{"stage": t, "seconds": 1.5} for t in range(len(matrix))],
+        "timings": {"train_seconds": [12.5, 13.25, 11.0], "total_seconds": 40.0},
+    }
+
+
+MATRIX = [[0.5, 0.1, 0.2], [0.9, 0.15, 0.25], [0.8, 0.6, 0.3], [0.7, 0.55, 0.95]]
+NLLS = [2.0, 2.25, 2.5, 2.75]
+
+
+def test_write_report(tmp_path):
+    results = make_results("gere", MATRIX, NLLS)
+    original = copy.deepcopy(results)
+    paths = write_report(tmp_path / "run", results)
+    assert results == original  # not mutated
+    for name in ("results.json", "report.md", "accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png"):
+        path = tmp_path / "run" / name
+        assert path.is_file() and path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == PNG_MAGIC
+            assert paths[name] == str(path)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["matrix"] == MATRIX and saved["timings"] == results["timings"]
+    assert {"torch", "transformers", "trl", "peft", "datasets", "gere_hf"} <= set(saved["versions"])
+
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| Stage | polarity | trivia | wiki_topic | AP (seen) |" in report
+    assert "| 2: trivia | 0.8000 | **0.6000** | 0.3000 | 0.7000 |" in report
+    assert "| base | 0.5000 | 0.1000 | 0.2000 | – |" in report
+    m = results["metrics"]
+    assert f"| AP (final average accuracy) | {m['ap']:.4f} |" in report
+    assert f"{m['bwt']:+.4f}" in report and f"{m['fwt']:+.4f}" in report
+    assert f"{m['mean_forgetting']:.4f}" in report
+    assert "| 3: wiki_topic | 2.7500 | 15.64 | +0.7500 |" in report
+    assert "train_seconds" in report and "12.50, 13.25, 11.00" in report
+
+
+def test_write_report_partial_and_without_general(tmp_path):
+    results = make_results("partial", MATRIX, NLLS)
+    results["matrix"] = MATRIX[:2] + [None, None]
+    results["metrics"] = continual_metrics([row[:1] for row in MATRIX[:2]])
+    results["general"] = []
+    results["general_texts"] = None
+    paths = write_report(tmp_path, results)
+    assert "general_ppl.png" not in paths and not (tmp_path / "general_ppl.png").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "first 1 of 3 stages" in report and "Not measured" in report
+    assert "| 2: trivia | – | – | – | – |" in report
+    with pytest.raises(ValueError, match="lack the key"):
+        write_report(tmp_path, {"matrix": []})
+
+
+def _write_run(root, name, results):
+    write_report(root / name, results)
+    return root / name
+
+
+def test_compare_runs(tmp_path):
+    runs = [
+        _write_run(tmp_path, "none", make_results("none", MATRIX, NLLS)),
+        _write_run(tmp_path, "tm", make_results(None, [[0.5, 0.1, 0.2], [0.9, 0.2, 0.2], [0.85, 0.7, 0.3],
+                                                       [0.8, 0.65, 0.9]], [2.0, 2.05, 2.1, 2.125])),
+    ]
+    table = compare_runs(runs, out_dir=tmp_path / "cmp")
+    header = "| Run | Stages | AP | BWT | FWT | Mean forgetting | Final ΔNLL vs base | Final PPL |"
+    assert header in table
+    none_metrics = continual_metrics(MATRIX)
+    assert f"| none | 3/3 | {none_metrics['ap']:.4f} | {none_metrics['bwt']:+.4f} |" in table
+    assert "| tm | 3/3 | 0.7833 |" in table  # the folder name labels a run without a label
+    assert "+0.7500 | 15.64 |" in table and "+0.1250 | 8.37 |" in table
+    assert (tmp_path / "cmp" / "comparison.md").read_text().endswith(table)
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_runs_different_tasks(tmp_path, caplog):
+    a = _write_run(tmp_path, "a", make_results("ce", MATRIX, NLLS))
+    other = [[0.5, 0.5], [0.9, 0.4], [0.8, 0.9]]
+    b = _write_run(tmp_path, "b", make_results("tm", other, [2.0, 2.1, 2.2], tasks=("polarity", "trivia")))
+    with caplog.at_level(logging.WARNING, logger="gere_hf.report"):
+        table = compare_runs([a, b], out_dir=tmp_path / "cmp")
+    assert "different task sequences" in caplog.text and "['polarity', 'trivia']" in caplog.text
+    assert "| Run | Tasks | Stages | Final ΔNLL vs base | Final PPL |" in table
+    assert "| ce | polarity → trivia → wiki_topic | 3/3 | +0.7500 | 15.64 |" in table
+    assert "| tm | polarity → trivia | 2/2 | +0.2000 | 9.03 |" in table
+    assert "AP" not in table.split("\n")[-2]
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+
+    c = _write_run(tmp_path, "c", make_results("other-texts", MATRIX, NLLS, fingerprint="zzz"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gere_hf.report"):
+        table = compare_runs([a, c])
+    assert "different held-out texts" in caplog.text
+    assert "| Run | Stages | AP | BWT | FWT | Mean forgetting |" in table and "Final PPL" not in table
+    with pytest.raises(FileNotFoundError, match="No results.json"):
+        compare_runs([tmp_path / "missing"])
