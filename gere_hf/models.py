@@ -35,6 +35,7 @@ def builtin_model_path(name: str) -> str:
     package, gguf_file, folder = BUILTIN_MODELS[name]
     target = os.path.join(cache_dir(), "models", folder)
     if os.path.isfile(os.path.join(target, "config.json")):
+        _drop_gguf_quantization_config(target)
         return target
     spec = importlib.util.find_spec(package)  # located, never imported: the package only carries the weights
     if spec is None or not spec.submodule_search_locations:
@@ -51,6 +52,10 @@ def builtin_model_path(name: str) -> str:
     model = LlamaForCausalLM(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
+    # The weights are dequantized to plain fp32: a kept GGUF quantization_config would make transformers mark the
+    # model as quantized, and Trainer refuses to fine-tune a GGUF-quantized model.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{folder}-", dir=os.path.dirname(target))
     try:
@@ -64,6 +69,26 @@ def builtin_model_path(name: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _drop_gguf_quantization_config(target: str) -> None:
+    """Remove the GGUF ``quantization_config`` that caches converted before it was dropped still carry (the weights
+    are plain fp32 either way; with it, Trainer refuses to train the model). Atomic rewrite of config.json."""
+    import json
+
+    path = os.path.join(target, "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=target)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    logger.info("Dropped the GGUF quantization_config from the converted model's cached config (%s).", path)
 
 
 def resolve_model_path(name_or_path: str) -> str:
