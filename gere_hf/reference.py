@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from safetensors.numpy import load_file as load_np
-from safetensors.numpy import save_file as save_np
+from safetensors.numpy import save as save_np_bytes
 from tqdm.auto import tqdm
 
 from .losses import threshold_labels
@@ -189,17 +189,37 @@ def _file_digest(path: str) -> str:
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a partial file would only take space a full disk needs back
+        raise
     os.replace(tmp, path)
 
 
 def _atomic_save_np(tensors: dict[str, np.ndarray], path: str) -> None:
-    tmp = f"{path}.tmp"
-    save_np(tensors, tmp)
-    os.replace(tmp, path)
+    # Serialised in memory and written by Python: a full disk is an OSError(ENOSPC), not a SafetensorError.
+    _atomic_write_bytes(path, save_np_bytes(tensors))
+
+
+def _preallocate(f, size: int) -> None:
+    """Reserve the blocks of a file that is about to be memory-mapped and written.
+
+    Writing into a sparse mapping on a full disk kills the process with SIGBUS; reserved up front, a full disk is an
+    OSError(ENOSPC) here, which the build reports and can resume from.
+    """
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    f.truncate(size)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -449,7 +469,12 @@ class ReferenceStates:
         builder.run_chunks(rank, world)
         _barrier()
         if rank == 0:
-            builder.assemble()
+            try:
+                builder.assemble()
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise builder.disk_full() from e
+                raise
         _barrier()
         return cls.open(out_dir, fingerprint, verify=False)
 
@@ -515,6 +540,13 @@ class _Builder:
                 f"{need / 2**20:.1f} MiB more, {free / 2**20:.1f} MiB are free. Free space or choose another store_dir."
             )
 
+    def disk_full(self) -> ReferenceStatesError:
+        return ReferenceStatesError(
+            f"The disk filled up while building the reference store in {self.out_dir}. The build needs about "
+            f"{self.needed_bytes() / 2**20:.1f} MiB in all; the finished chunks are kept in {self.work}. "
+            "Free space and run the build again to resume it."
+        )
+
     # -- forward ------------------------------------------------------------------------------------------------------
 
     def _prepare_work_dir(self) -> None:
@@ -573,11 +605,7 @@ class _Builder:
                     captured.clear()
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise ReferenceStatesError(
-                    f"The disk filled up while building the reference store in {self.out_dir}. The build needs about "
-                    f"{self.needed_bytes() / 2**20:.1f} MiB in all; the finished chunks are kept in {self.work}. "
-                    "Free space and run the build again to resume it."
-                ) from e
+                raise self.disk_full() from e
             raise
         finally:
             handle.remove()
@@ -684,10 +712,9 @@ class _Builder:
 
         def final_map(name, dtype, numel):
             path = os.path.join(self.work, name)
-            if numel == 0:
-                open(path, "wb").close()
-                return None
-            return np.memmap(path, dtype=dtype, mode="w+", shape=(numel,))
+            with open(path, "wb") as f:
+                _preallocate(f, numel * np.dtype(dtype).itemsize)
+            return np.memmap(path, dtype=dtype, mode="r+", shape=(numel,)) if numel else None
 
         tokens = final_map("tokens.bin", np.int32, num_tokens)
         labels = final_map("labels.bin", np.uint8, int(label_offsets[-1]))
@@ -721,13 +748,13 @@ class _Builder:
             if m is not None:
                 m.flush()
         del tokens, labels, hidden, tlp, tid
-        save_np(
+        _atomic_save_np(
             {"count": np.array([count], dtype=np.int64), "sum": total, "sumsq": total_sq, "mean": mean, "var": var,
              "std": std, "lower": lower, "upper": upper},
             os.path.join(self.work, "stats.safetensors"),
         )
-        save_np({"lengths": lengths, "token_offsets": token_offsets, "label_offsets": label_offsets},
-                os.path.join(self.work, "index.safetensors"))
+        _atomic_save_np({"lengths": lengths, "token_offsets": token_offsets, "label_offsets": label_offsets},
+                        os.path.join(self.work, "index.safetensors"))
         names = list(STORE_FILES) + [n for e in self.extras for n in EXTRA_FILES[e]]
         files = {}
         for name in names:
