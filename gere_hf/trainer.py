@@ -291,7 +291,11 @@ class GeReMixin:
         finally:
             if handle is not None:
                 handle.remove()
-        replay_ce = torch.nan_to_num(outputs.loss.float(), nan=0.0)  # NaN only when no sample has a target
+        replay_ce = outputs.loss.float()
+        if not bool(replay["labels"][..., 1:].ne(-100).any()):
+            # No sample has a target: the token mean is 0/0. Any other NaN/inf is real and must reach the finite check
+            # (zeroed here, it would pass as a CE of 0 while its backward put NaN into the weights).
+            replay_ce = torch.nan_to_num(replay_ce, nan=0.0)
         if loss == "ce":
             return replay_ce, None
         if loss == "kl":
