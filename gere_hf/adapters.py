@@ -1,0 +1,237 @@
+"""How the model of each stage of a continual run is put together: one LoRA adapter, stacked adapters, or full weights.
+
+Strategies (``adapters.strategy`` of a recipe, with a ``peft`` LoRA config):
+
+* ``continue``: one adapter trained through all stages. Stage t loads the base model with stage t−1's adapter
+  (trainable) and goes on training it; every stage saves the whole adapter, a snapshot.
+* ``stack``: before stage t the adapters of stages 1..t−1 are merged into the base weights, one after the other, and a
+  fresh adapter is trained. Every stage saves only its own adapter; applying adapters 1..t in order to the base model
+  gives stage t's model.
+
+With ``peft: null`` (full fine-tuning) every stage saves the full weights and stage t starts from stage t−1's.
+
+Every stage starts from what stage t−1 *saved*, never from objects in memory: a DeepSpeed or FSDP engine leaves hooks
+and partitioned parameters on its module, and a resumed run must see exactly what an uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("continue", "stack")
+RUN_STATE_FILE = "run_state.json"
+
+
+class AdapterError(ValueError):
+    """An adapter setting that cannot work (unknown strategy, unknown LoRA option, ...)."""
+
+
+@dataclass
+class AdapterConfig:
+    """The ``adapters`` section of a recipe (only with a ``peft`` LoRA config)."""
+
+    strategy: str = field(
+        default="continue",
+        metadata={"help": "'continue': one LoRA adapter through all stages (a snapshot saved after each); 'stack': "
+                  "merge the previous adapters into the base before each stage and train a fresh adapter."},
+    )
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise AdapterError(f"Unknown adapters.strategy {self.strategy!r}; choose 'continue' or 'stack'.")
+
+
+def lora_config(options: dict):
+    """A ``peft.LoraConfig`` from a recipe's ``peft`` mapping (``task_type`` defaults to CAUSAL_LM)."""
+    from peft import LoraConfig
+
+    options = dict(options)
+    options.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return LoraConfig(**options)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"The peft section is not a valid LoRA config: {err}") from None
+
+
+def lora_fields() -> list[str]:
+    from peft import LoraConfig
+
+    return [f.name for f in dataclasses.fields(LoraConfig)]
+
+
+@contextlib.contextmanager
+def zero3_hidden():
+    """Hide a registered ZeRO-3 config from transformers, to use full-weight models on one process.
+
+    While a ZeRO-3 TrainingArguments is alive, ``from_pretrained`` partitions weights at load time
+    (``deepspeed.zero.Init``) and ``generate`` synchronises every step with the other ranks: both need every rank,
+    which defeats merging LoRA weights, or evaluating on the main process alone.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover - transformers always has it
+        yield
+        return
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+def _merge(model, adapter_dir: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def training_model(
+    load: Callable[[str], object],
+    base: str,
+    previous: Sequence[str],
+    peft_options: dict | None,
+    strategy: str = "continue",
+):
+    """The model stage t trains, from the saved results of stages 1..t−1 (``previous``, oldest first).
+
+    Args:
+        load: ``load(path)`` returns a causal LM loaded from a path (or Hub id).
+        base: the base model's path.
+        previous: the folders of the finished stages before this one.
+        peft_options: the recipe's LoRA options, or None for full fine-tuning.
+        strategy: 'continue' or 'stack' (ignored for full fine-tuning).
+    """
+    if peft_options is None:
+        return load(previous[-1] if previous else base)
+    from peft import PeftModel, get_peft_model
+
+    if strategy == "continue" and previous:
+        return PeftModel.from_pretrained(load(base), previous[-1], is_trainable=True)
+    model = load(base)
+    if strategy == "stack" and previous:
+        with zero3_hidden():  # merging needs the full weights; the trainer partitions the result
+            for adapter_dir in previous:
+                model = _merge(model, adapter_dir)
+    # get_peft_model fills in the config (target modules, base path): each stage gets its own copy.
+    return get_peft_model(model, copy.deepcopy(lora_config(peft_options)))
+
+
+def stage_result_model(
+    load: Callable[[str], object],
+    base: str,
+    stage_dirs: Sequence[str],
+    peft_options: dict | None,
+    strategy: str = "continue",
+    merge: bool = False,
+):
+    """The model after stage t, rebuilt from disk: ``stage_dirs`` are the folders of stages 1..t, oldest first.
+
+    Full fine-tuning loads stage t's weights; 'continue' applies stage t's adapter to the base; 'stack' merges the
+    adapters of stages 1..t−1 into the base in order and applies stage t's. ``merge=True`` also merges the last
+    adapter (a plain transformers model).
+    """
+    if not stage_dirs:
+        return load(base)
+    if peft_options is None:
+        return load(stage_dirs[-1])
+    from peft import PeftModel
+
+    model = load(base)
+    if strategy == "stack":
+        for adapter_dir in stage_dirs[:-1]:
+            model = _merge(model, adapter_dir)
+    model = PeftModel.from_pretrained(model, stage_dirs[-1])
+    return model.merge_and_unload() if merge else model
+
+
+def method_name(peft_options: dict | None, strategy: str) -> str:
+    return "full fine-tuning" if peft_options is None else f"LoRA ({strategy})"
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+           "fp16": "float16"}
+
+
+def load_causal_lm(path: str, dtype: str | None = None, trust_remote_code: bool = False):
+    """A causal LM from a path, Hub id or built-in name, in ``dtype`` ('float32', 'bfloat16', 'auto'; default fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import resolve_model_path
+
+    if dtype is None:
+        torch_dtype = torch.float32
+    elif dtype == "auto":
+        torch_dtype = "auto"
+    elif dtype in _DTYPES:
+        torch_dtype = getattr(torch, _DTYPES[dtype])
+    else:
+        raise AdapterError(f"Unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto.")
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=torch_dtype,
+                                                trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from .models import ensure_pad_token, resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_stage_model(run_dir: str, stage: int | str, merge: bool = False, dtype: str | None = None):
+    """Rebuild the model of a finished stage of a recipe run from its folder: ``(model, tokenizer)``.
+
+    Args:
+        run_dir: the recipe's ``output_dir`` (it holds ``run_state.json``).
+        stage: the stage's 1-based index or its name; 0 is the base model.
+        merge: merge the LoRA adapter(s) into the weights (a plain transformers model).
+        dtype: 'float32', 'bfloat16', ... (default: the dtype the run loaded its model in).
+    """
+    path = os.path.join(run_dir, RUN_STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {RUN_STATE_FILE} in {run_dir!r}: give the output_dir of a `gere-hf run`.")
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    stages = state.get("stages", [])
+    names = [s["name"] for s in stages]
+    if isinstance(stage, str):
+        if stage not in names:
+            raise ValueError(f"The run has no stage named {stage!r}; its stages are {names}.")
+        stage = names.index(stage) + 1
+    finished = [s for s in stages if s.get("status") == "finished"]
+    if not 0 <= stage <= len(finished):
+        raise ValueError(
+            f"Stage {stage} is not finished in {run_dir!r}; the finished stages are 1..{len(finished)} "
+            f"({', '.join(s['name'] for s in finished) or 'none'}; 0 is the base model)."
+        )
+    info = state["model"]
+    trust = bool(info.get("trust_remote_code", False))
+    dtype = dtype if dtype is not None else info.get("dtype")
+    base = info["path"]
+    if not os.path.isabs(base) and os.path.isdir(os.path.join(run_dir, base)):
+        base = os.path.join(run_dir, base)  # a base model materialised inside the run folder
+
+    def load(where: str):
+        return load_causal_lm(where, dtype, trust)
+
+    dirs = [os.path.join(run_dir, s["dir"]) for s in finished[:stage]]
+    model = stage_result_model(load, base, dirs, state.get("peft"),
+                               (state.get("adapters") or {}).get("strategy", "continue"), merge=merge)
+    return model, load_tokenizer(dirs[-1] if dirs else base, trust)
