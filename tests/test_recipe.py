@@ -1,0 +1,299 @@
+"""Recipes: the schema and its error messages, the shipped recipes, a whole tiny run, and --resume."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+import yaml
+from recipe_utils import RECIPES, TINY_RECIPE, one_thread, read_json, tiny_recipe
+
+from gere_hf import cli
+from gere_hf.recipe import (
+    RecipeError,
+    RecipeRunner,
+    apply_overrides,
+    check_deepspeed_config,
+    load_recipe,
+    load_stage_task,
+    parse_recipe,
+    recipe_hash,
+    run_recipe,
+)
+from gere_hf.trainer import GeReSFTTrainer
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Schema and bad input (no training)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _nothing_written(out) -> bool:
+    return not os.path.exists(os.path.join(out, "run_state.json")) and not os.path.exists(os.path.join(out, "stages"))
+
+
+def test_shipped_recipes_parse():
+    paths = sorted(glob.glob(os.path.join(RECIPES, "*.yaml")))
+    assert {os.path.basename(p) for p in paths} >= {"tiny_cpu.yaml", "demo_smollm2.yaml",
+                                                     "paper_llama31_8b_full_zero2.yaml", "paper_llama31_8b_lora.yaml"}
+    for path in paths:
+        recipe = load_recipe(path)
+        assert recipe.stages and recipe.output_dir
+    paper = load_recipe(os.path.join(RECIPES, "paper_llama31_8b_full_zero2.yaml"))
+    assert paper.peft is None and len(paper.stages) == 15 and paper.gere.replay_num_samples == 1000
+    assert paper.training["deepspeed"] == "recipes/deepspeed/zero2.json"
+    lora = load_recipe(os.path.join(RECIPES, "paper_llama31_8b_lora.yaml"))
+    assert lora.peft is not None and [s.name for s in lora.stages] == [s.name for s in paper.stages]
+    demo = load_recipe(os.path.join(RECIPES, "demo_smollm2.yaml"))
+    assert [s.dataset for s in demo.stages] == ["wiki_topic", "polarity", "trivia"] and demo.gere.loss == "tm"
+    for path in glob.glob(os.path.join(RECIPES, "deepspeed", "*.json")):
+        assert check_deepspeed_config(path, paper) == path
+    for path in glob.glob(os.path.join(RECIPES, "accelerate", "*.yaml")):
+        with open(path, encoding="utf-8") as f:
+            assert yaml.safe_load(f)["num_processes"] >= 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainig={}", "Unknown key 'trainig' in the recipe. Did you mean 'training'?"),
+        ("training.learnig_rate=0.1", "Unknown key 'learnig_rate' in training. Did you mean 'learning_rate'?"),
+        ("gere.los=ce", "Unknown key 'los' in gere. Did you mean 'loss'?"),
+        ("stages.0.num_trian=3", "Unknown key 'num_trian' in stages[0] (polarity). Did you mean 'num_train'?"),
+        ("stages.1.training={per_device_train_bach_size: 2}",
+         "Unknown key 'per_device_train_bach_size' in stages[1] (trivia).training. Did you mean "
+         "'per_device_train_batch_size'?"),
+        ("peft.lora_alfa=4", "Unknown key 'lora_alfa' in peft. Did you mean 'lora_alpha'?"),
+        ("evaluation.general_text=3", "Unknown key 'general_text' in evaluation. Did you mean 'general_texts'?"),
+        ("hub.layuot=repos", "Unknown key 'layuot' in hub. Did you mean 'layout'?"),
+        ("adapters.stratgy=stack", "Unknown key 'stratgy' in adapters. Did you mean 'strategy'?"),
+        ("model={name_or_path: tiny-random-llama, dtyp: float32}", "Unknown key 'dtyp' in model. Did you mean 'dtype'?"),
+        ("stages.0.dataset={path: json, data_file: x.jsonl}",
+         "Unknown key 'data_file' in stages[0] (polarity).dataset. Did you mean 'data_files'?"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest(tmp_path, override, message):
+    with pytest.raises(RecipeError) as err:
+        recipe = parse_recipe(tiny_recipe(tmp_path, override))
+        RecipeRunner(recipe).load_tasks()  # dataset arguments are checked when the data is loaded
+    assert message in str(err.value)
+
+
+def test_bad_values_and_reserved_keys(tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(polarity\).num_train must be int or None, got 'ten'"):
+        parse_recipe(tiny_recipe(tmp_path, "stages.0.num_train=ten"))
+    with pytest.raises(RecipeError, match="gere: Unknown GeRe loss 'tmm'"):
+        parse_recipe(tiny_recipe(tmp_path, "gere.loss=tmm"))
+    with pytest.raises(RecipeError, match=r"training.output_dir is set by the recipe runner; use the top-level"):
+        parse_recipe(tiny_recipe(tmp_path, "training.output_dir=/x"))
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(trivia\).training.deepspeed: one launch uses one"):
+        parse_recipe(tiny_recipe(tmp_path, "stages.1.training={deepspeed: recipes/deepspeed/zero2.json}"))
+    with pytest.raises(RecipeError, match="The recipe has no 'model'"):
+        parse_recipe({k: v for k, v in tiny_recipe(tmp_path).items() if k != "model"})
+    with pytest.raises(RecipeError, match=r"stages\[0\].name 'a/b' cannot name a folder"):
+        parse_recipe(tiny_recipe(tmp_path, "stages.0.name=a/b"))
+
+
+def test_stage_without_dataset(tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(trivia\) has no dataset. Give a built-in task"):
+        parse_recipe(tiny_recipe(tmp_path, "stages.1.dataset=null"))
+
+
+def test_duplicate_stage_names(tmp_path):
+    with pytest.raises(RecipeError, match=r"Duplicate stage name 'polarity' \(stages\[0\] and stages\[1\]\).*unique"):
+        parse_recipe(tiny_recipe(tmp_path, "stages.1.name=polarity"))
+
+
+def test_adapters_strategy_needs_peft(tmp_path):
+    with pytest.raises(RecipeError, match="adapters.strategy applies to LoRA adapters, but peft is null"):
+        parse_recipe(tiny_recipe(tmp_path, "peft=null"))
+    recipe = parse_recipe(tiny_recipe(tmp_path, "peft=null", "adapters=null"))
+    assert recipe.peft is None and recipe.adapters is None
+
+
+def test_dataset_without_the_named_fields_lists_its_fields(tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {i}", "label": ["neg", "pos"][i % 2]}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, f"stages.1.dataset={data}", "stages.1.prompt_field=review",
+                         "stages.1.completion_field=label")
+    with pytest.raises(RecipeError) as err:
+        run_recipe(recipe)
+    assert "stages[1] (trivia)" in str(err.value) and "['review']" in str(err.value)
+    assert "its fields are ['text', 'label']" in str(err.value)
+    assert _nothing_written(out)
+    # The same file with a template over its real fields makes a task (closed: two answers).
+    ok = tiny_recipe(out, f"stages.1.dataset={data}", "stages.1.template='Review: {text}\\nSentiment:'",
+                     "stages.1.completion_field=label", "stages.1.num_train=6", "stages.1.num_eval=4")
+    recipe = parse_recipe(ok)
+    task = load_stage_task(recipe.stages[1], 1, recipe)
+    assert task.name == "trivia" and task.choices == [" neg", " pos"] and len(task.train) == 6
+    assert task.eval[0]["prompt"].startswith("Review: review ")
+
+
+def test_missing_or_broken_deepspeed_config_fails_before_training(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RecipeError, match=r"training.deepspeed: the DeepSpeed config 'nope/zero9.json' does not exist"):
+        run_recipe(tiny_recipe(out, "training.deepspeed=nope/zero9.json"))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(RecipeError, match=r"does not parse as JSON \(Expecting property name"):
+        run_recipe(tiny_recipe(out, f"training.deepspeed={broken}"))
+    no_gather = tmp_path / "zero3.json"
+    no_gather.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(RecipeError, match="stage3_gather_16bit_weights_on_model_save"):
+        run_recipe(tiny_recipe(out, f"training.deepspeed={no_gather}"))
+    assert _nothing_written(out)
+
+
+def test_overrides_and_yaml_details(tmp_path):
+    data = tiny_recipe(tmp_path)
+    changed = apply_overrides(data, ["stages.trivia.num_train=3", "training.learning_rate=2e-4", "peft=null",
+                                     "adapters=null", "hub.repo_id={user}/{run}-{stage}"])
+    assert changed["stages"][1]["num_train"] == 3 and changed["training"]["learning_rate"] == 2e-4
+    assert changed["peft"] is None and changed["hub"]["repo_id"] == "{user}/{run}-{stage}"
+    assert data["peft"] is not None  # the input is not modified
+    with pytest.raises(RecipeError, match=r"no item named 'trivai'; did you mean 'trivia'\?"):
+        apply_overrides(data, ["stages.trivai.num_train=3"])
+    with pytest.raises(RecipeError, match="is not KEY=VALUE"):
+        apply_overrides(data, ["training.max_steps"])
+    path = tmp_path / "r.yaml"
+    path.write_text(f"output_dir: {tmp_path}/o\nmodel: tiny-random-llama\ntraining:\n  learning_rate: 1e-4\n"
+                    "stages:\n  - {name: a, dataset: polarity}\n")
+    assert load_recipe(str(path)).training["learning_rate"] == 1e-4  # a float, as YAML 1.2 reads it
+    path.write_text(f"output_dir: {tmp_path}/o\nmodel: tiny-random-llama\nseed: 1\nseed: 2\nstages: [{{name: a, dataset: polarity}}]\n")
+    with pytest.raises(RecipeError, match="The key 'seed' appears twice"):
+        load_recipe(str(path))
+    with pytest.raises(RecipeError, match="Did you mean the built-in task 'polarity'"):
+        run_recipe(tiny_recipe(tmp_path / "x", "stages.0.dataset=polarty"))
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_the_same_recipe(tmp_path):
+    out = tmp_path / "run"
+    recipe = parse_recipe(tiny_recipe(out))
+    old_raw = apply_overrides(recipe.raw, ["training.learning_rate=0.002", "stages.trivia.num_train=5"])
+    out.mkdir()
+    (out / "run_state.json").write_text(json.dumps({
+        "recipe_hash": recipe_hash(old_raw), "recipe": {k: v for k, v in old_raw.items() if k != "hub"},
+        "stages": [{"index": 1, "name": "polarity", "status": "finished"}, {"index": 2, "name": "trivia"}],
+    }))
+    with pytest.raises(RecipeError, match=r"already holds a run \(1 finished stage\(s\): polarity\). Pass --resume"):
+        run_recipe(recipe)
+    with pytest.raises(RecipeError) as err:
+        run_recipe(recipe, resume=True)
+    message = str(err.value)
+    assert "was made from a different recipe" in message
+    assert "training.learning_rate: 0.002 (run) vs 0.001 (recipe)" in message
+    assert "stages[1].num_train: 5 (run) vs 8 (recipe)" in message
+    assert not (out / "stages").exists()
+    # hub settings may change on resume: they do not enter the hash
+    assert recipe_hash(apply_overrides(recipe.raw, ["hub.push=true"])) == recipe.recipe_hash
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A whole run, and --resume
+# ----------------------------------------------------------------------------------------------------------------------
+
+RESUMABLE = ("training.max_steps=4", "training.save_strategy=steps", "training.save_steps=2")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The shipped tiny recipe (smaller), run once through the CLI, uninterrupted."""
+    out = tmp_path_factory.mktemp("recipe") / "full"
+    path = out.parent / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(out, *RESUMABLE)))
+    with one_thread():
+        assert cli.main(["run", str(path)]) == 0
+    return out
+
+
+def test_tiny_recipe_writes_stages_run_state_and_report(uninterrupted):
+    out = uninterrupted
+    state = read_json(out / "run_state.json")
+    assert state["finished"] and state["world_size"] == 1 and state["model"]["path"] == "base_model"
+    assert [s["status"] for s in state["stages"]] == ["finished", "finished"]
+    assert [s["dir"] for s in state["stages"]] == ["stages/1-polarity", "stages/2-trivia"]
+    assert set(state["evaluation"]) == {"0", "1", "2"}
+    for index, name in ((1, "polarity"), (2, "trivia")):
+        stage = out / "stages" / f"{index}-{name}"
+        files = set(os.listdir(stage))
+        assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "trainer_state.json",
+                "metrics.json", "README.md"} <= files
+        assert "checkpoints" not in files  # removed once the stage finished (keep_checkpoints: false)
+        metrics = read_json(stage / "metrics.json")
+        assert metrics["stage"] == index and metrics["train"]["global_step"] == 4
+        assert metrics["evaluation"]["row"] == index and set(metrics["evaluation"]["accuracy"]) == {"polarity",
+                                                                                                   "trivia"}
+        assert [h["step"] for h in metrics["log_history"] if "loss" in h] == [1, 2, 3, 4]
+        assert read_json(stage / "trainer_state.json")["global_step"] == 4
+    assert (out / "gere_store" / "manifest.json").is_file()  # built once, from the base model
+    results = read_json(out / "results.json")
+    assert results["tasks"] == ["polarity", "trivia"] and len(results["matrix"]) == 3
+    assert all(row is not None for row in results["matrix"]) and results["metrics"]["ap"] is not None
+    assert results["run"]["method"] == "LoRA (continue)" and results["general"][0]["stage"] == 0
+    for name in ("report.md", "accuracy_matrix.png", "ap_per_stage.png", "general_ppl.png"):
+        assert (out / name).is_file()
+    # Running again without --resume refuses to overwrite; --resume has nothing left to do.
+    recipe = parse_recipe(tiny_recipe(out, *RESUMABLE))
+    with pytest.raises(RecipeError, match="already holds a run"):
+        run_recipe(recipe)
+    before = os.path.getmtime(out / "stages" / "2-trivia" / "adapter_model.safetensors")
+    with one_thread():
+        again = run_recipe(recipe, resume=True)
+    assert again["matrix"] == results["matrix"]
+    assert os.path.getmtime(out / "stages" / "2-trivia" / "adapter_model.safetensors") == before
+
+
+def test_resume_continues_from_the_last_checkpoint_of_an_unfinished_stage(tmp_path, uninterrupted, monkeypatch):
+    out = tmp_path / "run"
+    recipe = parse_recipe(tiny_recipe(out, *RESUMABLE))
+    original = GeReSFTTrainer.training_step
+
+    def crash_in_stage_2_step_3(self, *args, **kwargs):
+        if "2-trivia" in self.args.output_dir and self.state.global_step == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GeReSFTTrainer, "training_step", crash_in_stage_2_step_3)
+    with one_thread(), pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe)
+    state = read_json(out / "run_state.json")
+    assert [s["status"] for s in state["stages"]] == ["finished", "running"]
+    assert os.path.isdir(out / "stages" / "2-trivia" / "checkpoints" / "checkpoint-2")
+    stage1 = out / "stages" / "1-polarity" / "adapter_model.safetensors"
+    before = os.path.getmtime(stage1)
+
+    trained_steps = []
+
+    def record(self, *args, **kwargs):
+        trained_steps.append((os.path.basename(os.path.dirname(self.args.output_dir)), self.state.global_step + 1))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GeReSFTTrainer, "training_step", record)
+    with one_thread():
+        results = run_recipe(recipe, resume=True)
+    # Stage 1 was not trained again; stage 2 went on from checkpoint-2.
+    assert trained_steps == [("2-trivia", 3), ("2-trivia", 4)]
+    assert os.path.getmtime(stage1) == before
+    metrics = read_json(out / "stages" / "2-trivia" / "metrics.json")
+    assert [h["step"] for h in metrics["log_history"] if "loss" in h] == [1, 2, 3, 4]
+    # The resumed run ends where the uninterrupted one did.
+    reference = read_json(uninterrupted / "stages" / "2-trivia" / "metrics.json")
+    ref_losses = {h["step"]: h["loss"] for h in reference["log_history"] if "loss" in h}
+    for h in metrics["log_history"]:
+        if "loss" in h:
+            assert h["loss"] == pytest.approx(ref_losses[h["step"]], rel=1e-5)
+    full = read_json(uninterrupted / "results.json")
+    assert results["matrix"] == full["matrix"]
+    for a, b in zip(results["general"], full["general"]):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-6)
+    assert not os.path.exists(out / "stages" / "2-trivia" / "checkpoints")
+
+
+def test_tiny_recipe_file_is_the_documented_one():
+    with open(TINY_RECIPE, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    assert data["model"] == "tiny-random-llama" and len(data["stages"]) == 2
