@@ -118,8 +118,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Our errors name the problem and the fix; a traceback would bury that.
+    except (ValueError, OSError, RuntimeError) as e:
+        # Our errors name the problem and the fix; a traceback would bury that. OSError: transformers reports a
+        # model path that does not exist (or is no model) as OSError, not FileNotFoundError.
         print(f"gere-hf {args.command}: error: {e}", file=sys.stderr)
         return 2
 
