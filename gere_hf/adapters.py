@@ -121,11 +121,14 @@ def training_model(
 
     if strategy == "continue" and previous:
         return PeftModel.from_pretrained(load(base), previous[-1], is_trainable=True)
-    model = load(base)
     if strategy == "stack" and previous:
-        with zero3_hidden():  # merging needs the full weights; the trainer partitions the result
+        # Merging needs the full weights: loaded whole on every rank; DeepSpeed partitions the result at its start.
+        with zero3_hidden():
+            model = load(base)
             for adapter_dir in previous:
                 model = _merge(model, adapter_dir)
+    else:
+        model = load(base)
     # get_peft_model fills in the config (target modules, base path): each stage gets its own copy.
     return get_peft_model(model, copy.deepcopy(lora_config(peft_options)))
 
