@@ -1068,6 +1068,9 @@ class RecipeRunner:
         )
         entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
                                                 trainer.accelerator.distributed_type))
+        if args.fsdp and entry["distributed_type"] != "FSDP":
+            logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on GPUs/accelerators.",
+                           entry["distributed_type"])
         start = time.time()
         output = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(stage_dir)  # every rank: ZeRO-3 gathers the weights; the main process writes
