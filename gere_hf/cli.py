@@ -18,7 +18,7 @@ def _cache(args) -> int:
     # Cheap checks first: a bad option should not cost a model load.
     _validate_build_args(args.k, args.batch_size, 1, extras, args.topk, "base", num_samples=1)
     if args.max_length < 2:
-        raise ReplayDataError(f"max_length (--max-length) must be at least 2 (a token and its successor), got {args.max_length}.")
+        raise ReplayDataError(f"max_length must be at least 2 (a token and its successor), got {args.max_length} (--max-length).")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.model_dtype)
     replay = ReplaySet.load(
         tokenizer, args.replay, args.num_samples, args.max_length, args.seed, args.text_column, args.allow_fewer
