@@ -127,6 +127,8 @@ def _load_dataset_source(source: Any, split: str):
                 f"Cannot read replay texts from {path!r}: unknown file type {suffix!r}. "
                 f"Use one of {sorted(_LOCAL_SUFFIXES)}."
             )
+        if os.path.getsize(path) == 0:  # datasets would fail with a bare StopIteration
+            raise ReplayDataError(f"The replay file {path!r} is empty. Give a file with general texts.")
         return datasets.load_dataset(_LOCAL_SUFFIXES[suffix], data_files=path, split="train")
     if os.path.isdir(path):
         files = sorted(
