@@ -1037,7 +1037,6 @@ class RecipeRunner:
 
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
-        from transformers.trainer_utils import get_last_checkpoint
 
         from .trainer import GeReSFTTrainer
 
@@ -1047,7 +1046,7 @@ class RecipeRunner:
         entry = self._stage_entry(index)
         checkpoint = None
         if self.resume and os.path.isdir(args.output_dir):
-            checkpoint = get_last_checkpoint(args.output_dir)
+            checkpoint = last_complete_checkpoint(args.output_dir)
         logger.info("Stage %d/%d (%s): %d training examples%s", index, len(r.stages), stage.name, len(task.train),
                     f", resuming from {checkpoint}" if checkpoint else "")
         if getattr(args, "hf_deepspeed_config", None) is not None:
@@ -1203,6 +1202,32 @@ class RecipeRunner:
         _barrier()
         logger.info("The run is finished: %s", self.output_dir)
         return self.results() if self.is_main else None
+
+
+def last_complete_checkpoint(folder: str) -> str | None:
+    """The newest Trainer checkpoint in ``folder`` that was written to the end, or None.
+
+    ``Trainer`` creates ``checkpoint-N`` first and writes ``trainer_state.json`` into it last, so a process killed while
+    saving leaves a newer checkpoint without a readable state: resuming from it fails ("Can't find a valid
+    checkpoint") or, with the weights but no state, silently restarts the stage at step 0. Such checkpoints are skipped.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            steps.append(int(match.group(1)))
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(folder, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        try:
+            with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+                json.load(f)
+            return path
+        except (OSError, ValueError):
+            logger.warning("Skipping %s: it was not written to the end (the run was interrupted while saving it).",
+                           path)
+    return None
 
 
 def _zero3_config(value: Any) -> bool:
