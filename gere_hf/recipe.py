@@ -453,6 +453,9 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
     if not isinstance(data.get("gere") or {}, dict):
         raise RecipeError("gere must be a mapping of GeReConfig fields (loss, weight, replay_source, ...).")
     gere_data.setdefault("replay_seed", data.get("seed", 42))
+    weight = gere_data.get("weight")
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        gere_data["weight"] = str(weight)  # `weight: 0.5`; GeReConfig takes numbers as strings and checks the value
     gere = build_dataclass(GeReConfig, gere_data, "gere")
 
     training = _check_training_keys(data.get("training"), "training")
