@@ -560,6 +560,8 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
             if suffix not in _DATA_SUFFIXES:
                 raise RecipeError(f"{where}: cannot read {local!r} (type {suffix!r}); use one of "
                                   f"{sorted(_DATA_SUFFIXES)} or load_dataset arguments.")
+            if os.path.getsize(local) == 0:  # datasets would fail with a bare StopIteration
+                raise RecipeError(f"{where}: the dataset file {local!r} is empty. Give a file with the task's examples.")
             kwargs = {"path": _DATA_SUFFIXES[suffix], "data_files": local}
         elif local is not None:
             kwargs = {"path": local}
@@ -865,6 +867,29 @@ class RecipeRunner:
             # the world size from when a stage loads its model under ZeRO-3, must attach to that process group.
             deepspeed.init_distributed()
 
+    def check_replay(self) -> None:
+        """Read the replay texts and check the replay mix against every stage's processes and accumulation steps,
+        before anything is written (the tokenizer, needed for the tokens, comes with the base model)."""
+        from .replay import ReplayDataError, load_replay_texts
+        from .schedule import ReplaySchedule, ReplayScheduleError
+
+        g = self.recipe.gere
+        self.replay_texts = None
+        if not g.replay_enabled:
+            return
+        if g.replay_per_step is not None:
+            for i, (stage, args) in enumerate(zip(self.recipe.stages, self.stage_args)):
+                try:
+                    ReplaySchedule(g.replay_num_samples, world_size=args.world_size,
+                                   grad_accum=args.gradient_accumulation_steps, per_step=g.replay_per_step)
+                except ReplayScheduleError as err:
+                    raise RecipeError(f"stages[{i}] ({stage.name}): {err}") from None
+        try:
+            self.replay_texts = load_replay_texts(_resolve_path(g.replay_source, self.recipe) or g.replay_source,
+                                                  g.replay_num_samples, g.replay_seed, g.replay_text_column)
+        except ReplayDataError as err:
+            raise RecipeError(f"gere.replay_source: {err}") from None
+
     def load_tasks(self) -> None:
         self.tasks = [load_stage_task(stage, i, self.recipe) for i, stage in enumerate(self.recipe.stages)]
         if self.recipe.gere.replay_source == "wiki" and self.recipe.gere.replay_seed != self.recipe.seed and any(
@@ -1161,6 +1186,7 @@ class RecipeRunner:
                               "process only); drop it or use ZeRO-2.")
         self.load_tasks()
         self.build_training_args()
+        self.check_replay()
 
         fresh = not self.state
         if fresh:
@@ -1169,18 +1195,19 @@ class RecipeRunner:
                 self._clear_previous_outputs()
             _barrier()
         self.prepare_base_model()
-        if fresh:
-            self.state = self._fresh_state()
-        self.state["world_size"] = self.world_size
-        self.save_state()
-
         self.tokenizer = adapters_mod.load_tokenizer(self.base_path, r.model.trust_remote_code)
         if r.gere.replay_enabled:
             from .replay import ReplaySet
 
             g = r.gere
-            self.replay = ReplaySet.load(self.tokenizer, _resolve_path(g.replay_source, r) or g.replay_source,
-                                         g.replay_num_samples, g.replay_max_length, g.replay_seed, g.replay_text_column)
+            self.replay = ReplaySet.from_texts(self.replay_texts, self.tokenizer, g.replay_max_length,
+                                               source=str(g.replay_source), seed=g.replay_seed)
+        # run_state.json is written once the inputs are known good: a run refused for its tokenizer or replay texts
+        # leaves no state behind that a second attempt would have to --resume or overwrite.
+        if fresh:
+            self.state = self._fresh_state()
+        self.state["world_size"] = self.world_size
+        self.save_state()
         if r.evaluation.enabled and self.is_main:
             self.evaluator = self.make_evaluator()
             for _, record in sorted(self.state.get("evaluation", {}).items(), key=lambda kv: int(kv[0])):
