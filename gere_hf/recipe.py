@@ -766,6 +766,7 @@ class RecipeRunner:
         self.replay = None
         self.base_path: str = ""
         self._log_history: dict[int, list] = {}
+        self.overwrite = False
 
     # -- paths ----------------------------------------------------------------------------------------------------------
 
@@ -799,9 +800,19 @@ class RecipeRunner:
     def check_previous_run(self) -> None:
         """``--resume`` needs the same recipe; a fresh run refuses to overwrite a run unless told to."""
         previous = self._read_previous_run()
+        self.overwrite = False
         if previous is None:
+            # No run here: files named like a run's outputs are someone else's. Never delete them unasked.
+            foreign = [p for p in (STAGES_DIR, *REPORT_FILES) if os.path.exists(os.path.join(self.output_dir, p))]
+            if foreign and not self.recipe.overwrite_output_dir:
+                raise RecipeError(
+                    f"{self.output_dir} holds {', '.join(foreign)} but no {RUN_STATE_FILE}: not a gere-hf run this "
+                    "one could continue, and this run would overwrite them. Choose another output_dir, move them "
+                    "away, or set overwrite_output_dir: true to replace them."
+                )
             if self.resume:
                 logger.warning("--resume: %s holds no run yet; starting from the beginning.", self.output_dir)
+            self.overwrite = bool(foreign)
             self.state = {}
             return
         finished = [s["name"] for s in previous.get("stages", []) if s.get("status") == "finished"]
@@ -812,6 +823,7 @@ class RecipeRunner:
                     f"{', '.join(finished) or 'none'}). Pass --resume to continue it, set overwrite_output_dir: true "
                     "(or --set overwrite_output_dir=true) to start over, or choose another output_dir."
                 )
+            self.overwrite = True
             self.state = {}
             return
         if previous.get("recipe_hash") != self.recipe.recipe_hash:
@@ -1192,7 +1204,8 @@ class RecipeRunner:
         if fresh:
             if self.is_main:
                 os.makedirs(self.output_dir, exist_ok=True)
-                self._clear_previous_outputs()
+                if self.overwrite:  # only an overwrite_output_dir start removes earlier outputs
+                    self._clear_previous_outputs()
             _barrier()
         self.prepare_base_model()
         self.tokenizer = adapters_mod.load_tokenizer(self.base_path, r.model.trust_remote_code)
