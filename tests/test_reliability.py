@@ -201,11 +201,14 @@ def test_damaged_store_file_is_refused_and_left_as_found(workdir, tmp_path, dama
     assert tree_snapshot(store) == store_before  # kept for inspection, never silently rebuilt over
 
 
-@pytest.mark.parametrize("case", ["empty", "no_text_field", "missing_file"])
+@pytest.mark.parametrize("case", ["empty_file", "blank_texts", "no_text_field", "missing_file"])
 def test_bad_replay_source_is_refused_before_any_store_work(workdir, tmp_path, case):
     out, _ = workdir
-    if case == "empty":
-        source, match = _replay_file(tmp_path / "empty.jsonl", texts=["", "   "]), \
+    if case == "empty_file":
+        (tmp_path / "empty.jsonl").write_text("")
+        source, match = str(tmp_path / "empty.jsonl"), r"The replay file '.*empty\.jsonl' is empty\. Give a file"
+    elif case == "blank_texts":
+        source, match = _replay_file(tmp_path / "blank.jsonl", texts=["", "   "]), \
             r"holds no non-empty texts in column 'text' \(2 rows\)\. Give a source with general text"
     elif case == "no_text_field":
         source, match = _replay_file(tmp_path / "body.jsonl", column="body"), \

@@ -1,0 +1,338 @@
+"""Reliability of ``gere-hf run``: bad recipes fail before any work, a SIGKILL mid-stage resumes to the same result,
+runs are deterministic, only the main process writes, and a Hub token never reaches a file or a log.
+
+The catalogue of cases is docs/reliability.md; tests/test_reliability.py covers the trainer and the store. The runs
+use the shipped tiny recipe made smaller (tests/recipe_utils.py): a random 2-layer Llama, two built-in tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from recipe_utils import REPO_ROOT, FakeHub, all_text_under, one_thread, read_json, tiny_recipe
+from safetensors.torch import load_file
+
+from gere_hf import cli
+from gere_hf.recipe import parse_recipe
+
+# Every run here is the same recipe (checkpoints every step, so a kill finds some), in another output_dir.
+RUN = ("training.max_steps=4", "training.save_strategy=steps", "training.save_steps=1")
+STAGE2 = os.path.join("stages", "2-trivia")
+FAKE_TOKEN = "hf_FAKEtoken1234567890"
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE")}
+    return {**env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def _write_recipe(path, out, *overrides) -> str:
+    path.write_text(yaml.safe_dump(tiny_recipe(out, *RUN, *overrides)))
+    return str(path)
+
+
+def tree_snapshot(path) -> dict[str, bytes]:
+    snap = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            snap[os.path.relpath(full, path)] = open(full, "rb").read()
+    return snap
+
+
+def _files(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, n), path) for root, _, names in os.walk(path) for n in names)
+
+
+def _log_history(run, stage) -> list[dict]:
+    history = read_json(os.path.join(run, "stages", stage, "metrics.json"))["log_history"]
+    return [{k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k} for h in history]
+
+
+def _final_adapter(run) -> dict:
+    return load_file(os.path.join(run, STAGE2, "adapter_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input: `gere-hf run` exits 2 with the problem and the fix, before anything is written
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_dir(tmp_path):
+    """An output_dir that already holds a user's file, which a refused run must leave as it was."""
+    out = tmp_path / "run"
+    (out / "gere_store").mkdir(parents=True)
+    (out / "notes.txt").write_text("the user's notes")
+    (out / "gere_store" / "prebuilt.txt").write_text("a store the user put where the run looks for one")
+    return out
+
+
+def test_fresh_run_never_deletes_files_it_did_not_write(tmp_path, user_dir, capsys):
+    """No run_state.json, but files named like a run's outputs: they are someone else's; refuse, touch nothing."""
+    (user_dir / "report.md").write_text("# my own report")
+    (user_dir / "stages").mkdir()
+    (user_dir / "stages" / "plan.txt").write_text("my stage plan")
+    message = _refused(tmp_path, user_dir, capsys)
+    assert f"{user_dir} holds stages, report.md but no run_state.json" in message
+    assert "Choose another output_dir, move them away, or set overwrite_output_dir: true" in message
+
+
+def _refused(tmp_path, out, capsys, *overrides) -> str:
+    """Run the recipe through the CLI; assert exit status 2 and that nothing was written. Returns the message."""
+    before = tree_snapshot(out)
+    path = _write_recipe(tmp_path / "recipe.yaml", out, *overrides)
+    with one_thread():
+        assert cli.main(["run", path]) == 2
+    err = capsys.readouterr().err
+    assert tree_snapshot(out) == before, "a refused run wrote into output_dir"
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("training.lerning_rate=0.1", "Unknown key 'lerning_rate' in training. Did you mean 'learning_rate'?"),
+    ("gere.replay_sorce=wiki", "Unknown key 'replay_sorce' in gere. Did you mean 'replay_source'?"),
+])
+def test_misspelt_key_suggests_the_closest(tmp_path, user_dir, capsys, override, expected):
+    assert expected in _refused(tmp_path, user_dir, capsys, override)
+
+
+def test_missing_dataset_file(tmp_path, user_dir, capsys):
+    message = _refused(tmp_path, user_dir, capsys, "stages.1.dataset=data/trivia_missing.jsonl")
+    assert "stages[1] (trivia): the dataset file 'data/trivia_missing.jsonl' does not exist" in message
+    assert "looked in the working directory and next to the recipe" in message
+
+
+@pytest.mark.parametrize("case", ["num_train_0", "empty_file"])
+def test_empty_stage(tmp_path, user_dir, capsys, case):
+    if case == "num_train_0":
+        message = _refused(tmp_path, user_dir, capsys, "stages.0.num_train=0")
+        assert "stages[0] (polarity): the task has no training examples; raise num_train or give more data" in message
+    else:
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        message = _refused(tmp_path, user_dir, capsys, f"stages.0.dataset={empty}")
+        assert f"stages[0] (polarity): the dataset file {str(empty)!r} is empty" in message
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"], ids=["empty_file", "blank_lines"])
+def test_empty_replay_source(tmp_path, user_dir, capsys, content):
+    source = tmp_path / "replay.txt"
+    source.write_text(content)
+    message = _refused(tmp_path, user_dir, capsys, f"gere.replay_source={source}")
+    assert message.startswith("gere-hf run: error: gere.replay_source: ")
+    assert (f"The replay file {str(source)!r} is empty. Give a file with general texts" in message if not content
+            else "The replay source holds no non-empty texts in column 'text' (2 rows). Give a source" in message)
+
+
+@pytest.mark.parametrize("weight, expected", [
+    ("-1", "gere: The replay weight must be a non-negative finite number or 'dy', got '-1'"),
+    (".nan", "gere: The replay weight must be a non-negative finite number or 'dy', got 'nan'"),
+    ("heavy", "gere: Unknown weight 'heavy'; give a non-negative number or 'dy'"),
+])
+def test_negative_nan_or_unknown_replay_weight(tmp_path, user_dir, capsys, weight, expected):
+    assert expected in _refused(tmp_path, user_dir, capsys, f"gere.weight={weight}")
+
+
+def test_a_fixed_numeric_weight_is_accepted(tmp_path):
+    assert parse_recipe(tiny_recipe(tmp_path, "gere.weight=0.5")).gere.weight_value == 0.5
+
+
+def test_replay_per_step_not_splittable_over_processes_and_accumulation(tmp_path, user_dir, capsys):
+    message = _refused(tmp_path, user_dir, capsys, "gere.replay_per_step=3", "stages.1.training={gradient_accumulation_steps: 2}")
+    assert "stages[1] (trivia): replay_per_step=3 cannot be split evenly over 1 process(es) × 2 accumulation" in message
+    assert "Use a multiple of 2" in message
+
+
+def test_tokenizer_without_pad_or_eos_token(tmp_path, user_dir, capsys):
+    """A local model whose tokenizer has neither a pad nor an eos token (a pad-less one falls back to eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from gere_hf.models import tiny_llama
+
+    words = ["[UNK]"] + "the a of and is to in text general knowledge".split()
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    model_dir = tmp_path / "nopad_model"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(model_dir)
+    tiny_llama().save_pretrained(model_dir)
+    message = _refused(tmp_path, user_dir, capsys, f"model={model_dir}")
+    assert "has neither a pad token nor an eos token to pad with. Set tokenizer.pad_token" in message
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_yaml_python_tags_run_no_code(tmp_path, user_dir, capsys, where):
+    """Recipes and --set values go through a yaml.SafeLoader: a python/object tag never calls anything. In a file it
+    is an error; a --set value that is not safe YAML is an error or plain text (here: an invalid run name)."""
+    marker = tmp_path / "PWNED"
+    payload = f'!!python/object/apply:os.system ["touch {marker}"]'
+    path = _write_recipe(tmp_path / "recipe.yaml", user_dir)
+    if where == "file":
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"overwrite_output_dir: {payload}\n")
+        argv, expected = ["run", path], "is not valid YAML: could not determine a constructor for the tag"
+    else:
+        argv, expected = ["run", path, "--set", f"name={payload}"], "name '!!python/object/apply:os.system"
+    before = tree_snapshot(user_dir)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err or "is not valid YAML: could not determine a constructor" in err, err
+    assert not marker.exists() and tree_snapshot(user_dir) == before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs: uninterrupted (1 process), deterministic rerun with a Hub push, SIGKILL + --resume, 2 processes
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The recipe run once through the CLI, in this process, uninterrupted."""
+    root = tmp_path_factory.mktemp("reliability_recipe")
+    out = root / "uninterrupted"
+    with one_thread():
+        assert cli.main(["run", _write_recipe(root / "a.yaml", out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_resume_against_a_different_recipe_leaves_the_run_untouched(tmp_path, uninterrupted, capsys):
+    before = tree_snapshot(uninterrupted)
+    path = _write_recipe(tmp_path / "other.yaml", uninterrupted, "training.learning_rate=0.005")
+    for extra in ([], ["--resume"]):
+        assert cli.main(["run", path, *extra]) == 2
+        message = capsys.readouterr().err
+        assert ("already holds a run (2 finished stage(s): polarity, trivia). Pass --resume" in message if not extra
+                else "training.learning_rate: 0.001 (run) vs 0.005 (recipe)" in message)
+    assert tree_snapshot(uninterrupted) == before
+
+
+@pytest.mark.slow
+def test_store_built_for_another_base_model_is_refused_and_kept(tmp_path, capsys):
+    from transformers import ByT5Tokenizer
+
+    from gere_hf import ReferenceStates, ReplaySet
+    from gere_hf.models import tiny_llama
+
+    recipe = tiny_recipe(tmp_path / "run", *RUN)
+    g = recipe["gere"]
+    replay = ReplaySet.load(ByT5Tokenizer(), "wiki", g["replay_num_samples"], g["replay_max_length"], recipe["seed"])
+    store = tmp_path / "store"
+    ReferenceStates.build(tiny_llama(seed=recipe["seed"] + 1), replay, str(store), progress=False)
+    before = tree_snapshot(store)
+    path = _write_recipe(tmp_path / "r.yaml", tmp_path / "run", f"gere.store_dir={store}", "evaluation.enabled=false")
+    with one_thread():
+        assert cli.main(["run", path]) == 2
+    message = capsys.readouterr().err
+    assert f"The reference store at {store} was built from other base-model weights than tiny-random-llama" in message
+    assert "gere.rebuild_store: true" in message
+    assert tree_snapshot(store) == before
+    stage1 = tmp_path / "run" / "stages" / "1-polarity"
+    assert not (stage1 / "adapter_model.safetensors").exists() and not list(stage1.glob("checkpoints/checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_same_seed_same_results_and_the_hub_token_appears_nowhere(tmp_path, uninterrupted, monkeypatch):
+    """A second run, in another process, pushing every stage to a local fake Hub with a fake token: the same losses,
+    weights and evaluation as the first run; the token is sent to the Hub but is in no file, log or pushed file."""
+    out = tmp_path / "again"
+    with FakeHub(token=FAKE_TOKEN) as hub:
+        path = _write_recipe(tmp_path / "b.yaml", out, f"hub={{push: true, endpoint: '{hub.url}'}}")
+        proc = subprocess.run(["gere-hf", "run", path], capture_output=True, text=True, timeout=300,
+                              env=_env(HF_TOKEN=FAKE_TOKEN, HF_HOME=str(tmp_path / "hf_home")))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Determinism: bit-identical logs, store, weights and evaluation.
+    for stage in ("1-polarity", "2-trivia"):
+        assert _log_history(out, stage) == _log_history(uninterrupted, stage)
+    a, b = _final_adapter(uninterrupted), _final_adapter(out)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    for name in ("manifest.json",):
+        ma, mb = read_json(uninterrupted / "gere_store" / name), read_json(out / "gere_store" / name)
+        assert ma["files"] == mb["files"] and ma["fingerprint"] == mb["fingerprint"]
+    ra, rb = read_json(uninterrupted / "results.json"), read_json(out / "results.json")
+    assert ra["matrix"] == rb["matrix"] and ra["general"] == rb["general"]
+    # The token: used (both stages pushed) ...
+    assert sorted(hub.repos) == ["tester/tiny_cpu-polarity", "tester/tiny_cpu-trivia"] and not hub.unhandled
+    # ... and nowhere else: stdout/stderr, every file of the run (run_state.json, results.json, model cards,
+    # metrics, logs), every pushed file.
+    assert FAKE_TOKEN not in proc.stdout + proc.stderr
+    assert FAKE_TOKEN not in all_text_under(str(out))
+    for repo in hub.repos.values():
+        for files in repo["branches"].values():
+            assert not any(FAKE_TOKEN.encode() in content for content in files.values())
+    assert "hub" not in read_json(out / "run_state.json")["recipe"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_stage_2_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    path = _write_recipe(tmp_path / "k.yaml", out)
+    checkpoints = out / STAGE2 / "checkpoints"
+    proc = subprocess.Popen(["gere-hf", "run", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (checkpoints / "checkpoint-1").is_dir():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        output = proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    state = read_json(out / "run_state.json")
+    assert [s["status"] for s in state["stages"]] == ["finished", "running"], "killed too late"
+    # The worst moment to die is while a checkpoint is written: make sure the newest checkpoint is a partial one
+    # (the kill above often lands there by itself: the folder exists before its files).
+    steps = sorted(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*"))
+    partial = checkpoints / f"checkpoint-{steps[-1] + 1}"
+    partial.mkdir()
+    if (checkpoints / f"checkpoint-{steps[0]}" / "adapter_model.safetensors").exists():
+        shutil.copy(checkpoints / f"checkpoint-{steps[0]}" / "adapter_model.safetensors", partial)
+
+    with one_thread():
+        assert cli.main(["run", path, "--resume"]) == 0
+    state = read_json(out / "run_state.json")
+    assert state["finished"] and [s["status"] for s in state["stages"]] == ["finished", "finished"]
+    for stage in ("1-polarity", "2-trivia"):
+        got, want = _log_history(out, stage), _log_history(uninterrupted, stage)
+        assert [h.get("step") for h in got] == [h.get("step") for h in want]
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            for k in w:
+                assert g[k] == pytest.approx(w[k], abs=1e-6, rel=0), (stage, k, g, w)
+    a, b = _final_adapter(uninterrupted), _final_adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+    ra, rb = read_json(uninterrupted / "results.json"), read_json(out / "results.json")
+    assert ra["matrix"] == rb["matrix"]
+    for x, y in zip(ra["general"], rb["general"]):
+        assert y["nll"] == pytest.approx(x["nll"], abs=1e-6, rel=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_only_the_main_process_writes_in_a_two_process_run(tmp_path, uninterrupted):
+    """torchrun, 2 processes: the output tree holds exactly the files of the 1-process run (no per-rank extras)."""
+    out = tmp_path / "ddp"
+    path = _write_recipe(tmp_path / "d.yaml", out)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "gere_hf", "run", path]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=400, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert read_json(out / "run_state.json")["world_size"] == 2
+    assert _files(out) == _files(uninterrupted)
