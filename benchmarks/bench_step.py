@@ -29,27 +29,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import bench_model  # noqa: E402
+
 MODES = ("plain", "ce", "tm")
-
-
-def _model_and_tokenizer(name: str, dtype):
-    import torch
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
-
-    from gere_hf.models import load_model_and_tokenizer, tiny_llama
-
-    if name == "tiny":
-        return tiny_llama(hidden_size=64, num_layers=2), ByT5Tokenizer()
-    if name == "smollm2":
-        model, tok = load_model_and_tokenizer("smollm2-135m")
-        return model.to(dtype), tok
-    if name == "llama-1b-shape":  # Llama-3.2-1B's shape, random init (no download); byte tokenizer for the text
-        config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                             tie_word_embeddings=True, rope_theta=500000.0)
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).to(dtype), ByT5Tokenizer()
-    raise SystemExit(f"unknown --model {name!r}; choose tiny, smollm2 or llama-1b-shape")
 
 
 def _task_dataset(tokenizer, n: int, seq_len: int):
@@ -75,10 +58,7 @@ def run_mode(a) -> dict:
     from gere_hf import GeReConfig, GeReTrainer, ReferenceStates, ReplaySet
     from gere_hf.schedule import ReplaySchedule
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    model, tok = _model_and_tokenizer(a.model, dtype)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    model, tok = bench_model(a.model, a.dtype, a.device)
     replay = ReplaySet.load(tok, "wiki", a.replay_samples, a.seq_len, allow_fewer=True)
     store = ReferenceStates.build(model, replay, a.store, batch_size=a.batch_size, progress=False)
     train = _task_dataset(tok, a.batch_size * (a.steps + 2), a.seq_len)

@@ -31,9 +31,12 @@ import time
 import numpy as np
 import torch
 
-from gere_hf.models import load_model_and_tokenizer, tiny_llama
+from gere_hf.models import tiny_llama
 from gere_hf.reference import ReferenceStates, _Plan
 from gere_hf.replay import ReplaySet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import bench_model  # noqa: E402
 
 
 class _Clock:
@@ -60,7 +63,10 @@ def bare_forward(model, replay: ReplaySet, batch_size: int, chunk_size: int) -> 
                 for row, i in enumerate(batch):
                     ids[row, : lengths[row]] = torch.tensor(replay.input_ids[i])
                     mask[row, : lengths[row]] = 1
-                model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+                device = next(model.parameters()).device
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return clock
 
 
@@ -168,6 +174,8 @@ def _ints(text: str) -> list[int]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="'tiny' (random tiny Llama + ByT5), a built-in or a path")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--replay", default="wiki")
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--max-length", type=int, default=563)
@@ -197,12 +205,7 @@ def main(argv=None) -> dict:
     workdir = tempfile.mkdtemp(prefix="gere-bench-")
     try:
         if not args.skip_main:
-            if args.model == "tiny":
-                from transformers import ByT5Tokenizer
-
-                model, tokenizer = tiny_llama(hidden_size=args.tiny_hidden, seed=0), ByT5Tokenizer()
-            else:
-                model, tokenizer = load_model_and_tokenizer(args.model)
+            model, tokenizer = bench_model(args.model, args.dtype, args.device, tiny_hidden=args.tiny_hidden)
             replay = ReplaySet.load(tokenizer, args.replay, num_samples=args.num_samples, max_length=args.max_length)
             r = measure(model.eval(), replay, args.batch_size, args.chunk_size, workdir, repeats=args.repeats)
             results["main"] = r
