@@ -193,10 +193,18 @@ class Recipe:
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (no Python objects) that reads ``1e-4`` as a float (YAML 1.2, as users write learning rates)
-    and refuses a key given twice in one mapping (PyYAML would silently keep the last)."""
+    """yaml.SafeLoader (no Python objects) with YAML 1.2 scalars: ``1e-4`` is a float (as users write learning rates)
+    and only true/false are booleans (``save_strategy: no`` stays the string 'no', not False); a key given twice in
+    one mapping is an error (PyYAML would silently keep the last)."""
 
 
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
