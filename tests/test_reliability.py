@@ -267,6 +267,20 @@ def test_disk_full_during_store_build_then_resume_equals_uninterrupted(replay, t
     assert manifest_without_build(resumed.path) == manifest_without_build(fresh.path)
 
 
+def test_too_little_free_space_is_refused_before_any_forward(replay, tmp_path, monkeypatch):
+    """The precheck: the build needs more than is free, so it does not start (a fake 4 KiB of free space)."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(reference_module.shutil, "disk_usage", lambda _p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    model = _model()
+    forwards = count_forwards(model)
+    with pytest.raises(ReferenceStatesError, match=r"Not enough disk space for the reference store in .*: the build "
+                       r"needs about 0\.1 MiB more, 0\.0 MiB are free\. Free space or choose another store_dir"):
+        ReferenceStates.build(model, replay, str(tmp_path / "store"), batch_size=4, chunk_size=4, progress=False)
+    assert forwards == [] and os.listdir(tmp_path / "store") == []
+
+
 def _mount_tmpfs(path, size="1m") -> bool:
     if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("mount"):
         return False
