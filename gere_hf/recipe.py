@@ -1108,7 +1108,9 @@ class RecipeRunner:
             self._check_store_base(model)
         entry["status"] = "running"
         self.save_state()
-        gere_config = dataclasses.replace(r.gere, store_dir=self.store_dir)
+        # rebuild_store asks for a fresh store from the base model: at stage 1 only, never from a fine-tuned model.
+        gere_config = dataclasses.replace(r.gere, store_dir=self.store_dir,
+                                          rebuild_store=r.gere.rebuild_store and index == 1 and checkpoint is None)
         trainer = GeReSFTTrainer(
             model=model, args=args, train_dataset=task.train, processing_class=self.tokenizer,
             gere_config=gere_config, replay_set=self.replay,
