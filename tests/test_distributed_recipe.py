@@ -7,8 +7,8 @@ logged training losses and the evaluation after every stage must then agree with
 * DDP runs under ``accelerate launch --multi_gpu --num_processes 2 -m gere_hf run`` (on CPU, ``--cpu`` would start a
   single process), LoRA with the 'continue' strategy;
 * ZeRO-2 runs under ``torchrun --nproc_per_node 2 -m gere_hf run``, full fine-tuning (the paper's setting);
-* ZeRO-3 runs under torchrun, LoRA with the 'stack' strategy (merging adapters into weights ZeRO-3 partitions) and
-  batch interpolation (``gere.replay_per_step``).
+* ZeRO-3 runs under torchrun twice: LoRA with the 'stack' strategy (merging adapters into weights ZeRO-3
+  partitions) and batch interpolation (``gere.replay_per_step``), and full fine-tuning.
 
 FSDP is not tested: accelerate turns FSDP on only on GPUs/accelerators, on CPU it runs plain DDP (see
 docs/compatibility.md). Each test takes about one minute on 2 CPU cores.
@@ -126,3 +126,8 @@ def test_deepspeed_zero3_stacked_lora_with_batch_interpolation_matches_one_proce
     dist = _launch(tmp_path, "torchrun", "lora_stack_bi", f"training.deepspeed={ZERO3}")
     _compare(single("lora_stack_bi"), dist, "DEEPSPEED", rtol=2e-3)
     assert os.path.isfile(os.path.join(dist, "stages", "2-trivia", "adapter_model.safetensors"))
+
+
+def test_deepspeed_zero3_full_finetuning_matches_one_process(tmp_path, single):
+    dist = _launch(tmp_path, "torchrun", "full", f"training.deepspeed={ZERO3}")
+    _compare(single("full"), dist, "DEEPSPEED", rtol=2e-3)
