@@ -672,6 +672,12 @@ def check_deepspeed_config(value: Any, recipe: Recipe, where: str = "training.de
             "saves its weights (or adapter) for the next stage and the evaluation; add that setting to "
             "zero_optimization."
         )
+    if zero.get("stage") == 3 and zero.get("stage3_prefetch_bucket_size", 1) != 0:
+        logger.warning(
+            "%s: ZeRO-3 with parameter prefetch. With SFTTrainer's fused LM head and GeRe's replay forward, ZeRO-3 can "
+            "have lm_head's weight in flight when the fused head gathers it ('Cannot partition a param in flight'); "
+            "set \"stage3_prefetch_bucket_size\": 0 if it happens (docs/compatibility.md).", shown,
+        )
     return value
 
 
