@@ -13,7 +13,7 @@ reads + packing) as a share of the step. Targets (issue 6): TM within 5% of CE i
 plain; replay data path ≤ 2% of the step.
 
     python benchmarks/bench_step.py --model tiny --steps 30
-    python benchmarks/bench_step.py --model smollm2 --steps 12 --batch-size 4 --replay-per-step 2
+    python benchmarks/bench_step.py --model smollm2-135m --steps 12 --batch-size 4 --replay-per-step 2
     python benchmarks/bench_step.py --model llama-1b-shape --device cuda --dtype bf16 --batch-size 8 --seq-len 563
 """
 
