@@ -1,0 +1,396 @@
+"""`gere-hf demo`: the offline demo. SmolLM2-135M-Instruct learns three built-in tasks in sequence with LoRA, once
+per replay loss (``none``: plain fine-tuning, ``ce``: vanilla replay, ``tm``: replay + threshold margin, GeRe), and
+the three runs are compared on forgetting (AP, BWT, FWT) and general-text retention (NLL of held-out Wikipedia
+summaries vs the base model).
+
+Each run is an ordinary continual recipe run by :func:`gere_hf.recipe.run_recipe` (the product path); the demo only
+builds the three recipes, shares what the runs have in common, prints progress and the comparison. The runs differ
+in ``gere.loss`` alone: same seed, data, LoRA initialisation and training arguments. Shared by the runs:
+
+* the reference store (``<output_dir>/gere_store``): built once from the base model by the first replay run and
+  reused by the other (same base model, same replay texts, same k);
+* the base model's evaluation (row 0 of the accuracy matrix): measured by the first run, then reused, since the
+  base model, the tasks and the held-out texts are the same for all runs.
+
+Outputs: ``<output_dir>/<loss>/`` (each run: ``results.json``, ``report.md``, figures, stage adapters),
+``<output_dir>/comparison.md`` and ``compare.png`` (:func:`gere_hf.report.compare_runs`), ``<output_dir>/demo.json``
+(settings, timings, the table) and ``<output_dir>/recipes/<loss>.yaml`` (re-run any run with ``gere-hf run``).
+
+The default setting is sized to finish in about 15 minutes on a 2-core CPU without GPU; ``--full`` is larger. See
+``docs/demo.md`` for what to expect and ``docs/experiments.md`` for how the settings were chosen.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import LOSSES
+
+logger = logging.getLogger(__name__)
+
+DEMO_LOSSES = ("none", "ce", "tm")
+LOSS_LABELS = {
+    "none": "none (LoRA, no replay)",
+    "ce": "ce (replay CE)",
+    "tm": "tm (replay CE + TM, GeRe)",
+    "kl": "kl (replay CE + top-k KL)",
+    "l1": "l1 (replay CE + L1 features)",
+    "l2": "l2 (replay CE + L2 features)",
+}
+BASE_ROW_FILE = "base_row.json"
+DEMO_FILE = "demo.json"
+PAPER_REPLAY_SAMPLES = 1000
+
+
+class DemoError(ValueError):
+    """A demo setting or output folder that cannot work."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo's three recipes share. Defaults: the 15-minute CPU setting (see docs/experiments.md)."""
+
+    model: str = "smollm2-135m"
+    # (built-in task, training examples, eval examples), in training order. wiki_topic scores 5 choices of ~85
+    # tokens per example, the costliest evaluation: few examples.
+    tasks: tuple = (("wiki_topic", 100, 15), ("polarity", 100, 30), ("trivia", 100, 20))
+    seed: int = 0
+    # Training: LoRA, constant learning rate. High enough that plain LoRA visibly forgets (NOTES.md: 60 steps at
+    # 5e-5 show nothing; docs/experiments.md: 30 steps at 2e-3 raise the held-out NLL by 0.35).
+    max_steps: int = 25
+    batch_size: int = 4
+    learning_rate: float = 2e-3
+    max_length: int = 256
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    adapter_strategy: str = "stack"  # one adapter per task, merged into the base before the next task
+    # GeRe: fewer and shorter replay texts than the paper's 1,000 × 563 tokens, to fit the time budget.
+    replay_num_samples: int = 100
+    replay_max_length: int = 64
+    replay_per_step: int | None = 2
+    weight: str = "dy"
+    threshold_k: float = 1.0
+    store_batch_size: int = 16
+    # Evaluation: held-out Wikipedia summaries (never replayed), cut to general_max_length tokens.
+    general_texts: int = 24
+    general_max_length: int = 64
+    eval_batch_size: int = 16
+    max_new_tokens: int = 10
+
+    def with_overrides(self, overrides: dict | None) -> DemoSettings:
+        if not overrides:
+            return self
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise DemoError(f"Unknown demo setting(s) {unknown}; valid: {', '.join(sorted(names))}.")
+        values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                  for k, v in overrides.items()}
+        return dataclasses.replace(self, **values)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def recipe(self, loss: str, output_dir: str, store_dir: str) -> dict:
+        """The recipe mapping of the run with replay loss ``loss`` (what ``gere-hf run`` reads from YAML)."""
+        return {
+            "name": loss,
+            "output_dir": output_dir,
+            "seed": self.seed,
+            "model": self.model,
+            "peft": {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": 0.0,
+                     "target_modules": list(self.target_modules)},
+            "adapters": {"strategy": self.adapter_strategy},
+            "gere": {
+                "loss": loss,
+                "weight": self.weight,
+                "threshold_k": self.threshold_k,
+                "replay_source": "wiki",
+                "replay_num_samples": self.replay_num_samples,
+                "replay_max_length": self.replay_max_length,
+                "replay_per_step": self.replay_per_step,
+                "store_dir": store_dir,
+                "store_batch_size": self.store_batch_size,
+            },
+            "training": {
+                "per_device_train_batch_size": self.batch_size,
+                "gradient_accumulation_steps": 1,
+                "learning_rate": self.learning_rate,
+                "lr_scheduler_type": "constant",
+                "warmup_steps": 0,
+                "max_steps": self.max_steps,
+                "max_length": self.max_length,
+                "logging_steps": max(1, self.max_steps // 4),
+                "save_strategy": "no",
+                "dataloader_num_workers": 0,
+            },
+            "evaluation": {
+                "general_texts": self.general_texts,
+                "general_max_length": self.general_max_length,
+                "batch_size": self.eval_batch_size,
+                "max_new_tokens": self.max_new_tokens,
+            },
+            "stages": [{"name": name, "dataset": name, "num_train": n_train, "num_eval": n_eval}
+                       for name, n_train, n_eval in self.tasks],
+        }
+
+
+PRESETS = {
+    "default": DemoSettings(),
+    # More replay texts (longer), more training and more eval examples: about 3× the default's time.
+    "full": DemoSettings(
+        tasks=(("wiki_topic", 400, 60), ("polarity", 150, 50), ("trivia", 200, 60)),
+        max_steps=100,
+        replay_num_samples=1000,
+        replay_max_length=256,
+        replay_per_step=4,
+        general_texts=100,
+        general_max_length=256,
+    ),
+}
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` returns: the comparison table and where everything was written."""
+
+    output_dir: str
+    table: str
+    runs: dict = field(default_factory=dict)  # loss -> run folder
+    results: dict = field(default_factory=dict)  # loss -> results.json content
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Per loss: AP, BWT, FWT, mean forgetting, final ΔNLL and PPL of the general text (None where missing)."""
+        out = {}
+        for loss, results in self.results.items():
+            metrics = results.get("metrics") or {}
+            general = max(results.get("general") or [{}], key=lambda g: g.get("stage", -1))
+            out[loss] = {
+                "ap": metrics.get("ap"), "bwt": metrics.get("bwt"), "fwt": metrics.get("fwt"),
+                "mean_forgetting": metrics.get("mean_forgetting"),
+                "delta_nll": general.get("delta_nll_vs_base"), "ppl": general.get("ppl"),
+            }
+        return out
+
+
+def _say(message: str) -> None:
+    # The demo's own progress lines: visible whatever the logging setup (tqdm bars go to stderr too).
+    print(f"[gere-hf demo] {message}", file=sys.stderr, flush=True)
+
+
+def _demo_runner_class():
+    """A RecipeRunner that reuses a measured row 0 and reports every stage on one line."""
+    from .recipe import RecipeRunner, _restore_row
+
+    class DemoRunner(RecipeRunner):
+        def __init__(self, recipe, resume: bool, label: str, base_row: dict | None, base_row_path: str):
+            super().__init__(recipe, resume=resume)
+            self.label = label
+            self.base_row = base_row
+            self.base_row_path = base_row_path
+
+        def evaluate_row(self, row: int) -> dict | None:
+            if row == 0 and self.base_row is not None and self.evaluator is not None:
+                # The base model, the tasks and the held-out texts are the same in every run: measured once.
+                record = copy.deepcopy(self.base_row)
+                _restore_row(self.evaluator, record)
+                self.state.setdefault("evaluation", {})["0"] = record
+                self.save_state()
+                _say(f"{self.label}: base model evaluation reused from the first run")
+                return record
+            what = "base model" if row == 0 else f"stage {row}/{len(self.recipe.stages)}"
+            _say(f"{self.label}: evaluating the {what} ...")
+            record = super().evaluate_row(row)
+            if record is not None:
+                if row == 0:
+                    _write_json(self.base_row_path, record)
+                    self.base_row = record
+                acc = ", ".join(f"{k}={v:.2f}" for k, v in record["accuracy"].items())
+                general = record.get("general")
+                nll = f", general NLL {general['nll']:.3f}" if general else ""
+                _say(f"{self.label}: {what}: {acc}{nll} ({record['seconds']:.0f} s)")
+            return record
+
+        def train_stage(self, index: int) -> None:
+            stage = self.recipe.stages[index - 1]
+            _say(f"{self.label}: training stage {index}/{len(self.recipe.stages)} ({stage.name}, "
+                 f"{self.stage_args[index - 1].max_steps} steps) ...")
+            start = time.time()
+            super().train_stage(index)
+            train = self._stage_entry(index).get("train") or {}
+            loss = train.get("train_loss")
+            _say(f"{self.label}: stage {index} trained in {time.time() - start:.0f} s"
+                 + (f" (mean train loss {loss:.3f})" if isinstance(loss, (int, float)) else ""))
+
+    return DemoRunner
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _check_losses(losses: Sequence[str]) -> list[str]:
+    losses = [str(x).strip() for x in losses if str(x).strip()]
+    if not losses:
+        raise DemoError(f"--losses is empty; give some of {', '.join(LOSSES)} (default: none,ce,tm).")
+    unknown = [x for x in losses if x not in LOSSES]
+    if unknown:
+        raise DemoError(f"Unknown loss(es) {unknown} in --losses; choose from {', '.join(LOSSES)}.")
+    if len(set(losses)) != len(losses):
+        raise DemoError(f"--losses names a loss twice ({losses}); give each once.")
+    return losses
+
+
+def _save_recipe(path: str, recipe: dict) -> None:
+    import yaml
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    header = ("# Written by `gere-hf demo`; re-run this run alone with `gere-hf run <this file>` "
+              "(add --set output_dir=... to keep the demo's results).\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(header + yaml.safe_dump(recipe, sort_keys=False))
+
+
+def run_demo(
+    output_dir: str = "gere_demo",
+    full: bool = False,
+    losses: Sequence[str] = DEMO_LOSSES,
+    resume: bool = False,
+    *,
+    model: str | None = None,
+    overrides: dict | None = None,
+) -> DemoResult:
+    """Run the offline demo: one continual run per replay loss, then the comparison.
+
+    Args:
+        output_dir: where the runs, the shared store and the comparison go.
+        full: the larger setting (more replay texts, steps and eval examples) instead of the 15-minute one.
+        losses: the replay losses to compare (default none, ce, tm), each a separate run.
+        resume: continue an interrupted demo in ``output_dir`` (finished runs are kept, an unfinished one goes on
+            after its last finished stage). The settings must be those the demo was started with.
+        model: (testing) another model than SmolLM2-135M-Instruct, e.g. ``"tiny-random-llama"``.
+        overrides: (testing, experiments) :class:`DemoSettings` fields to change.
+
+    Returns a :class:`DemoResult`; the comparison table is also printed.
+    """
+    from .recipe import parse_recipe
+    from .report import compare_runs
+
+    losses = _check_losses(losses)
+    settings = PRESETS["full" if full else "default"]
+    if model is not None:
+        settings = dataclasses.replace(settings, model=model)
+    settings = settings.with_overrides(overrides)
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    store_dir = os.path.join(output_dir, "gere_store")
+    run_dirs = {loss: os.path.join(output_dir, loss) for loss in losses}
+
+    existing = [loss for loss, d in run_dirs.items() if os.path.isfile(os.path.join(d, "run_state.json"))]
+    if existing and not resume:
+        raise DemoError(
+            f"{output_dir} already holds demo runs ({', '.join(existing)}). Pass --resume to continue (or just "
+            "re-print) that demo, or choose another --output-dir."
+        )
+    previous = _read_json(os.path.join(output_dir, DEMO_FILE))
+    if resume and previous is not None and previous.get("settings") != settings.to_dict():
+        changed = sorted(k for k, v in settings.to_dict().items() if previous["settings"].get(k) != v)
+        raise DemoError(
+            f"--resume: the demo in {output_dir} was started with other settings ({', '.join(changed)} differ; "
+            f"was it {'not ' if full else ''}run with --full?). Resume with the same options or use another "
+            "--output-dir."
+        )
+    os.makedirs(output_dir, exist_ok=True)
+    if not resume:  # a fresh demo: what an earlier, unstarted attempt left would belong to other settings
+        import shutil
+
+        shutil.rmtree(store_dir, ignore_errors=True)
+        if os.path.exists(os.path.join(output_dir, BASE_ROW_FILE)):
+            os.remove(os.path.join(output_dir, BASE_ROW_FILE))
+    demo_state = {"settings": settings.to_dict(), "losses": losses, "full": full, "runs": {},
+                  **({k: previous[k] for k in ("runs",) if k in previous} if resume and previous else {})}
+    _write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
+
+    recipes = {}
+    for loss in losses:
+        recipes[loss] = settings.recipe(loss, run_dirs[loss], store_dir)
+        _save_recipe(os.path.join(output_dir, "recipes", f"{loss}.yaml"), recipes[loss])
+        parse_recipe(copy.deepcopy(recipes[loss]))  # every recipe is checked before anything runs
+
+    steps = settings.max_steps * len(settings.tasks)
+    _say(f"{settings.model}, LoRA r={settings.lora_r} ({settings.adapter_strategy} adapters), "
+         f"{len(settings.tasks)} tasks ({' → '.join(t[0] for t in settings.tasks)}), {settings.max_steps} steps "
+         f"each at lr {settings.learning_rate:g}, batch {settings.batch_size}; runs: {', '.join(losses)}.")
+    if any(x != "none" for x in losses):
+        fewer = settings.replay_num_samples < PAPER_REPLAY_SAMPLES
+        _say(f"Replay: {settings.replay_num_samples} built-in Wikipedia summaries (≤ {settings.replay_max_length} "
+             f"tokens each), {settings.replay_per_step or 'each once per stage'} per step"
+             + (f"; fewer than the paper's {PAPER_REPLAY_SAMPLES} to fit the time budget"
+                + ("" if full else " (--full uses more)") if fewer else "") + ".")
+    _say(f"{steps} training steps per run; outputs in {output_dir}.")
+
+    runner_cls = _demo_runner_class()
+    base_row_path = os.path.join(output_dir, BASE_ROW_FILE)
+    start = time.time()
+    results = {}
+    for i, loss in enumerate(losses, 1):
+        label = f"run {i}/{len(losses)} [{loss}]"
+        state = _read_json(os.path.join(run_dirs[loss], "run_state.json"))
+        if resume and state and state.get("finished") and os.path.isfile(os.path.join(run_dirs[loss], "results.json")):
+            _say(f"{label}: finished before; keeping it.")
+        else:
+            run_start = time.time()
+            recipe = parse_recipe(copy.deepcopy(recipes[loss]))
+            base_row = _read_json(base_row_path)
+            runner = runner_cls(recipe, resume=resume, label=label, base_row=base_row, base_row_path=base_row_path)
+            runner.run()
+            seconds = time.time() - run_start
+            demo_state["runs"][loss] = {"dir": run_dirs[loss], "seconds": round(seconds, 1)}
+            _write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
+            _say(f"{label}: done in {seconds / 60:.1f} min.")
+        results[loss] = _read_json(os.path.join(run_dirs[loss], "results.json"))
+
+    labels = [LOSS_LABELS.get(loss, loss) for loss in losses]
+    table = compare_runs([run_dirs[x] for x in losses], out_dir=output_dir, labels=labels)
+    seconds = time.time() - start
+    demo_state.update({"seconds_this_call": round(seconds, 1), "table": table})
+    result = DemoResult(output_dir, table, run_dirs, results, seconds, settings.to_dict())
+    demo_state["rows"] = result.rows()
+    _write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
+
+    print()
+    print(f"GeRe demo: {settings.model}, {' → '.join(t[0] for t in settings.tasks)} (LoRA, {settings.max_steps} steps "
+          f"per task at lr {settings.learning_rate:g})")
+    print()
+    print(table)
+    print("AP: final mean accuracy over the tasks (higher is better). BWT: mean change of earlier tasks' accuracy "
+          "since they were learned (below 0: forgotten). FWT: accuracy on a task before training it, minus the base "
+          "model's. ΔNLL: held-out Wikipedia NLL of the final model minus the base model's, in nats per token (above "
+          "0: general capability lost).")
+    print(f"Reports: {os.path.join(output_dir, '<run>', 'report.md')}; comparison: "
+          f"{os.path.join(output_dir, 'comparison.md')}. Took {seconds / 60:.1f} min.")
+    return result
+
+
+__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "run_demo"]

