@@ -93,10 +93,14 @@ def zero3_hidden():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def _merge(model, adapter_dir: str):
+def _base_with_merged(load: Callable[[str], object], base: str, adapter_dirs: Sequence[str]):
+    """The base model with the LoRA adapters in ``adapter_dirs`` merged into its weights, in order."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    model = load(base)
+    for adapter_dir in adapter_dirs:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model
 
 
 def training_model(
@@ -124,9 +128,7 @@ def training_model(
     if strategy == "stack" and previous:
         # Merging needs the full weights: loaded whole on every rank; DeepSpeed partitions the result at its start.
         with zero3_hidden():
-            model = load(base)
-            for adapter_dir in previous:
-                model = _merge(model, adapter_dir)
+            model = _base_with_merged(load, base, previous)
     else:
         model = load(base)
     # get_peft_model fills in the config (target modules, base path): each stage gets its own copy.
@@ -153,10 +155,7 @@ def stage_result_model(
         return load(stage_dirs[-1])
     from peft import PeftModel
 
-    model = load(base)
-    if strategy == "stack":
-        for adapter_dir in stage_dirs[:-1]:
-            model = _merge(model, adapter_dir)
+    model = _base_with_merged(load, base, stage_dirs[:-1] if strategy == "stack" else ())
     model = PeftModel.from_pretrained(model, stage_dirs[-1])
     return model.merge_and_unload() if merge else model
 

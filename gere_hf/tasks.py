@@ -18,7 +18,6 @@ Any ``datasets.Dataset`` / ``DatasetDict`` becomes a task with :func:`task_from_
 from __future__ import annotations
 
 import glob
-import importlib.util
 import logging
 import os
 import random
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+
+from .replay import offline_package_dir
 
 logger = logging.getLogger(__name__)
 
@@ -126,16 +127,6 @@ def _check_sizes(name: str, num_train: int, num_eval: int, available: int) -> No
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _package_dir(package: str, pip_name: str) -> str:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskDataError(
-            f"This built-in task reads data shipped in the PyPI package '{pip_name}', which is not installed. "
-            f"Install it with `pip install gere_hf[demo]` (or `pip install {pip_name}`)."
-        )
-    return list(spec.submodule_search_locations)[0]
-
-
 # Topics of the wiki summaries that are clearly told apart, and the one-word label the model completes.
 WIKI_TOPIC_LABELS = {
     "People": "People",
@@ -204,7 +195,7 @@ def _wiki_topic(num_train: int, num_eval: int, seed: int) -> Task:
 
 
 def _polarity(num_train: int, num_eval: int, seed: int) -> Task:
-    path = os.path.join(_package_dir("gensim", "gensim"), "test", "test_data", "pang_lee_polarity.cor")
+    path = os.path.join(offline_package_dir("gensim", error=TaskDataError), "test", "test_data", "pang_lee_polarity.cor")
     if not os.path.isfile(path):
         raise TaskDataError(
             f"The installed gensim has no {path}. Install a gensim that ships its test data "
@@ -248,7 +239,7 @@ def trivia_pairs() -> list[tuple[str, str]]:
     """All (question, answer) pairs of the built-in trivia task, deduplicated by question, in file order."""
     import yaml
 
-    root = os.path.join(_package_dir("chatterbot_corpus", "chatterbot-corpus"), "data", "english")
+    root = os.path.join(offline_package_dir("chatterbot_corpus", "chatterbot-corpus", TaskDataError), "data", "english")
     files = [os.path.join(root, _TRIVIA_FILE)] + [os.path.join(root, f) for f in _TRIVIA_EXTRA_FILES]
     if not os.path.isfile(files[0]):
         found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(root, "*.yml")))

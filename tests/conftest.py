@@ -55,6 +55,17 @@ def make_tiny_model(seed: int = 0, hidden_size: int = TINY_HIDDEN, **overrides):
     return tiny_llama(hidden_size=hidden_size, seed=seed, **overrides).eval()
 
 
+def tree_snapshot(path) -> dict[str, bytes]:
+    """All files under ``path`` (recursively) with their contents: to show that nothing was touched."""
+    snap = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                snap[os.path.relpath(full, path)] = f.read()
+    return snap
+
+
 @pytest.fixture
 def tokenizer():
     from transformers import ByT5Tokenizer

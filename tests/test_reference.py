@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPLAY_TEXTS, TINY_HIDDEN, make_tiny_model
+from conftest import REPLAY_TEXTS, TINY_HIDDEN, make_tiny_model, tree_snapshot
 
 from gere_hf import reference as reference_module
 from gere_hf.losses import threshold_labels
@@ -78,16 +78,6 @@ def manifest_without_build(path) -> dict:
         manifest = json.load(f)
     manifest.pop("build")
     return manifest
-
-
-def tree_snapshot(path) -> dict[str, bytes]:
-    """All files under ``path`` (recursively) with their contents: to show that nothing was touched."""
-    snap = {}
-    for root, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(root, name)
-            snap[os.path.relpath(full, path)] = open(full, "rb").read()
-    return snap
 
 
 def count_forwards(model) -> list:

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import tree_snapshot
 from datasets import Dataset
 from transformers import ByT5Tokenizer, DataCollatorForLanguageModeling, LlamaForCausalLM, TrainingArguments
 
@@ -74,15 +75,6 @@ def _trainer(out, model=None, steps=3, args=None, **kw):
 def _replay_file(path, texts=REPLAY_TEXTS, column="text"):
     path.write_text("".join(json.dumps({column: t}) + "\n" for t in texts), encoding="utf-8")
     return str(path)
-
-
-def tree_snapshot(path) -> dict[str, bytes]:
-    snap = {}
-    for root, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(root, name)
-            snap[os.path.relpath(full, path)] = open(full, "rb").read()
-    return snap
 
 
 def data_files(path) -> dict[str, bytes]:

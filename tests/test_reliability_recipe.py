@@ -17,6 +17,7 @@ import time
 
 import pytest
 import yaml
+from conftest import tree_snapshot
 from recipe_utils import REPO_ROOT, FakeHub, all_text_under, one_thread, read_json, tiny_recipe
 from safetensors.torch import load_file
 
@@ -37,15 +38,6 @@ def _env(**extra) -> dict:
 def _write_recipe(path, out, *overrides) -> str:
     path.write_text(yaml.safe_dump(tiny_recipe(out, *RUN, *overrides)))
     return str(path)
-
-
-def tree_snapshot(path) -> dict[str, bytes]:
-    snap = {}
-    for root, _, names in os.walk(path):
-        for name in names:
-            full = os.path.join(root, name)
-            snap[os.path.relpath(full, path)] = open(full, "rb").read()
-    return snap
 
 
 def _files(path) -> list[str]:
