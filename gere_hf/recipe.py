@@ -860,9 +860,13 @@ class RecipeRunner:
             "use_cpu": not torch.cuda.is_available(),
             "report_to": "none",
             "seed": r.seed,
+            # TRL's default (on), under transformers' new name: the old one, which SFTConfig sets, warns on every stage.
+            "activation_checkpointing": True,
         }
         kwargs.update(r.training)
         kwargs.update(stage.training)
+        if "gradient_checkpointing" in kwargs:
+            kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
         for key in ("num_train_epochs", "learning_rate", "max_steps"):
             if getattr(stage, key) is not None:
                 kwargs[key] = getattr(stage, key)
