@@ -146,6 +146,6 @@ def test_presets_build_valid_recipes(tmp_path):
         for loss in ("none", "ce", "tm"):
             recipe = parse_recipe(settings.recipe(loss, str(tmp_path / name / loss), str(tmp_path / "store")))
             assert recipe.gere.loss == loss
-            assert [s.dataset for s in recipe.stages] == ["wiki_topic", "polarity", "trivia"]
+            assert [s.dataset for s in recipe.stages] == ["polarity", "wiki_topic", "trivia"]
     assert demo_mod.PRESETS["full"].max_steps > demo_mod.PRESETS["default"].max_steps
     assert isinstance(demo_mod.PRESETS["default"], DemoSettings)
