@@ -24,6 +24,9 @@ DEFAULT_REPO_TEMPLATES = {"repos": "{user}/{run}-{stage}", "revisions": "{user}/
 TEMPLATE_FIELDS = ("user", "run", "stage", "index")
 # What a stage folder holds that does not belong on the Hub: the in-stage Trainer checkpoints (optimizer states).
 IGNORED_DIRS = ("checkpoints",)
+# Trainer.save_model's pickle of the TrainingArguments: loading it from the Hub would run code (torch.load without
+# weights_only), and the stage's settings are in metrics.json and the model card.
+IGNORED_FILES = ("training_args.bin",)
 
 
 class HubError(RuntimeError):
@@ -173,14 +176,14 @@ def hub_preflight(config: HubConfig, run: str, stage_names: list[str]) -> HubTar
 
 
 def stage_files(stage_dir: str) -> list[tuple[str, str]]:
-    """``(path_in_repo, local_path)`` of what a stage folder pushes: everything but its Trainer checkpoints."""
+    """``(path_in_repo, local_path)`` of what a stage folder pushes: all but its Trainer checkpoints and pickles."""
     files = []
     for root, dirs, names in os.walk(stage_dir):
         rel_root = os.path.relpath(root, stage_dir)
         if rel_root == ".":
             dirs[:] = [d for d in dirs if d not in IGNORED_DIRS]
         dirs.sort()
-        for name in sorted(names):
+        for name in sorted(n for n in names if n not in IGNORED_FILES):
             path = os.path.join(root, name)
             files.append((os.path.normpath(os.path.join(rel_root, name)).replace(os.sep, "/"), path))
     return files

@@ -86,6 +86,7 @@ def test_push_stages_as_branches_of_one_repo(tmp_path, no_saved_token):
     (stage_dir / "checkpoints" / "checkpoint-1" / "optimizer.pt").write_bytes(b"x" * 10)
     (stage_dir / "adapter_model.safetensors").write_bytes(b"weights")
     (stage_dir / "README.md").write_text("---\nlibrary_name: peft\n---\n# card\n")
+    (stage_dir / "training_args.bin").write_bytes(b"a pickle")
     assert [p for p, _ in stage_files(str(stage_dir))] == ["README.md", "adapter_model.safetensors"]
     with FakeHub() as hub:
         config = HubConfig(push=True, layout="revisions", endpoint=hub.url, token_env="GERE_TEST_TOKEN")
