@@ -8,12 +8,12 @@ Every mode trains on the same task batches and the same replay samples per optim
              step's replay rows, collated together (what a user does by concatenating replay texts into the data)
 
 Each mode runs in its own process so peak memory (CPU: max RSS; GPU: torch.cuda.max_memory_allocated) is its own.
-Reports seconds per optimizer step (median after warm-up), tokens/s, peak memory, and the replay data path (store
+Reports seconds per optimizer step (mean over the same steps after warm-up), tokens/s, peak memory, and the replay data path (store
 reads + packing) as a share of the step. Targets (issue 6): TM within 5% of CE in time and memory; CE within 5% of
 plain; replay data path ≤ 2% of the step.
 
     python benchmarks/bench_step.py --model tiny --steps 30
-    python benchmarks/bench_step.py --model smollm2-135m --steps 12 --batch-size 4 --replay-per-step 2
+    python benchmarks/bench_step.py --model smollm2-135m --steps 20 --batch-size 4 --replay-per-step 2 --repeats 3
     python benchmarks/bench_step.py --model llama-1b-shape --device cuda --dtype bf16 --batch-size 8 --seq-len 563
 """
 
@@ -102,7 +102,9 @@ def run_mode(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     warm = times[a.warmup:] or times
-    step_s = statistics.median(warm)
+    # The mean, not the median: every mode sees the same batches, whose lengths (and so step times) vary by up to 3×;
+    # the median of such a bimodal sample jumps between clusters on small shifts, the mean of the same steps does not.
+    step_s = statistics.fmean(warm)
     task_tokens = sum(len(x) for x in train["input_ids"][: a.batch_size * a.steps]) / a.steps
     replay_tokens = sum(int(store.lengths[i]) for s in range(a.steps) for i in schedule.indices(s, 0, 0)) / a.steps
     peak = (torch.cuda.max_memory_allocated() if a.device == "cuda"
@@ -112,8 +114,26 @@ def run_mode(a) -> dict:
         "mode": a.mode, "step_seconds": step_s, "tokens_per_second": (task_tokens + replay_tokens) / step_s,
         "peak_memory_bytes": int(peak), "replay_data_seconds_per_step": data_s,
         "replay_data_share": data_s / step_s if a.mode != "plain" else None,
-        "steps_timed": len(warm),
+        "steps_timed": len(warm), "step_times": [round(t, 4) for t in warm],
     }
+
+
+def _merge_repeats(runs: list[dict]) -> dict:
+    """One mode over its repeats: mean step time over all timed steps, the largest peak memory."""
+    times = [t for r in runs for t in r["step_times"]]
+    step_s = statistics.fmean(times)
+    data_s = statistics.fmean(r["replay_data_seconds_per_step"] for r in runs)
+    tokens = statistics.fmean(r["tokens_per_second"] * r["step_seconds"] for r in runs)
+    return {
+        "mode": runs[0]["mode"], "step_seconds": step_s, "tokens_per_second": tokens / step_s,
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "replay_data_seconds_per_step": data_s,
+        "replay_data_share": data_s / step_s if runs[0]["replay_data_share"] is not None else None,
+        "steps_timed": len(times), "step_times": times, "repeat_step_seconds": [r["step_seconds"] for r in runs],
+    }
+
+
+def _paired_ratio(r: dict, ref: dict) -> float:
+    return statistics.median(a / b for a, b in zip(r["step_times"], ref["step_times"]))
 
 
 def main():
@@ -128,6 +148,7 @@ def main():
     p.add_argument("--replay-samples", type=int, default=200)
     p.add_argument("--seq-len", type=int, default=563)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--repeats", type=int, default=1, help="Run every mode this many times, in turn; times averaged.")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
@@ -136,33 +157,48 @@ def main():
     if a.mode:  # child process
         print("RESULT " + json.dumps(run_mode(a)))
         return
-    results = []
+    modes = a.modes.split(",")
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        for mode in a.modes.split(","):
-            cmd = [sys.executable, __file__, "--mode", mode, "--store", store, "--out", os.path.join(tmp, mode)]
-            for key in ("model", "device", "dtype", "steps", "warmup", "batch_size", "replay_per_step",
-                        "replay_samples", "seq_len"):
-                cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
-            results.append(json.loads(line[-1][7:]))
+        # Round robin: a slow phase of the machine then hits every mode alike instead of one mode's whole run.
+        for repeat in range(a.repeats):
+            for mode in modes:
+                cmd = [sys.executable, __file__, "--mode", mode, "--store", store,
+                       "--out", os.path.join(tmp, f"{mode}_{repeat}")]
+                for key in ("model", "device", "dtype", "steps", "warmup", "batch_size", "replay_per_step",
+                            "replay_samples", "seq_len"):
+                    cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-4000:]}")
+                runs[mode].append(json.loads(line[-1][7:]))
+                print(f"repeat {repeat + 1}/{a.repeats} {mode}: {runs[mode][-1]['step_seconds']:.3f} s/step",
+                      file=sys.stderr, flush=True)
+    results = [_merge_repeats(runs[mode]) for mode in modes]
     by = {r["mode"]: r for r in results}
     print(f"\nmodel={a.model} device={a.device} dtype={a.dtype} batch={a.batch_size} seq_len≤{a.seq_len} "
-          f"replay/step={a.replay_per_step} steps={a.steps}")
-    print("| mode | s/step | tokens/s | peak memory (MiB) | replay data share | time vs ce | memory vs ce |")
-    print("|---|---|---|---|---|---|---|")
+          f"replay/step={a.replay_per_step} steps={a.steps} repeats={a.repeats}")
+    print("| mode | s/step | tokens/s | peak memory (MiB) | replay data share | time vs ce | step by step vs ce "
+          "| memory vs ce |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         ce = by.get("ce")
         tv = f"{r['step_seconds'] / ce['step_seconds']:.3f}×" if ce else "-"
+        # The same step in both modes had the same batch: the median of the per-step ratios.
+        pv = f"{_paired_ratio(r, ce):.3f}×" if ce else "-"
         mv = f"{r['peak_memory_bytes'] / ce['peak_memory_bytes']:.3f}×" if ce else "-"
         share = f"{100 * r['replay_data_share']:.2f}%" if r["replay_data_share"] is not None else "-"
         print(f"| {r['mode']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | "
-              f"{r['peak_memory_bytes'] / 2**20:.0f} | {share} | {tv} | {mv} |")
+              f"{r['peak_memory_bytes'] / 2**20:.0f} | {share} | {tv} | {pv} | {mv} |")
+    if "ce" in by and a.repeats > 1:
+        for r in results:
+            ratios = [x / y for x, y in zip(r["repeat_step_seconds"], by["ce"]["repeat_step_seconds"])]
+            print(f"{r['mode']} vs ce, each repeat: " + ", ".join(f"{x:.3f}×" for x in ratios))
     if "ce" in by and "plain" in by:
-        print(f"ce vs plain: time {by['ce']['step_seconds'] / by['plain']['step_seconds']:.3f}×, memory "
+        print(f"ce vs plain: time {by['ce']['step_seconds'] / by['plain']['step_seconds']:.3f}× "
+              f"(step by step {_paired_ratio(by['ce'], by['plain']):.3f}×), memory "
               f"{by['ce']['peak_memory_bytes'] / by['plain']['peak_memory_bytes']:.3f}×")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
