@@ -16,8 +16,9 @@ Outputs: ``<output_dir>/<loss>/`` (each run: ``results.json``, ``report.md``, fi
 ``<output_dir>/comparison.md`` and ``compare.png`` (:func:`gere_hf.report.compare_runs`), ``<output_dir>/demo.json``
 (settings, timings, the table) and ``<output_dir>/recipes/<loss>.yaml`` (re-run any run with ``gere-hf run``).
 
-The default setting is sized to finish in about 15 minutes on a 2-core CPU without GPU; ``--full`` is larger. See
-``docs/demo.md`` for what to expect and ``docs/experiments.md`` for how the settings were chosen.
+The default setting is sized to finish within 15 minutes on a 2-core CPU without GPU (12.2 min measured, idle);
+``--full`` is larger. See ``docs/demo.md`` for what to expect and ``docs/experiments.md`` for how the settings were
+chosen.
 """
 
 from __future__ import annotations
