@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import LOSSES
+from .recipe import _write_json  # atomic, as the runner writes its own state
 
 logger = logging.getLogger(__name__)
 
@@ -240,13 +241,6 @@ def _demo_runner_class():
                  + (f" (mean train loss {loss:.3f})" if isinstance(loss, (int, float)) else ""))
 
     return DemoRunner
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _read_json(path: str) -> dict | None:

@@ -21,12 +21,9 @@ RESULTS_DIR = os.path.join(HERE, "results")
 
 
 def news_texts(n: int = 40) -> list[str]:
-    import importlib.util
+    from gere_hf.replay import offline_package_dir
 
-    spec = importlib.util.find_spec("gensim")
-    if spec is None:
-        raise RuntimeError("The 'news' general text is the Lee corpus of gensim's test data: pip install gensim.")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "test", "test_data", "lee_background.cor")
+    path = os.path.join(offline_package_dir("gensim"), "test", "test_data", "lee_background.cor")
     with open(path, encoding="utf-8", errors="replace") as f:
         texts = [" ".join(line.split()) for line in f if line.strip()]
     return texts[-n:]  # the corpus's last articles (any fixed choice would do)
