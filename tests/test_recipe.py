@@ -81,6 +81,19 @@ def test_unknown_keys_suggest_the_closest(tmp_path, override, message):
     assert message in str(err.value)
 
 
+def test_activation_checkpointing_default_and_old_name(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers warns on the deprecated name
+        runner = RecipeRunner(parse_recipe(tiny_recipe(tmp_path / "a")))
+        runner.build_training_args()
+        assert all(args.activation_checkpointing is True for args in runner.stage_args)  # TRL's default
+        runner = RecipeRunner(parse_recipe(tiny_recipe(tmp_path / "b", "training.gradient_checkpointing=false")))
+        runner.build_training_args()
+        assert all(args.activation_checkpointing is False for args in runner.stage_args)
+
+
 def test_bad_values_and_reserved_keys(tmp_path):
     with pytest.raises(RecipeError, match=r"stages\[0\] \(polarity\).num_train must be int or None, got 'ten'"):
         parse_recipe(tiny_recipe(tmp_path, "stages.0.num_train=ten"))
