@@ -28,6 +28,7 @@ __all__ = [
     "logit_imitation_loss",
     "threshold_labels",
     "threshold_margin_loss",
+    "token_nll",
 ]
 
 # Added to the count of non-zero terms / targets, as in the official GeRe normalisation; it only matters when the
@@ -82,6 +83,7 @@ def threshold_margin_loss(
     lower: torch.Tensor,
     upper: torch.Tensor,
     mask: torch.Tensor,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     r"""GeRe threshold-based margin (TM) loss.
 
@@ -105,15 +107,20 @@ def threshold_margin_loss(
     carries no gradient). The loss is exactly 0 when every element lies on its recorded side of the thresholds, in
     particular when ``hidden`` is the reference hidden state that produced ``labels``.
 
+    With ``per_sample=True`` the sums and counts run over each sample's own elements (``b`` fixed) and a ``[B]``
+    tensor is returned: the value the official code computes for a micro-batch of that one sample (its runs use
+    per-device batch 1), which does not depend on what else shares the micro-batch.
+
     Args:
         hidden: ``[B, T, H]`` student hidden states (any floating dtype; computed in float32).
         labels: ``[B, T, H]`` integer labels in ``{-1, 0, 1}`` (``int8`` in the store).
         lower: ``[H]`` lower thresholds.
         upper: ``[H]`` upper thresholds.
         mask: ``[B, T]`` bool or 0/1; positions with 0 contribute neither to the sum nor to the count.
+        per_sample: return one value per sample instead of one for the batch.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor, or ``[B]`` with ``per_sample``.
     """
     if labels.shape != hidden.shape:
         raise ValueError(f"`labels` must have the shape of `hidden` {tuple(hidden.shape)}, got {tuple(labels.shape)}.")
@@ -128,8 +135,9 @@ def threshold_margin_loss(
     term = torch.where(labels == -1, above_lower, torch.where(labels == 1, below_upper, inside))
     term = torch.where(keep, term, torch.zeros((), dtype=term.dtype, device=term.device))
 
-    num_violations = (term != 0).sum().to(torch.float32)
-    return term.sum() / (num_violations + _COUNT_EPS)
+    dims = (1, 2) if per_sample else None
+    num_violations = (term != 0).sum(dim=dims).to(torch.float32)
+    return term.sum(dim=dims) / (num_violations + _COUNT_EPS)
 
 
 def feature_imitation_loss(
@@ -137,6 +145,7 @@ def feature_imitation_loss(
     reference_hidden: torch.Tensor,
     mask: torch.Tensor,
     p: int = 1,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     r"""L1 / L2 feature imitation of stored reference hidden states.
 
@@ -146,16 +155,18 @@ def feature_imitation_loss(
         \qquad
         \mathcal{L}_{L2} = \frac{1}{N H} \sum_{(b,t): m_{b,t} \ne 0} \sum_{k=1}^{H} (h_{b,t,k} - r_{b,t,k})^2
 
-    with :math:`N` the number of masked-in tokens. Returns 0 (not NaN) when :math:`N = 0`.
+    with :math:`N` the number of masked-in tokens. Returns 0 (not NaN) when :math:`N = 0`. With ``per_sample=True``,
+    one such mean per sample (``[B]``).
 
     Args:
         hidden: ``[B, T, H]`` student hidden states.
         reference_hidden: ``[B, T, H]`` stored reference hidden states (typically fp16; cast to float32).
         mask: ``[B, T]`` bool or 0/1.
         p: 1 for mean absolute error, 2 for mean squared error.
+        per_sample: return one value per sample instead of one for the batch.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor, or ``[B]`` with ``per_sample``.
     """
     if p not in (1, 2):
         raise ValueError(f"`p` must be 1 (L1) or 2 (L2), got {p!r}.")
@@ -172,6 +183,8 @@ def feature_imitation_loss(
     diff = h - ref
     per_element = diff.abs() if p == 1 else diff.square()
     per_element = torch.where(keep.unsqueeze(-1), per_element, torch.zeros((), dtype=h.dtype, device=h.device))
+    if per_sample:
+        return per_element.sum(dim=(1, 2)) / (keep.sum(dim=1).to(torch.float32) * h.shape[-1]).clamp(min=1.0)
     denom = keep.sum().to(torch.float32) * h.shape[-1]
     return per_element.sum() / denom.clamp(min=1.0)
 
@@ -188,6 +201,7 @@ def logit_imitation_loss(
     teacher_topk_ids: torch.Tensor,
     mask: torch.Tensor,
     temperature: float = 1.0,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     r"""Top-k KL divergence from stored teacher log-probs to the student ("kl" replay term).
 
@@ -223,9 +237,10 @@ def logit_imitation_loss(
             are ignored (they may be out of range).
         mask: ``[B, T]`` bool or 0/1.
         temperature: softmax temperature :math:`\tau > 0` applied to the student logits.
+        per_sample: return each sample's mean over its own tokens (``[B]``) instead of one value for the batch.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor, or ``[B]`` with ``per_sample``.
     """
     if temperature <= 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature}.")
@@ -263,7 +278,39 @@ def logit_imitation_loss(
 
     kl = (teacher_p * (teacher_lp - student_topk_lp)).sum(-1) + teacher_tail * (teacher_log_tail - student_log_tail)
     kl = torch.where(keep, kl, torch.zeros((), dtype=kl.dtype, device=device))
+    if per_sample:
+        return kl.sum(dim=1) / keep.sum(dim=1).to(torch.float32).clamp(min=1.0)
     return kl.sum() / keep.sum().to(torch.float32).clamp(min=1.0)
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Next-token negative log-likelihood of every position, and which positions are targets.
+
+    ``logits[:, t]`` predicts ``labels[:, t + 1]``; the returned ``nll[:, t]`` is that prediction's NLL (float32), 0
+    where the target is ``-100`` or past the end, and ``targets[:, t]`` says which positions count. Summing over
+    ``t`` gives per-sample sums, over everything a batch sum: the token means of :func:`causal_lm_loss` and of the
+    trainer's step-level replay CE are built from these.
+
+    Args:
+        logits: ``[B, T, V]`` logits (any floating dtype).
+        labels: ``[B, T]`` int64 token ids, ``-100`` for ignored positions (not shifted).
+
+    Returns:
+        ``(nll, targets)``: ``[B, T]`` float32 and ``[B, T]`` bool.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"`labels` must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}.")
+    labels = labels.to(device=logits.device, dtype=torch.long)
+    # Shift the labels (by padding with -100) rather than slicing the logits, so no [B, T-1, V] copy is made.
+    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    vocab_size = logits.shape[-1]
+    nll = F.cross_entropy(
+        logits.to(torch.float32).reshape(-1, vocab_size),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    return nll, shift_labels != -100
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -285,20 +332,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         0-dim float32 tensor.
     """
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"`labels` must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}.")
-    labels = labels.to(device=logits.device, dtype=torch.long)
-    # Shift the labels (by padding with -100) rather than slicing the logits, so no [B, T-1, V] copy is made.
-    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    vocab_size = logits.shape[-1]
-    total = F.cross_entropy(
-        logits.to(torch.float32).reshape(-1, vocab_size),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    num_targets = (shift_labels != -100).sum().to(torch.float32)
-    return total / (num_targets + _COUNT_EPS)
+    nll, targets = token_nll(logits, labels)
+    return nll.sum() / (targets.sum().to(torch.float32) + _COUNT_EPS)
 
 
 def dynamic_weight(ce: torch.Tensor, term: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -527,3 +527,56 @@ def test_dynamic_weight_value_and_gradient():
     assert x.grad.item() == pytest.approx(w.item() * 0.25, rel=1e-6)  # ...gradient of the (scaled) term
     assert dynamic_weight(torch.tensor(1.0, dtype=torch.bfloat16), torch.tensor(0.0)).item() == pytest.approx(1e8)
     assert dynamic_weight(torch.tensor(3.0), torch.tensor(1.0), eps=1.0).item() == pytest.approx(1.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-sample reductions (the trainer's replay terms) and token_nll
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_per_sample_terms_equal_each_sample_alone():
+    """per_sample=True gives, for every row, what the batch-of-one call gives: the official per-device-batch-1 value,
+    whatever else shares the batch."""
+    lower, upper = _thresholds()
+    labels = threshold_labels(_hidden_with_ties(3, lower, upper), lower, upper)
+    hidden = _hidden_with_ties(4, lower, upper)
+    reference = _hidden_with_ties(5, lower, upper)
+    g = _gen(40)
+    teacher = torch.randn(B, T, V, generator=g) * 2
+    student = teacher + torch.randn(B, T, V, generator=g)
+    lp, ids = _teacher_topk(teacher, K, 1.0)
+    mask = _mask()
+    per = {
+        "tm": threshold_margin_loss(hidden, labels, lower, upper, mask, per_sample=True),
+        "l1": feature_imitation_loss(hidden, reference, mask, p=1, per_sample=True),
+        "l2": feature_imitation_loss(hidden, reference, mask, p=2, per_sample=True),
+        "kl": logit_imitation_loss(student, lp, ids, mask, per_sample=True),
+    }
+    for b in range(B):
+        rows = slice(b, b + 1)
+        alone = {
+            "tm": threshold_margin_loss(hidden[rows], labels[rows], lower, upper, mask[rows]),
+            "l1": feature_imitation_loss(hidden[rows], reference[rows], mask[rows], p=1),
+            "l2": feature_imitation_loss(hidden[rows], reference[rows], mask[rows], p=2),
+            "kl": logit_imitation_loss(student[rows], lp[rows], ids[rows], mask[rows]),
+        }
+        for name, value in alone.items():
+            assert per[name].shape == (B,)
+            torch.testing.assert_close(per[name][b], value, msg=name)
+    # A sample with no kept token is 0, not NaN.
+    empty = torch.zeros(B, T, dtype=torch.bool)
+    assert torch.equal(threshold_margin_loss(hidden, labels, lower, upper, empty, per_sample=True), torch.zeros(B))
+
+
+def test_token_nll_sums_to_causal_lm_loss():
+    from gere_hf.losses import token_nll
+
+    g = _gen(41)
+    logits = torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    nll, targets = token_nll(logits, labels)
+    assert nll.shape == targets.shape == (B, T) and nll.dtype == torch.float32
+    assert not targets[:, -1].any() and torch.all(nll[~targets] == 0)
+    assert float(nll.sum() / targets.sum()) == pytest.approx(float(causal_lm_loss(logits, labels)), rel=1e-6)
+    assert float(nll.sum()) == pytest.approx(ref_ce(logits, labels) * int(targets.sum()), rel=1e-5)
