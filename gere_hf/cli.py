@@ -11,12 +11,13 @@ import time
 
 def _cache(args) -> int:
     from .models import load_model_and_tokenizer
-    from .reference import ReferenceStates, _validate_build_args
+    from .reference import ReferenceStates, _validate_build_args, as_dtype
     from .replay import ReplayDataError, ReplaySet
 
     extras = [e for e in (args.extras or "").split(",") if e]
     # Cheap checks first: a bad option should not cost a model load.
     _validate_build_args(args.k, args.batch_size, 1, extras, args.topk, "base", num_samples=1)
+    as_dtype(args.dtype)  # an unknown --dtype fails here, not after the model load
     if args.max_length < 2:
         raise ReplayDataError(f"max_length must be at least 2 (a token and its successor), got {args.max_length} (--max-length).")
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.model_dtype)
@@ -31,6 +32,7 @@ def _cache(args) -> int:
     m = store.manifest
     print(
         f"samples={len(store)} tokens={store.num_tokens} hidden={store.hidden_size} "
+        f"precision={store.fingerprint['precision']}{'' if args.dtype else ' (the model dtype; --dtype sets another)'} "
         f"bytes_on_disk={m['bytes_on_disk']} ({m['bytes_on_disk'] / 2**20:.2f} MiB, {m['bits_per_element']:.3f} "
         f"bits/element) official_fp32_layout={m['official_fp32_bytes'] / 2**20:.1f} MiB "
         f"build_seconds={m['build']['seconds']} tokens_per_second={m['build']['tokens_per_second']} "
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=float, default=1.0, help="Thresholds are mean ± k·std.")
     p.add_argument("--extras", default="", help="Comma-separated extras: hidden (for l1/l2), topk (for kl).")
     p.add_argument("--topk", type=int, default=32)
-    p.add_argument("--dtype", default=None, help="Autocast dtype of the build forward (bf16, fp16).")
+    p.add_argument("--dtype", default=None,
+                   help="Precision of the reference forward: float32, bf16 or fp16 (default: the model's dtype). Use "
+                        "the one training runs at (bf16 for bf16=True): the trainer refuses a store of another.")
     p.add_argument("--model-dtype", default=None, help="dtype to load the model in (float32, bfloat16).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-column", default="text")

@@ -11,7 +11,8 @@ Layout of a store directory (no pickle anywhere)::
     manifest.json         format version, fingerprint, shapes, k, sizes, checksums, build time (written last)
     stats.safetensors     float64 count/sum/sumsq/mean/var/std and float32 lower/upper, per hidden dimension
     index.safetensors     per-sample lengths and offsets into the flat files below
-    tokens.bin            int32 replay token ids, samples concatenated
+    tokens.bin            replay token ids, samples concatenated, in the narrowest integer type that holds the
+                          vocabulary (uint16 up to 65,536 entries, else int32; ``token_dtype`` in the manifest)
     labels.bin            2-bit labels, 4 per byte, samples concatenated (memory-mapped; reading sample i
                           touches only its bytes)
     hidden.bin            optional, fp16 [tokens, H]
@@ -48,13 +49,17 @@ from .replay import ReplaySet
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # version 1: int32 token ids and no recorded precision
 MANIFEST = "manifest.json"
 BUILDING = ".building"
 STORE_FILES = ("stats.safetensors", "index.safetensors", "tokens.bin", "labels.bin")
 EXTRA_FILES = {"hidden": ("hidden.bin",), "topk": ("topk_logprobs.bin", "topk_ids.bin")}
 KNOWN_EXTRAS = tuple(EXTRA_FILES)
-FINGERPRINT_FIELDS = ("model_config", "model_weights", "tokenizer", "replay", "max_length", "layer", "k")
+FINGERPRINT_FIELDS = ("model_config", "model_weights", "tokenizer", "replay", "max_length", "layer", "k", "precision")
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPE_ALIASES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                  "float16": torch.float16, "fp16": torch.float16}
 _LABEL_LUT = torch.tensor([0, 1, 0, -1], dtype=torch.int8)  # 2-bit code -> label; code 2 never occurs
 _SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
 
@@ -66,13 +71,13 @@ class ReferenceStatesError(ValueError):
 class ReferenceStatesMismatch(ReferenceStatesError):
     """The store was built for another model, tokenizer, replay set or setting."""
 
-    def __init__(self, path: str, differences: dict[str, tuple]):
+    def __init__(self, path: str, differences: dict[str, tuple], detail: str | None = None):
         self.differences = differences
         lines = [f"  {name}: store has {got!r}, expected {want!r}" for name, (got, want) in differences.items()]
+        fix = detail or "Rebuild it (rebuild=True, or `gere-hf cache ... --rebuild`) or point store_dir at a new directory."
         super().__init__(
             f"The reference store at {path} was built for something else; these fingerprint fields differ:\n"
-            + "\n".join(lines)
-            + "\nRebuild it (rebuild=True, or `gere-hf cache ... --rebuild`) or point store_dir at a new directory."
+            + "\n".join(lines) + "\n" + fix
         )
 
 
@@ -157,7 +162,35 @@ def model_weights_hash(model, max_params: int = 32, elements: int = 16) -> str:
     return h.hexdigest()[:16]
 
 
-def compute_fingerprint(model, replay: ReplaySet, k: float = 1.0) -> dict:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch floating dtype from a name ('bf16', 'bfloat16', 'fp32', ...) or a dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in _DTYPE_ALIASES:
+        raise ReferenceStatesError(f"Unknown dtype {dtype!r}; use float32, bfloat16 or float16 (fp32, bf16, fp16).")
+    return _DTYPE_ALIASES[key]
+
+
+def precision_name(dtype: torch.dtype | str) -> str:
+    """The canonical name of a precision ('float32', 'bfloat16', 'float16'), as stores record it."""
+    dtype = as_dtype(dtype)
+    if dtype not in _DTYPE_NAMES:
+        raise ReferenceStatesError(f"{dtype} is not a precision a reference forward can run at.")
+    return _DTYPE_NAMES[dtype]
+
+
+def model_precision(model) -> str:
+    """The dtype of the base model's floating weights (PEFT adapters, often kept in fp32, left out)."""
+    for _, param in _base_parameters(model):
+        if param.is_floating_point():
+            return precision_name(param.dtype)
+    return "float32"
+
+
+def compute_fingerprint(model, replay: ReplaySet, k: float = 1.0, precision: torch.dtype | str | None = None) -> dict:
+    """What a store is checked against. ``precision`` is the dtype the reference forward computes in (default: the
+    model's): a store recorded at fp32 and a model trained under bf16 autocast disagree by rounding noise."""
     layer, _ = find_final_norm(model)
     return {
         "model_config": model_config_hash(model),
@@ -167,7 +200,13 @@ def compute_fingerprint(model, replay: ReplaySet, k: float = 1.0) -> dict:
         "max_length": int(replay.max_length),
         "layer": layer,
         "k": float(k),
+        "precision": precision_name(precision) if precision is not None else model_precision(model),
     }
+
+
+def token_dtype_for(vocab_size: int) -> np.dtype:
+    """The narrowest integer type that holds every id of a vocabulary of ``vocab_size`` entries."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
 
 def compare_fingerprints(stored: dict, expected: dict, fields: Sequence[str] = FINGERPRINT_FIELDS) -> dict:
@@ -286,7 +325,8 @@ class ReferenceStates:
         self.hidden_size = int(manifest["hidden_size"])
         self.topk = int(manifest.get("topk") or 0)
         self.extras = tuple(manifest.get("extras", ()))
-        self._tokens = self._map("tokens.bin", np.int32)
+        self.token_dtype = np.dtype(manifest.get("token_dtype", "int32"))  # format 1 stored int32
+        self._tokens = self._map("tokens.bin", self.token_dtype)
         self._labels = self._map("labels.bin", np.uint8)
         self._hidden = self._map("hidden.bin", np.float16) if "hidden" in self.extras else None
         self._topk_lp = self._map("topk_logprobs.bin", np.float32) if "topk" in self.extras else None
@@ -316,7 +356,7 @@ class ReferenceStates:
         return float(self.manifest["fingerprint"]["k"])
 
     def input_ids(self, i: int) -> np.ndarray:
-        return np.asarray(self._tokens[self.token_offsets[i] : self.token_offsets[i + 1]])
+        return np.asarray(self._tokens[self.token_offsets[i] : self.token_offsets[i + 1]]).astype(np.int64)
 
     def packed_labels(self, i: int) -> np.ndarray:
         return np.asarray(self._labels[self.label_offsets[i] : self.label_offsets[i + 1]])
@@ -345,9 +385,26 @@ class ReferenceStates:
                 f"loss needs it. Rebuild with extras including {extra!r} (`--extras {extra}`)."
             )
 
-    def require_extras(self, extras: Sequence[str]) -> None:
+    def require_extras(
+        self, extras: Sequence[str], topk: int | None = None, topk_temperature: float | None = None
+    ) -> None:
+        """Refuse a store that lacks an extra, or whose teacher top-k was recorded with another K or temperature.
+
+        A top-k store keeps ``log_softmax(z / T)`` at its own ``T`` and ``K``: read at another temperature it would be
+        a silently different teacher (a T=1 teacher used as if it were T=4).
+        """
         for extra in extras:
             self._require(extra)
+        if "topk" not in extras:
+            return
+        stored_t = self.manifest.get("topk_temperature")
+        differences = {}
+        if topk is not None and int(topk) != self.topk:
+            differences["topk"] = (self.topk, int(topk))
+        if topk_temperature is not None and (stored_t is None or abs(float(stored_t) - float(topk_temperature)) > 1e-12):
+            differences["topk_temperature"] = (stored_t, float(topk_temperature))
+        if differences:
+            raise ReferenceStatesMismatch(self.path, differences)
 
     def summary(self) -> dict:
         std = self.std.numpy()
@@ -357,6 +414,7 @@ class ReferenceStates:
             "tokens": self.num_tokens,
             "hidden_size": self.hidden_size,
             "k": self.k,
+            "precision": self.fingerprint.get("precision"),
             "extras": list(self.extras),
             "bytes_on_disk": self.manifest["bytes_on_disk"],
             "bits_per_element": self.manifest["bits_per_element"],
@@ -394,10 +452,10 @@ class ReferenceStates:
                 manifest = json.load(f)
         except json.JSONDecodeError as e:
             raise ReferenceStatesError(f"The manifest of {path} is corrupted ({e}). Rebuild the store.") from e
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise ReferenceStatesError(
                 f"The store at {path} has format version {manifest.get('format_version')}, this gere_hf reads "
-                f"version {FORMAT_VERSION}. Rebuild it with this version."
+                f"versions {', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Rebuild it with this version."
             )
         for name, info in manifest["files"].items():
             file_path = os.path.join(path, name)
@@ -414,7 +472,13 @@ class ReferenceStates:
                     f"{file_path} is corrupted: its checksum does not match the manifest. Rebuild the store."
                 )
         if fingerprint is not None:
-            diff = compare_fingerprints(manifest["fingerprint"], fingerprint, fields)
+            stored = manifest["fingerprint"]
+            unrecorded = [f for f in fields if f in fingerprint and f not in stored]
+            if unrecorded:  # a format-1 store: it predates the precision field
+                logger.warning("The reference store at %s (format %s) does not record %s; it cannot be checked. "
+                               "Rebuild it to have it checked.", path, manifest.get("format_version"),
+                               ", ".join(unrecorded))
+            diff = compare_fingerprints(stored, fingerprint, [f for f in fields if f not in unrecorded])
             if diff:
                 raise ReferenceStatesMismatch(path, diff)
         return cls(path, manifest)
@@ -446,16 +510,22 @@ class ReferenceStates:
         reduces the statistics (in chunk order, so the result is byte-identical to a 1-process build) and writes
         the store, the others wait and open it. ``forward_model`` is what to call for the forward (a DeepSpeed
         engine under ZeRO-3); it defaults to ``model``.
+
+        ``dtype`` is the precision the reference forward computes in: None for the model's own weights' dtype, else
+        autocast to it (``bf16`` for a model that trains with ``bf16=True``). It is part of the fingerprint: a store
+        recorded at another precision than the training forward's makes the replay term rounding noise at step 0.
         """
         out_dir = os.fspath(out_dir)
         extras = tuple(dict.fromkeys(extras))
         _validate_build_args(k, batch_size, chunk_size, extras, topk, reference, len(replay))
         find_final_norm(model)  # a clear error before any work
-        fingerprint = compute_fingerprint(model, replay, k)
+        dtype = as_dtype(dtype)
+        fingerprint = compute_fingerprint(model, replay, k, precision=dtype)
         if os.path.isdir(out_dir) and cls.is_store(out_dir):
             if not rebuild:
                 store = cls.open(out_dir, fingerprint)
-                store.require_extras(extras)
+                store.require_extras(extras, topk if "topk" in extras else None,
+                                     topk_temperature if "topk" in extras else None)
                 return store
         elif os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isdir(os.path.join(out_dir, BUILDING)):
             raise ReferenceStatesError(
@@ -510,11 +580,11 @@ class _Builder:
         self.topk_temperature = float(topk_temperature)
         self.reference = reference
         self.progress = progress
-        self.hidden_size = int(unwrap_causal_lm(model).config.hidden_size)
-        if isinstance(dtype, str):
-            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
-        self.dtype = dtype
+        config = unwrap_causal_lm(model).config
+        self.hidden_size = int(config.hidden_size)
+        self.token_dtype = token_dtype_for(max(int(getattr(config, "vocab_size", 0) or 0),
+                                               max((max(ids) for ids in replay.input_ids if ids), default=0) + 1))
+        self.dtype = as_dtype(dtype)
         self.plan = _Plan.make(replay.lengths, batch_size, chunk_size)
         self.started = time.time()
 
@@ -522,12 +592,13 @@ class _Builder:
 
     def needed_bytes(self) -> int:
         tokens, h = self.replay.num_tokens, self.hidden_size
-        final = tokens * 4 + packed_size(tokens, h) + 64 * h
+        id_bytes = tokens * self.token_dtype.itemsize
+        final = id_bytes + packed_size(tokens, h) + 64 * h
         if "hidden" in self.extras:
             final += tokens * h * 2
         if self.topk:
             final += tokens * self.topk * 8
-        work = tokens * h * 4 + (final - tokens * 4 - packed_size(tokens, h))  # raw fp32 chunks and their extras
+        work = tokens * h * 4 + (final - id_bytes - packed_size(tokens, h))  # raw fp32 chunks and their extras
         return final + work
 
     def check_space(self) -> None:
@@ -581,9 +652,7 @@ class _Builder:
         _barrier()  # every rank has seen the same finished chunks before any rank adds one
         mine = [c for c in range(len(self.plan.chunks)) if c % world == rank]
         todo = todo_by_rank[rank]
-        # Under ZeRO-3 every forward is a collective: all ranks must run the same number of them.
-        batches_by_rank = [sum(len(self.plan.batches(c)) for c in cs) for cs in todo_by_rank]
-        padding_forwards = max(batches_by_rank) - batches_by_rank[rank] if world > 1 and _zero3_enabled() else 0
+        padding_forwards = padding_forwards_per_rank(self.plan, todo_by_rank)[rank]
         done_tokens = sum(int(self.replay.lengths[i]) for c in mine if c not in todo for i in self.plan.chunks[c])
         total_tokens = sum(int(self.replay.lengths[i]) for c in mine for i in self.plan.chunks[c])
         bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not self.progress,
@@ -617,11 +686,12 @@ class _Builder:
         if self.reference == "base" and _is_peft_model(self.model):
             peft_model = self.model if hasattr(self.model, "disable_adapter") else self.model.module
             stack.enter_context(peft_model.disable_adapter())
-        if self.dtype is not None:
-            device = next(self.model.parameters()).device
-            param_dtype = next(self.model.parameters()).dtype
-            if self.dtype != param_dtype:
-                stack.enter_context(torch.autocast(device.type, dtype=self.dtype))
+        device = next(self.model.parameters()).device
+        if self.dtype is not None and precision_name(self.dtype) != model_precision(self.model):
+            stack.enter_context(torch.autocast(device.type, dtype=self.dtype))
+        else:
+            # The weights' own precision: an ambient autocast (the caller's) must not change what is recorded.
+            stack.enter_context(torch.autocast(device.type, enabled=False))
         return stack
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -629,11 +699,14 @@ class _Builder:
         kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "use_cache": False}
         if not self.topk:
             kwargs["logits_to_keep"] = 1  # the LM head is not needed: skip its cost where the model allows
+        # Inside train() accelerate has wrapped the model's forward in its mixed-precision autocast; the original
+        # forward runs at the precision this build was asked for (_reference_context), whatever the training's.
+        forward = getattr(self.forward_model, "_original_forward", None) or self.forward_model
         try:
-            return self.forward_model(**kwargs)
+            return forward(**kwargs)
         except TypeError:
             kwargs.pop("logits_to_keep", None)
-            return self.forward_model(**kwargs)
+            return forward(**kwargs)
 
     def _run_chunk(self, c: int, captured: list, bar) -> None:
         pad_id = 0  # any id: padded positions are masked and never read back
@@ -716,7 +789,7 @@ class _Builder:
                 _preallocate(f, numel * np.dtype(dtype).itemsize)
             return np.memmap(path, dtype=dtype, mode="r+", shape=(numel,)) if numel else None
 
-        tokens = final_map("tokens.bin", np.int32, num_tokens)
+        tokens = final_map("tokens.bin", self.token_dtype, num_tokens)
         labels = final_map("labels.bin", np.uint8, int(label_offsets[-1]))
         hidden = final_map("hidden.bin", np.float16, num_tokens * h) if "hidden" in self.extras else None
         tlp = final_map("topk_logprobs.bin", np.float32, num_tokens * self.topk) if self.topk else None
@@ -724,7 +797,7 @@ class _Builder:
         label_counts = np.zeros(3, dtype=np.int64)
         lower_t, upper_t = torch.from_numpy(lower), torch.from_numpy(upper)
         for i, ids in enumerate(self.replay.input_ids):
-            tokens[token_offsets[i] : token_offsets[i + 1]] = np.asarray(ids, dtype=np.int32)
+            tokens[token_offsets[i] : token_offsets[i + 1]] = np.asarray(ids, dtype=self.token_dtype)
         for c, samples in enumerate(self.plan.chunks):
             raw = np.fromfile(self._chunk_path(c, "raw"), dtype=np.float32).reshape(-1, h)
             extra_h = np.fromfile(self._chunk_path(c, "hidden"), dtype=np.float16).reshape(-1, h) if hidden is not None else None
@@ -770,6 +843,8 @@ class _Builder:
             "num_samples": len(lengths),
             "num_tokens": num_tokens,
             "hidden_size": h,
+            "token_dtype": self.token_dtype.name,
+            "precision": self.fingerprint["precision"],
             "max_length": self.replay.max_length,
             "layer": self.fingerprint["layer"],
             "k": self.k,
@@ -802,9 +877,14 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
-def _zero3_enabled() -> bool:
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(is_deepspeed_zero3_enabled())
+def padding_forwards_per_rank(plan: _Plan, todo_by_rank: Sequence[Sequence[int]]) -> list[int]:
+    """How many empty forwards each rank adds so that every rank runs the same number of forwards.
+
+    Under ZeRO-3 and FSDP every forward of a sharded model gathers parameters collectively, and DDP's forward
+    broadcasts buffers: a rank that stopped early would leave the others waiting. The plan is known to every rank,
+    so each pads up to the largest count without communicating. One process needs none.
+    """
+    counts = [sum(len(plan.batches(c)) for c in chunks) for chunks in todo_by_rank]
+    if len(counts) <= 1:
+        return [0] * len(counts)
+    return [max(counts) - n for n in counts]

@@ -30,6 +30,7 @@ from gere_hf.reference import (
     ReferenceStates,
     ReferenceStatesError,
     ReferenceStatesMismatch,
+    _file_digest,
     compute_fingerprint,
     pack_labels,
     unpack_labels,
@@ -179,10 +180,10 @@ def test_extras_hidden_and_topk_match_direct_forward(tiny_model, replay, tmp_pat
 
 
 def test_bytes_on_disk_bound(store_copy):
-    """Bound: bytes(all files) ≤ ⌈2·T·H/8⌉ + N + 4·T + 24·(N+1) + 64·H + 16 KiB.
+    """Bound: bytes(all files) ≤ ⌈2·T·H/8⌉ + N + 2·T + 24·(N+1) + 64·H + 16 KiB.
 
     The labels take 2 bits per (token, hidden) element, rounded up to a byte per sample (≤ N bytes); the token ids
-    take 4 bytes per token; the index 3 int64 per sample; the statistics 8 arrays of H values; the manifest and the
+    take 2 bytes per token (uint16: the tiny vocabulary has 384 entries); the index 3 int64 per sample; the statistics 8 arrays of H values; the manifest and the
     safetensors headers fit in 16 KiB. The 2-bit part is the only one that grows with T·H.
     """
     path, replay = store_copy
@@ -191,9 +192,9 @@ def test_bytes_on_disk_bound(store_copy):
     sizes = {name: os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)}
     assert sizes["labels.bin"] == sum((length * h + 3) // 4 for length in replay.lengths)
     assert sizes["labels.bin"] <= -(-2 * t * h // 8) + n
-    assert sizes["tokens.bin"] == 4 * t
+    assert sizes["tokens.bin"] == 2 * t and store.manifest["token_dtype"] == "uint16"
     total = sum(sizes.values())
-    assert total <= -(-2 * t * h // 8) + n + 4 * t + 24 * (n + 1) + 64 * h + 16 * 1024, sizes
+    assert total <= -(-2 * t * h // 8) + n + 2 * t + 24 * (n + 1) + 64 * h + 16 * 1024, sizes
     assert store.manifest["bytes_on_disk"] == total - sizes[MANIFEST]
     assert store.manifest["official_fp32_bytes"] == 4 * t * h
     assert store.manifest["bits_per_element"] == pytest.approx(8 * sizes["labels.bin"] / (t * h))
@@ -408,6 +409,8 @@ def _changed(field, tokenizer, replay):
         return make_tiny_model(), ReplaySet.from_texts(REPLAY_TEXTS, tokenizer, MAX_LENGTH - 8), 1.0, {"max_length", "replay"}
     if field == "k":
         return make_tiny_model(), replay, 2.0, {"k"}
+    if field == "precision":  # the same fp32 model, recorded under bf16 autocast as a bf16=True run trains
+        return make_tiny_model(), replay, 1.0, {"precision"}
     raise AssertionError(field)
 
 
@@ -415,13 +418,14 @@ def _changed(field, tokenizer, replay):
 def test_fingerprint_field_mismatch(store_copy, tokenizer, field):
     path, replay = store_copy
     model, other_replay, k, expected = _changed(field, tokenizer, replay)
+    dtype = "bf16" if field == "precision" else None
     before = tree_snapshot(path)
     with pytest.raises(ReferenceStatesMismatch) as info:
-        build(model, other_replay, path, k=k, batch_size=8, chunk_size=16)
+        build(model, other_replay, path, k=k, batch_size=8, chunk_size=16, dtype=dtype)
     assert set(info.value.differences) == expected
     assert f"  {field}: store has" in str(info.value) and "rebuild" in str(info.value).lower()
     with pytest.raises(ReferenceStatesMismatch, match=field):
-        ReferenceStates.open(str(path), compute_fingerprint(model, other_replay, k))
+        ReferenceStates.open(str(path), compute_fingerprint(model, other_replay, k, precision=dtype))
     assert tree_snapshot(path) == before  # a refused build touches nothing
 
 
@@ -587,3 +591,50 @@ def test_tokenizer_without_pad_token(tokenizer, tiny_model, tmp_path, caplog):
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an eos token"):
         ensure_pad_token(tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token width, format versions, KL extras
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_token_ids_use_the_narrowest_width_that_holds_the_vocabulary():
+    from gere_hf.reference import token_dtype_for
+
+    assert token_dtype_for(384) == np.uint16 and token_dtype_for(2**16) == np.uint16
+    assert token_dtype_for(2**16 + 1) == np.int32 and token_dtype_for(128_256) == np.int32  # Llama-3
+
+
+def test_a_format_1_store_still_opens(store_copy, caplog):
+    """Stores written before format 2 hold int32 ids and no precision: they open, read the same ids, and say that
+    their precision cannot be checked."""
+    path, replay = store_copy
+    manifest = json.loads((path / MANIFEST).read_text())
+    ids = np.fromfile(path / "tokens.bin", dtype=np.uint16).astype(np.int32)
+    ids.tofile(path / "tokens.bin")
+    manifest["format_version"] = 1
+    for key in ("token_dtype", "precision"):
+        manifest.pop(key)
+    manifest["fingerprint"].pop("precision")
+    manifest["files"]["tokens.bin"] = {"bytes": ids.nbytes, "blake2b": _file_digest(str(path / "tokens.bin"))}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING"):
+        store = ReferenceStates.open(str(path), compute_fingerprint(make_tiny_model(), replay, 1.0))
+    assert "does not record precision" in caplog.text
+    assert [store.input_ids(i).tolist() for i in range(len(replay))] == replay.input_ids
+
+
+@pytest.mark.parametrize("change", [{"topk": 4}, {"topk_temperature": 4.0}])
+def test_kl_extras_built_for_another_topk_or_temperature_are_refused(tiny_model, replay, tmp_path, change):
+    """A T=1 teacher is not a T=4 teacher: the store's top-k settings are checked like its fingerprint."""
+    path = tmp_path / "kl"
+    build(tiny_model, replay, path, extras=("topk",), topk=8, topk_temperature=1.0)
+    before = tree_snapshot(path)
+    settings = {"topk": 8, "topk_temperature": 1.0, **change}
+    with pytest.raises(ReferenceStatesMismatch, match=next(iter(change))):
+        build(tiny_model, replay, path, extras=("topk",), **settings)
+    with pytest.raises(ReferenceStatesMismatch, match=next(iter(change))):
+        ReferenceStates.open(str(path)).require_extras(("topk",), settings["topk"], settings["topk_temperature"])
+    assert tree_snapshot(path) == before
+    build(tiny_model, replay, path, extras=("topk",), rebuild=True, **settings)
+    assert ReferenceStates.open(str(path)).topk == settings["topk"]
