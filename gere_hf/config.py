@@ -43,6 +43,15 @@ class GeReConfig:
     replay_max_length: int = field(default=563, metadata={"help": "Replay texts are truncated to this many tokens."})
     replay_text_column: str = field(default="text", metadata={"help": "Column of the replay source holding text."})
     replay_seed: int = field(default=0, metadata={"help": "Seed of the replay selection and of the replay order."})
+    replay_share: str = field(
+        default="samples",
+        metadata={"help": "Weight of the replay part in each optimizer step's loss. 'samples': its share of the "
+                  "step's samples, s = n_replay / (n_task + n_replay) over all processes and accumulation steps, "
+                  "loss = (1 - s)·task CE + s·(replay CE + w·term): every sample counts once, as in the paper's runs "
+                  "(per-device batch 1 with gradient accumulation). A number s in (0, 1): a fixed share, loss = "
+                  "(1 - s)·task CE + s·replay CE + w·term; 0.5 is the official code's formula for a micro-batch "
+                  "holding both kinds (and gere_hf 0.1's only behaviour). Equations in docs/losses.md."},
+    )
     replay_per_step: int | None = field(
         default=None,
         metadata={"help": "Batch interpolation (BI): exactly this many replay samples in every optimizer step, summed "
@@ -78,6 +87,7 @@ class GeReConfig:
         if self.loss not in LOSSES:
             raise GeReConfigError(f"Unknown GeRe loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
         _ = self.weight_value  # raises on a bad weight
+        _ = self.replay_share_value  # raises on a bad share
         for name in ("threshold_k", "kl_temperature"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -106,6 +116,25 @@ class GeReConfig:
             raise GeReConfigError(f"Unknown weight {self.weight!r}; give a non-negative number or 'dy'.") from None
         if not math.isfinite(value) or value < 0:
             raise GeReConfigError(f"The replay weight must be a non-negative finite number or 'dy', got {self.weight!r}.")
+        return value
+
+    @property
+    def replay_share_value(self) -> float | None:
+        """The fixed replay share, or None for 'samples' (the step's sample share)."""
+        if isinstance(self.replay_share, str) and self.replay_share.strip().lower() == "samples":
+            return None
+        try:
+            value = float(self.replay_share)
+        except (TypeError, ValueError):
+            raise GeReConfigError(
+                f"Unknown replay_share {self.replay_share!r}; give 'samples' (the step's share of replay samples) or "
+                "a number strictly between 0 and 1, e.g. 0.5."
+            ) from None
+        if not (math.isfinite(value) and 0.0 < value < 1.0):
+            raise GeReConfigError(
+                f"replay_share must be 'samples' or a number strictly between 0 and 1, got {self.replay_share!r} "
+                "(0 would drop the replay, 1 the task; use loss='none' for no replay)."
+            )
         return value
 
     @property

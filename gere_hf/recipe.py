@@ -461,9 +461,10 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
     if not isinstance(data.get("gere") or {}, dict):
         raise RecipeError("gere must be a mapping of GeReConfig fields (loss, weight, replay_source, ...).")
     gere_data.setdefault("replay_seed", data.get("seed", 42))
-    weight = gere_data.get("weight")
-    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
-        gere_data["weight"] = str(weight)  # `weight: 0.5`; GeReConfig takes numbers as strings and checks the value
+    for key in ("weight", "replay_share"):  # `weight: 0.5`: GeReConfig takes numbers as strings and checks the value
+        value = gere_data.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            gere_data[key] = str(value)
     gere = build_dataclass(GeReConfig, gere_data, "gere")
 
     training = _check_training_keys(data.get("training"), "training")
@@ -1093,6 +1094,16 @@ class RecipeRunner:
                 "gere.rebuild_store: true."
             )
 
+    def _base_store(self, index: int):
+        """The 'base' store for stage ``index`` > 1, opened here: stage 1 built or checked it against the base model,
+        and later stages' weights differ from it by design (full fine-tuning, adapters merged by 'stack'), which the
+        trainer would otherwise question. None where the trainer opens or builds it itself."""
+        from .reference import ReferenceStates
+
+        if index == 1 or not self.recipe.gere.replay_enabled or self.recipe.gere.reference != "base":
+            return None
+        return ReferenceStates.open(self.store_dir, verify=False)
+
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
 
@@ -1123,7 +1134,7 @@ class RecipeRunner:
                                           rebuild_store=r.gere.rebuild_store and index == 1 and checkpoint is None)
         trainer = GeReSFTTrainer(
             model=model, args=args, train_dataset=task.train, processing_class=self.tokenizer,
-            gere_config=gere_config, replay_set=self.replay,
+            gere_config=gere_config, replay_set=self.replay, reference_states=self._base_store(index),
         )
         entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
                                                 trainer.accelerator.distributed_type))

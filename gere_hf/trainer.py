@@ -1,20 +1,27 @@
 """`GeReTrainer` and `GeReSFTTrainer`: `transformers.Trainer` / `trl.SFTTrainer` with general sample replay.
 
 Replace ``Trainer(...)`` with ``GeReTrainer(..., gere_config=GeReConfig())`` and nothing else in the script changes.
-At the start of ``train()`` the reference store is opened (fingerprint-checked) or built; every micro-batch then
-carries the replay samples the :class:`~gere_hf.schedule.ReplaySchedule` assigns to it. The task part goes through
-the parent's ``compute_loss`` untouched; the replay part is a second forward (replay texts are long, task samples
-short: one padded forward would waste compute), with the final norm's output captured by a forward hook.
+At the start of ``train()`` the reference store is opened (fingerprint- and precision-checked) or built; every
+micro-batch then carries the replay samples the :class:`~gere_hf.schedule.ReplaySchedule` assigns to it. The task
+part goes through the parent's ``compute_loss`` untouched; the replay part is a second forward (replay texts are
+long, task samples short: one padded forward would waste compute), with the final norm's output captured by a hook.
 
-Loss of a micro-batch with replay, as in the official code::
+Loss of an optimizer step (``replay_share='samples'``, the default: every sample counts once, as in the paper's runs
+with per-device batch 1 and gradient accumulation)::
 
-    total = mean(task CE, replay CE) + w · replay term        (term: tm, kl, l1 or l2; none for 'ce')
+    s     = n_replay / (n_task + n_replay)                 (samples in the step, over processes and accumulation)
+    total = (1 − s) · task CE + s · (replay CE + mean_i w_i · term_i)        w_i = sg(replay CE_i) / sg(term_i) ('dy')
+
+With a fixed share ``s`` (``replay_share=0.5``: the official code's formula for a micro-batch holding both kinds)::
+
+    total = (1 − s) · task CE + s · replay CE + mean_i w_i · term_i     w_i = sg((1 − s) · task CE + s · CE_i) / sg(term_i)
 
 Returned already scaled for gradient accumulation (``loss_is_scaled_for_ga = True``): both CE terms are token means
 over the whole optimizer step on all processes (the task CE keeps the parent's ``num_items_in_batch``
-normalisation; the replay CE is divided by the step's replay target count, known from the schedule), so they do not
-depend on how a step is split into micro-batches or processes. The replay term is a per-micro-batch quantity (its
-normaliser counts non-zero hinge terms) and is divided by the number of micro-batches in the step.
+normalisation; the replay CE is divided by the step's replay target count, known from the schedule) and the term is
+a mean over the step's replay samples of per-sample values, so nothing but the fixed share's dynamic weight (which
+uses the micro-batch's task CE, as the official code) depends on how a step is split into micro-batches or
+processes. The equations and their reference are in docs/losses.md.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -33,6 +41,7 @@ from .losses import (
     feature_imitation_loss,
     logit_imitation_loss,
     threshold_margin_loss,
+    token_nll,
 )
 from .models import check_causal_lm, find_final_norm
 from .reference import (
@@ -40,6 +49,8 @@ from .reference import (
     ReferenceStates,
     ReferenceStatesMismatch,
     compute_fingerprint,
+    model_precision,
+    precision_name,
     unpack_labels,
 )
 from .replay import ReplaySet
@@ -47,7 +58,7 @@ from .schedule import ReplaySchedule
 
 logger = logging.getLogger(__name__)
 
-_METRICS = ("task_loss", "replay_ce", "replay_term", "replay_weight")
+_METRICS = ("task_loss", "replay_ce", "replay_term", "replay_weight", "replay_share")
 
 
 class GeReTrainingError(RuntimeError):
@@ -90,13 +101,16 @@ class GeReMixin:
         self._gere_steps_per_epoch = None
         self._gere_last_step = -1
         self._gere_micro = 0
-        self._gere_step_targets = 0
+        self._gere_step = _StepCounts()
+        self._gere_task_samples = None
         self._gere_sums = torch.zeros(2 * len(_METRICS), dtype=torch.float64)
         self._gere_samples_seen = 0
         self._gere_nonfinite_skipped = 0
         self.gere_data_seconds = 0.0
         if self.gere_config.replay_enabled:
             check_causal_lm(self.model)
+            _check_launch(self.args)
+            self._gere_virtual_tokens = virtual_token_count(self.model, self.gere_config.loss)
             self._gere_make_schedule(steps_per_epoch=1)  # a bad replay_per_step fails here, before any work
             if self._gere_tokenizer() is None and reference_states is None and replay_set is None:
                 raise GeReConfigError(
@@ -136,13 +150,28 @@ class GeReMixin:
         store_dir = cfg.store_dir or os.path.join(self.args.output_dir, "gere_store")
         return os.path.join(store_dir, "stage_start") if cfg.reference == "stage_start" else store_dir
 
+    def gere_training_precision(self) -> str:
+        """The precision the training forward computes in: mixed precision (``bf16``/``fp16``, as TrainingArguments
+        or the DeepSpeed config enable it), else the dtype of the model's (base) weights."""
+        ds_config = {}
+        if getattr(self, "is_deepspeed_enabled", False):
+            plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+            ds_config = getattr(plugin, "deepspeed_config", None) or {}
+        for name, flag in (("bfloat16", "bf16"), ("float16", "fp16")):
+            if getattr(self.args, flag, False) or (ds_config.get(flag) or {}).get("enabled") is True:
+                return name
+        return model_precision(self.model)
+
+    def _gere_reference_precision(self) -> str:
+        """What the store must have been recorded at: ``store_dtype`` if the user set it, else the training's."""
+        cfg = self.gere_config
+        return precision_name(cfg.store_dtype) if cfg.store_dtype else self.gere_training_precision()
+
     def _gere_prepare(self) -> None:
         cfg = self.gere_config
         if self.gere_store is None or cfg.reference == "stage_start":
             self.gere_store = self._gere_open_or_build()
-        self.gere_store.require_extras(cfg.store_extras)
-        if abs(self.gere_store.k - cfg.threshold_k) > 1e-12:
-            raise ReferenceStatesMismatch(self.gere_store.path, {"k": (self.gere_store.k, cfg.threshold_k)})
+        self._gere_check_store(self.gere_store)
         tokenizer = self._gere_tokenizer()
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.gere_collator = GeReCollator(
@@ -156,10 +185,40 @@ class GeReMixin:
         self._gere_upper = self.gere_store.upper.to(device)
         self._gere_sums = torch.zeros(2 * len(_METRICS), dtype=torch.float64)
         logger.info(
-            "GeRe: %s replay of %d samples (%d tokens) from %s; %s", cfg.loss, len(self.gere_store),
+            "GeRe: %s replay of %d samples (%d tokens) from %s; %s; replay share %s", cfg.loss, len(self.gere_store),
             self.gere_store.num_tokens, self.gere_store.path,
             f"{cfg.replay_per_step} per optimizer step" if cfg.replay_per_step else "each once per epoch",
+            cfg.replay_share,
         )
+
+    def _gere_check_store(self, store: ReferenceStates) -> None:
+        """What any store, given or opened, must match: the loss's extras, k, and the training precision."""
+        cfg = self.gere_config
+        store.require_extras(cfg.store_extras, cfg.topk if "topk" in cfg.store_extras else None,
+                             cfg.kl_temperature if "topk" in cfg.store_extras else None)
+        if abs(store.k - cfg.threshold_k) > 1e-12:
+            raise ReferenceStatesMismatch(store.path, {"k": (store.k, cfg.threshold_k)})
+        recorded = store.fingerprint.get("precision")
+        wanted = self._gere_reference_precision()
+        if recorded is None:
+            logger.warning("GeRe: the reference store at %s predates recorded precisions; it cannot be checked "
+                           "against this run's %s. Rebuild it (rebuild_store=True) to have it checked.", store.path,
+                           wanted)
+        elif recorded != wanted:
+            training = self.gere_training_precision()
+            how = {"bfloat16": "bf16=True", "float16": "fp16=True"}.get(training, f"weights in {training}")
+            flag = {"bfloat16": "bf16", "float16": "fp16"}.get(training, "fp32")
+            raise ReferenceStatesMismatch(
+                store.path, {"precision": (recorded, wanted)},
+                detail=(
+                    f"The store's reference states were recorded at {recorded}, but this run trains at {training} "
+                    f"({how}): the replay term would compare {training} activations with {recorded} ones, and at the "
+                    "first step it would be rounding noise instead of 0 (multiplied by the dynamic weight). Rebuild "
+                    f"it at the training precision (GeReConfig(rebuild_store=True), or `gere-hf cache ... --dtype "
+                    f"{flag} --rebuild`), or, to use it as it is, ask for its precision explicitly: "
+                    f"GeReConfig(store_dtype={recorded!r})."
+                ),
+            )
 
     def _gere_open_or_build(self) -> ReferenceStates:
         cfg = self.gere_config
@@ -172,21 +231,45 @@ class GeReMixin:
             )
             self.gere_replay = replay
         store_dir = self._gere_store_dir()
-        fingerprint = compute_fingerprint(self.model, replay, cfg.threshold_k)
+        precision = self._gere_reference_precision()
+        fingerprint = compute_fingerprint(self.model, replay, cfg.threshold_k, precision=precision)
         rebuild = cfg.rebuild_store or (cfg.reference == "stage_start" and not self._gere_resuming)
         if ReferenceStates.is_store(store_dir) and not rebuild:
-            # 'base' stores outlive the base weights: later stages open them with a fine-tuned model.
-            fields = [f for f in FINGERPRINT_FIELDS if f != "model_weights"]
+            # 'base' stores outlive the base weights; precision and extras are checked by _gere_check_store.
+            fields = [f for f in FINGERPRINT_FIELDS if f not in ("model_weights", "precision")]
             store = ReferenceStates.open(store_dir, fingerprint, fields=fields)
-            if store.fingerprint["model_weights"] != fingerprint["model_weights"]:
-                logger.info("GeRe: the model's weights differ from the store's base model (expected after stage 1).")
+            self._gere_check_base_weights(store, fingerprint["model_weights"])
             return store
         zero3 = getattr(self, "is_deepspeed_enabled", False) and _zero3()
         return ReferenceStates.build(
-            self.model, replay, store_dir, k=cfg.threshold_k, batch_size=cfg.store_batch_size, dtype=cfg.store_dtype,
+            self.model, replay, store_dir, k=cfg.threshold_k, batch_size=cfg.store_batch_size, dtype=precision,
             extras=cfg.store_extras, topk=cfg.topk, topk_temperature=cfg.kl_temperature,
             reference="base" if cfg.reference == "base" else "current", rebuild=rebuild,
             forward_model=self.model_wrapped if zero3 else None,
+        )
+
+    def _gere_check_base_weights(self, store: ReferenceStates, weights: str) -> None:
+        """A 'base' store is reused by later stages. Under PEFT the adapter-free weights never change in a continual
+        run, so other base weights mean another model: refused. Under full fine-tuning they change by design."""
+        stored = store.fingerprint.get("model_weights")
+        if stored == weights or self.gere_config.reference != "base":
+            return
+        if _is_peft_model(self.model):
+            raise ReferenceStatesMismatch(
+                store.path, {"model_weights": (stored, weights)},
+                detail=(
+                    "The model is a PEFT model whose frozen base weights differ from the base model the store was "
+                    f"recorded from (store {stored}, this model {weights}): adapters never change those weights, so "
+                    "this is another base model. Point store_dir at a store of this base model, or rebuild "
+                    "(GeReConfig(rebuild_store=True)). Adapters merged into the base between stages (stacked "
+                    "adapters) change them too: open the store yourself and pass reference_states=, as "
+                    "`gere-hf run` does."
+                ),
+            )
+        logger.warning(
+            "GeRe: the model's weights (%s) differ from those the reference store at %s was recorded from (%s). "
+            "Expected after stage 1 of full fine-tuning; if this is not a later stage, the store belongs to another "
+            "model: rebuild it.", weights, store.path, stored,
         )
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -197,12 +280,24 @@ class GeReMixin:
 
     # -- the step -----------------------------------------------------------------------------------------------------
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._gere_active:
+            # The step's task samples over all processes: the 'samples' replay share needs them before its first
+            # micro-batch's backward. Every rank fetches a step's batches here, so the reduction is collective-safe.
+            local = sum(count_task_samples(batch) for batch in batch_samples)
+            total = torch.tensor(local, dtype=torch.long, device=device)
+            if self.args.world_size > 1:
+                total = self.accelerator.reduce(total, reduction="sum")
+            self._gere_task_samples = int(total)
+        return batch_samples, num_items_in_batch
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._gere_active:
             step = self.state.global_step
             if step != self._gere_last_step:
                 self._gere_last_step, self._gere_micro = step, 0
-                self._gere_step_targets = self._gere_count_step_targets(step)
+                self._gere_step = self._gere_count_step(step)
             indices = self.gere_schedule.indices(
                 step, self._gere_micro, self.args.process_index, self.current_gradient_accumulation_steps
             )
@@ -212,11 +307,23 @@ class GeReMixin:
             self.gere_data_seconds += time.perf_counter() - t0
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _gere_count_step_targets(self, step: int) -> int:
-        """Replay CE targets in the whole optimizer step, over all processes: the replay CE's normaliser."""
+    def _gere_count_step(self, step: int) -> _StepCounts:
+        """The whole optimizer step over all processes: replay samples and targets (from the schedule), task samples
+        (counted when the step's batches were fetched) and the replay share they give."""
         start, count = self.gere_schedule.step_range(step)
         lengths = self.gere_store.lengths
-        return int(sum(int(lengths[self.gere_schedule.sample_at(p)]) - 1 for p in range(start, start + count)))
+        targets = int(sum(int(lengths[self.gere_schedule.sample_at(p)]) - 1 for p in range(start, start + count)))
+        tasks = self._gere_task_samples
+        if tasks is None:  # batches fetched some other way: assume full micro-batches
+            tasks = self.args.per_device_train_batch_size * self.current_gradient_accumulation_steps * self.args.world_size
+        fixed = self.gere_config.replay_share_value
+        if count == 0:
+            share = 0.0
+        elif fixed is not None:
+            share = fixed
+        else:
+            share = count / (count + tasks)
+        return _StepCounts(replay_samples=count, replay_targets=targets, task_samples=tasks, share=share)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         task_inputs, replay = split_replay_inputs(inputs)
@@ -239,24 +346,35 @@ class GeReMixin:
         scaled = self._gere_task_loss_is_scaled(num_items_in_batch)
         task_part = task_loss if scaled else task_loss / ga
         task_mean = self._gere_task_mean(task_loss, labels, num_items_in_batch, scaled)
-        terms = {"task_loss": task_mean}
-        if not replay:
-            total = task_part
-        else:
-            replay_ce, term = replay_losses
-            terms["replay_ce"] = replay_ce.detach()
-            # Like the task CE, the replay CE is a token mean over the whole optimizer step on all processes (DDP
-            # averages gradients, hence the world size), so it does not depend on how the step is split.
-            local_targets = replay["labels"][..., 1:].ne(-100).sum()
-            replay_ce_part = replay_ce * local_targets * self.args.world_size / max(self._gere_step_targets, 1)
-            total = task_part / 2 + replay_ce_part / 2
+        step = self._gere_step
+        share = step.share
+        terms = {"task_loss": task_mean, "replay_share": torch.tensor(share)}
+        total = (1.0 - share) * task_part
+        if replay_losses is not None:
+            nll_sums, targets, term = replay_losses
+            world = self.args.world_size
+            # Token mean over the step's replay targets on all processes (DDP averages gradients: hence the world
+            # size), so the replay CE does not depend on how the step is split; per sample, its own token mean.
+            replay_ce_part = nll_sums.sum() * world / max(step.replay_targets, 1)
+            sample_ce = nll_sums / targets.clamp(min=1)
+            terms["replay_ce"] = (nll_sums.sum() / targets.sum().clamp(min=1)).detach()
+            fixed_share = self.gere_config.replay_share_value
+            term_part = torch.zeros((), device=replay_ce_part.device)
             if term is not None:
-                fixed = self.gere_config.weight_value
-                weight = dynamic_weight((task_mean + replay_ce.detach()) / 2, term) if fixed is None else fixed
-                total = total + weight * term / ga
-                terms["replay_term"] = term.detach()
-                if term.detach() > 0:  # with a zero term the dynamic weight is CE/1e-8 and multiplies nothing
-                    terms["replay_weight"] = torch.as_tensor(weight, dtype=torch.float32)
+                weight = self.gere_config.weight_value
+                if weight is None:  # 'dy': per sample, w_i · term_i takes the value of the CE it is weighed against
+                    target = sample_ce if fixed_share is None else (1.0 - share) * task_mean + share * sample_ce
+                    weight = dynamic_weight(target, term)
+                weight = torch.as_tensor(weight, dtype=torch.float32, device=term.device).expand_as(term)
+                term_part = (weight * term).sum() * world / max(step.replay_samples, 1)
+                terms["replay_term"] = term.detach().mean()
+                violated = term.detach() > 0  # at a zero term the dynamic weight is CE/1e-8 and multiplies nothing
+                if bool(violated.any()):
+                    terms["replay_weight"] = weight.detach()[violated].mean()
+            if fixed_share is None:
+                total = total + share * (replay_ce_part + term_part)
+            else:
+                total = total + share * replay_ce_part + term_part
             self._gere_samples_seen += int(replay["input_ids"].shape[0])
         total = self._gere_check_finite(total, terms, model)
         self._gere_accumulate(terms)
@@ -277,7 +395,8 @@ class GeReMixin:
         scale = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
         return (task_loss.detach().float() * num_items_in_batch / (scale * local)).float()
 
-    def _gere_replay_losses(self, model, replay: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gere_replay_losses(self, model, replay: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per replay sample: summed next-token NLL, target count, and the replay term (None for 'ce')."""
         loss = self.gere_config.loss
         mask = replay["attention_mask"]
         captured = []
@@ -287,32 +406,35 @@ class GeReMixin:
                 lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
             )
         try:
-            outputs = model(input_ids=replay["input_ids"], attention_mask=mask, labels=replay["labels"], use_cache=False)
+            # No labels: the per-sample NLL below is the one upcast of the logits (the model's own loss would be a
+            # second), and prompt-learning PEFT models would otherwise prepend labels for their virtual tokens.
+            outputs = model(input_ids=replay["input_ids"], attention_mask=mask, use_cache=False)
         finally:
             if handle is not None:
                 handle.remove()
-        replay_ce = outputs.loss.float()
-        if not bool(replay["labels"][..., 1:].ne(-100).any()):
-            # No sample has a target: the token mean is 0/0. Any other NaN/inf is real and must reach the finite check
-            # (zeroed here, it would pass as a CE of 0 while its backward put NaN into the weights).
-            replay_ce = torch.nan_to_num(replay_ce, nan=0.0)
+        # Prompt tuning / P-tuning prepend virtual tokens: they are no replay text, the store has no state for them.
+        skip = self._gere_virtual_tokens
+        logits = outputs.logits[:, skip:]
+        nll, targets = token_nll(logits, replay["labels"])
+        nll_sums, target_counts = nll.sum(dim=1), targets.sum(dim=1)
         if loss == "ce":
-            return replay_ce, None
+            return nll_sums, target_counts, None
         if loss == "kl":
-            term = logit_imitation_loss(outputs.logits, replay["topk_logprobs"], replay["topk_ids"], mask,
-                                        self.gere_config.kl_temperature)
-            return replay_ce, term
-        hidden = captured[-1]
+            term = logit_imitation_loss(logits, replay["topk_logprobs"], replay["topk_ids"], mask,
+                                        self.gere_config.kl_temperature, per_sample=True)
+            return nll_sums, target_counts, term
+        hidden = captured[-1][:, skip:]
         if loss == "tm":
             if "packed_labels" in replay:
                 packed = replay["packed_labels"]
                 labels_tm = unpack_labels(packed).view(*packed.shape[:2], -1)
             else:
                 labels_tm = replay["tm_labels"]
-            term = threshold_margin_loss(hidden, labels_tm, self._gere_lower, self._gere_upper, mask)
+            term = threshold_margin_loss(hidden, labels_tm, self._gere_lower, self._gere_upper, mask, per_sample=True)
         else:
-            term = feature_imitation_loss(hidden, replay["ref_hidden"], mask, p=1 if loss == "l1" else 2)
-        return replay_ce, term
+            term = feature_imitation_loss(hidden, replay["ref_hidden"], mask, p=1 if loss == "l1" else 2,
+                                          per_sample=True)
+        return nll_sums, target_counts, term
 
     def _gere_check_finite(self, total, terms, model):
         if torch.isfinite(total).all():
@@ -358,6 +480,71 @@ class GeReMixin:
                 logs["nonfinite_skipped"] = int(both[-1])
             self._gere_sums.zero_()
         return super().log(logs, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _StepCounts:
+    """One optimizer step, over all processes and accumulation steps."""
+
+    replay_samples: int = 0
+    replay_targets: int = 0
+    task_samples: int = 0
+    share: float = 0.0
+
+
+def count_task_samples(batch: dict) -> int:
+    """Sequences in a task batch: its rows, or for a padding-free packed row (TRL ``padding_free``), the sequences
+    its ``position_ids`` restart at 0 for."""
+    ids = batch.get("input_ids")
+    if ids is None or not hasattr(ids, "shape"):
+        return 0
+    position_ids = batch.get("position_ids")
+    if position_ids is not None and ids.shape[0] == 1 and "attention_mask" not in batch:
+        return max(int((position_ids == 0).sum()), 1)
+    return int(ids.shape[0])
+
+
+def _check_launch(args) -> None:
+    """Launches GeRe cannot train correctly in, refused before any work."""
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise GeReConfigError(
+            f"This process sees {args.n_gpu} GPUs and no distributed launch, so the Trainer would wrap the model in "
+            "torch.nn.DataParallel, which splits each batch across GPUs inside one process. GeRe's replay forward, "
+            "its hooks and its per-step replay counts assume one model replica per process. Launch one process per "
+            "GPU instead: `accelerate launch train.py` or `torchrun --nproc_per_node N train.py` (or limit this "
+            "process to one GPU with CUDA_VISIBLE_DEVICES=0)."
+        )
+
+
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def virtual_token_count(model, loss: str) -> int:
+    """Positions a prompt-learning PEFT model prepends to every input (prompt tuning, P-tuning, CPT): replay terms
+    skip them. Prefix tuning adds none (its prompt lives in the key/value cache). Methods that need per-sample task
+    ids (multitask prompt tuning, Poly) cannot run replay texts, which have none: refused."""
+    if not _is_peft_model(model):
+        return 0
+    from peft import PeftType
+
+    config = model.active_peft_config
+    needs_task_ids = {PeftType.MULTITASK_PROMPT_TUNING, PeftType.POLY}
+    if config.peft_type in needs_task_ids:
+        raise GeReConfigError(
+            f"PEFT {config.peft_type.value} needs task ids for every input, and replay texts have none, so GeRe cannot "
+            "run its replay forward through this model. Use another PEFT method (LoRA, prompt tuning, prefix tuning, "
+            "...) or loss='none'."
+        )
+    if not config.is_prompt_learning or config.peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
+        return 0
+    return int(config.num_virtual_tokens) * int(getattr(config, "num_transformer_submodules", 1) or 1)
 
 
 def _zero3() -> bool:

@@ -107,7 +107,8 @@ def test_replay_term_is_zero_at_the_first_step_when_the_model_is_the_reference(t
     replay, store = replay_store
     trainer = GeReTrainer(model=_model(), args=_args(tmp_path, steps=1), train_dataset=_lm_dataset(),
                           data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
-                          gere_config=GeReConfig(loss=loss, replay_per_step=4, weight="1.0"), reference_states=store)
+                          gere_config=GeReConfig(loss=loss, replay_per_step=4, weight="1.0", topk=8),
+                          reference_states=store)
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["replay_term"] <= bound
@@ -115,46 +116,166 @@ def test_replay_term_is_zero_at_the_first_step_when_the_model_is_the_reference(t
     assert log["replay_ce"] > 0 and log["task_loss"] > 0
 
 
-def test_ce_terms_are_invariant_to_gradient_accumulation(tmp_path, replay_store):
-    """Same global batch as 1×8 or 4×2 micro-batches: the same gradients (task and replay CE are step token means)."""
-    _, store = replay_store
+class _GrabFirstGrads(TrainerCallback):
+    """The gradients of the first optimizer step, before clipping would change them (run with max_grad_norm=0)."""
 
-    class Grab(TrainerCallback):
-        def __init__(self):
-            self.grads = None
+    def __init__(self):
+        self.grads = None
 
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            if self.grads is None:
-                self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-
-    grads = []
-    for bs, ga in ((8, 1), (2, 4)):
-        grab = Grab()
-        trainer = GeReTrainer(model=_model(), args=_args(tmp_path, bs=bs, ga=ga, steps=1, max_grad_norm=0.0),
-                              train_dataset=_lm_dataset(), data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
-                              processing_class=TOK, callbacks=[grab],
-                              gere_config=GeReConfig(loss="ce", replay_per_step=4), reference_states=store)
-        trainer.train()
-        grads.append(grab.grads)
-    for name in grads[0]:
-        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4), name
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_logged_terms_match_the_loss_definitions(tmp_path, replay_store):
-    """One step, GA 1, fixed weight: the logged loss equals mean(task CE, replay CE) + w·TM."""
-    _, store = replay_store
+def _perturbed_model():
+    """The store's model with its final norm scaled: the TM term is then non-zero from the first step."""
     model = _model()
-    # Perturb the model so the TM term is non-zero.
     with torch.no_grad():
         model.model.norm.weight.mul_(1.5)
-    trainer = GeReTrainer(model=model, args=_args(tmp_path, steps=1), train_dataset=_lm_dataset(),
+    return model
+
+
+@pytest.mark.parametrize("loss,weight,share", [
+    ("ce", "dy", "samples"), ("tm", "dy", "samples"), ("tm", "1.0", "samples"), ("tm", "1.0", "0.5"),
+    ("kl", "2.0", "0.25"), ("l2", "dy", "samples"),
+])
+def test_step_is_invariant_to_how_it_is_split_into_micro_batches(tmp_path, replay_store, loss, weight, share):
+    """1 micro-batch of 8 or 4 micro-batches of 2: the same step, the same gradients and loss (CE terms are step
+    token means, replay terms means of per-sample values, the share counts the step's samples). The 2-process case
+    is in test_trainer_distributed.py."""
+    _, store = replay_store
+    runs = []
+    for bs, ga in ((8, 1), (2, 4)):
+        grab = _GrabFirstGrads()
+        trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=bs, ga=ga, steps=1, max_grad_norm=0.0),
+                              train_dataset=_lm_dataset(), data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                              processing_class=TOK, callbacks=[grab],
+                              gere_config=GeReConfig(loss=loss, weight=weight, replay_share=share, replay_per_step=4,
+                                                     topk=8), reference_states=store)
+        trainer.train()
+        runs.append((grab.grads, trainer.state.log_history[0]))
+    (grads_a, log_a), (grads_b, log_b) = runs
+    assert log_a["loss"] == pytest.approx(log_b["loss"], rel=1e-5)
+    assert log_a["replay_share"] == log_b["replay_share"] == pytest.approx(4 / 12 if share == "samples" else float(share))
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _same_length_lm_dataset(n=8):
+    """Task texts of one length (ByT5 is byte-level): every sample has the same number of targets."""
+    ds = Dataset.from_dict({"text": [f"Q: {i:02d} plus {i:02d}? A: {2 * i:03d}." for i in range(n)]})
+    return ds.map(lambda b: TOK(b["text"]), batched=True, remove_columns=["text"])
+
+
+def test_samples_share_matches_the_official_per_sample_loop(tmp_path):
+    """The paper's runs: per-device batch 1 with gradient accumulation over the step's samples, each micro-batch one
+    sample: a task sample contributes its CE, a replay sample its CE + w·TM with w = CE/TM ('dy'), each divided by
+    the number of micro-batches. Written out here, on 8 task and 4 replay samples of one token count; GeReTrainer
+    with the default replay_share='samples' must give the same loss and gradients in one micro-batch of 8."""
+    from gere_hf.losses import threshold_margin_loss
+    from gere_hf.reference import unpack_labels
+
+    tasks = _same_length_lm_dataset(8)
+    length = len(tasks[0]["input_ids"])  # with the eos the tokenizer appends
+    texts = [(f"Replay {i} " + "abcdefghijklmnopqrstuvwxyz"[i:]) * 4 for i in range(4)]
+    replay = ReplaySet.from_texts([t[:length] for t in texts], TOK, max_length=64)  # no eos: the same token count
+    assert set(replay.lengths) == {length}
+    store = ReferenceStates.build(_model(), replay, str(tmp_path / "store"), batch_size=4, progress=False)
+
+    # The official formulation, written out.
+    model = _perturbed_model()
+    norm_out = []
+    model.model.norm.register_forward_hook(lambda _m, _i, out: norm_out.append(out))
+    micro_batches = len(tasks) + len(replay)
+    total = 0.0
+    for row in tasks:
+        ids = torch.tensor([row["input_ids"]])
+        loss_i = model(input_ids=ids, labels=ids).loss
+        (loss_i / micro_batches).backward()
+        total += float(loss_i) / micro_batches
+    for i in range(len(replay)):
+        ids = torch.tensor([replay.input_ids[i]])
+        out = model(input_ids=ids, labels=ids)
+        labels = unpack_labels(torch.from_numpy(store.packed_labels(i).copy()), length * store.hidden_size)
+        tm = threshold_margin_loss(norm_out[-1], labels.view(1, length, -1), store.lower, store.upper,
+                                   torch.ones(1, length))
+        assert tm > 0
+        w = out.loss.detach() / (tm.detach() + 1e-8)
+        loss_i = out.loss + w * tm
+        (loss_i / micro_batches).backward()
+        total += float(loss_i) / micro_batches
+    official = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    grab = _GrabFirstGrads()
+    trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=8, steps=1, max_grad_norm=0.0),
+                          train_dataset=tasks, data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                          processing_class=TOK, callbacks=[grab], reference_states=store,
+                          gere_config=GeReConfig(loss="tm", replay_per_step=4))
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["replay_share"] == pytest.approx(4 / 12)
+    assert log["loss"] == pytest.approx(total, abs=1e-5, rel=0)
+    for name, grad in official.items():
+        torch.testing.assert_close(grab.grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("share", ["samples", "0.5"])
+def test_logged_terms_match_the_loss_definitions(tmp_path, replay_store, share):
+    """One step, GA 1, fixed weight w: 'samples' logs (1 − s)·task + s·(replay CE + w·TM) with s = 4/(8 + 4); a fixed
+    share s logs (1 − s)·task + s·replay CE + w·TM (the official mixed micro-batch formula at s = ½)."""
+    _, store = replay_store
+    trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=8, steps=1), train_dataset=_lm_dataset(),
                           data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
-                          gere_config=GeReConfig(loss="tm", replay_per_step=4, weight="0.5"), reference_states=store)
+                          gere_config=GeReConfig(loss="tm", replay_per_step=4, weight="0.5", replay_share=share),
+                          reference_states=store)
     trainer.train()
     log = trainer.state.log_history[0]
     assert log["replay_term"] > 0
-    expected = (log["task_loss"] + log["replay_ce"]) / 2 + 0.5 * log["replay_term"]
+    s = log["replay_share"]
+    if share == "samples":
+        assert s == pytest.approx(4 / 12)
+        expected = (1 - s) * log["task_loss"] + s * (log["replay_ce"] + 0.5 * log["replay_term"])
+    else:
+        assert s == 0.5
+        expected = (log["task_loss"] + log["replay_ce"]) / 2 + 0.5 * log["replay_term"]
     assert log["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_dynamic_weight_makes_the_term_worth_the_replay_ce(tmp_path, replay_store):
+    """'dy' with the default share: w_i·TM_i = replay CE_i, so the step loss is (1 − s)·task + 2·s·replay CE (as in
+    the official code's replay-only micro-batch), not the mean of task and replay CE."""
+    _, store = replay_store
+    trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=8, steps=1), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="tm", replay_per_step=4), reference_states=store)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    s = log["replay_share"]
+    assert log["replay_term"] > 0
+    # The replay CE is a token mean, the dy term a mean of per-sample CEs: equal up to the samples' lengths.
+    assert log["loss"] == pytest.approx((1 - s) * log["task_loss"] + 2 * s * log["replay_ce"], rel=0.05)
+
+
+def test_replay_share_default_counts_the_epoch_mix(tmp_path, replay_store):
+    """Without replay_per_step every replay sample is used once per epoch: the share of a step is its replay
+    samples over all of its samples (24 replay samples spread over 8 steps of 4 task samples: 3 / 7)."""
+    _, store = replay_store
+    args = TrainingArguments(str(tmp_path / "epoch"), per_device_train_batch_size=4, num_train_epochs=1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_steps=1)
+    trainer = GeReTrainer(model=_model(), args=args, train_dataset=_lm_dataset(32),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="ce"), reference_states=store)
+    trainer.train()
+    shares = [h["replay_share"] for h in trainer.state.log_history if "loss" in h]
+    assert len(shares) == 8 and all(x == pytest.approx(3 / 7) for x in shares)
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5", "-0.1", "half", "nan"])
+def test_bad_replay_share_is_refused(bad):
+    from gere_hf import GeReConfigError
+
+    with pytest.raises(GeReConfigError, match="replay_share"):
+        GeReConfig(replay_share=bad)
 
 
 def test_sft_trainer_with_tm_and_peft_config_trains_and_logs(tmp_path):
@@ -213,6 +334,57 @@ def test_store_for_another_replay_set_is_refused(tmp_path, replay_store):
         trainer.train()
 
 
+def test_data_parallel_is_refused_before_training(tmp_path):
+    """Plain `python train.py` on a multi-GPU machine: the Trainer would wrap the model in torch.nn.DataParallel.
+    No such machine here: the arguments are told they see 2 GPUs in one process (what _setup_devices records there)."""
+    from gere_hf import GeReConfigError
+
+    args = _args(tmp_path)
+    _ = args.n_gpu
+    args._n_gpu = 2
+    with pytest.raises(GeReConfigError, match=r"DataParallel.*accelerate launch"):
+        GeReTrainer(model=_model(), args=args, train_dataset=_lm_dataset(), processing_class=TOK,
+                    gere_config=GeReConfig(loss="tm"))
+    GeReTrainer(model=_model(), args=args, train_dataset=_lm_dataset(), processing_class=TOK,
+                gere_config=GeReConfig(loss="none"))  # without replay GeRe adds nothing to break
+
+
+def test_store_of_other_frozen_base_weights_is_refused_under_peft(tmp_path, replay_store, caplog):
+    """Under PEFT the adapter-free weights never change in a continual run: a store at store_dir recorded from other
+    base weights belongs to another model. Full fine-tuning changes them by design: a warning with both hashes."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+
+    replay, store = replay_store
+    other = get_peft_model(_model(seed=1), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    gere = GeReConfig(loss="tm", replay_per_step=4, store_dir=store.path, topk=8)
+    trainer = GeReTrainer(model=other, args=_args(tmp_path / "peft", steps=1), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=gere, replay_set=replay)
+    with pytest.raises(ReferenceStatesMismatch, match=r"(?s)model_weights.*frozen base weights differ") as info:
+        trainer.train()
+    stored, ours = info.value.differences["model_weights"]
+    assert stored in str(info.value) and ours in str(info.value) and stored != ours
+    trainer = GeReTrainer(model=_model(seed=1), args=_args(tmp_path / "full", steps=1), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=gere, replay_set=replay)
+    with caplog.at_level(logging.WARNING, logger="gere_hf.trainer"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "weights" in r.getMessage()]
+    assert len(warned) == 1 and stored in warned[0] and ours in warned[0]
+
+
+def test_kl_store_of_another_temperature_is_refused(tmp_path, replay_store):
+    _, store = replay_store
+    trainer = GeReTrainer(model=_model(), args=_args(tmp_path, steps=1), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="kl", topk=8, kl_temperature=4.0, replay_per_step=4),
+                          reference_states=store)
+    with pytest.raises(ReferenceStatesMismatch, match="topk_temperature"):
+        trainer.train()
+
+
 def test_model_without_final_norm_is_refused(tmp_path):
     from gere_hf import UnsupportedModelError
 
@@ -235,16 +407,66 @@ def test_nonfinite_loss_stops_naming_the_step_and_term(tmp_path, replay_store):
         trainer.train()
 
 
-@pytest.mark.parametrize("option", ["gradient_checkpointing", "bf16"])
-def test_tm_works_with_gradient_checkpointing_and_bf16(tmp_path, replay_store, option):
+def test_tm_works_with_gradient_checkpointing(tmp_path, replay_store):
     _, store = replay_store
-    trainer = GeReTrainer(model=_model(), args=_args(tmp_path, steps=2, **{option: True}), train_dataset=_lm_dataset(),
-                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
-                          gere_config=GeReConfig(loss="tm", replay_per_step=4), reference_states=store)
+    trainer = GeReTrainer(model=_model(), args=_args(tmp_path, steps=2, gradient_checkpointing=True),
+                          train_dataset=_lm_dataset(), data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                          processing_class=TOK, gere_config=GeReConfig(loss="tm", replay_per_step=4),
+                          reference_states=store)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
-    assert logs[0]["replay_term"] <= (1e-6 if option == "gradient_checkpointing" else 0.5)
+    assert logs[0]["replay_term"] <= 1e-6
+
+
+def _bf16_run(tmp_path, store, name, bf16=True, **gere):
+    trainer = GeReTrainer(model=_model(), args=_args(tmp_path / name, steps=2, bf16=bf16), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="tm", replay_per_step=4, **gere), reference_states=store)
+    return trainer
+
+
+def test_store_recorded_at_another_precision_than_training_is_refused(tmp_path, replay_store):
+    """An fp32 model with bf16=True trains under (CPU) autocast; a store cached outside train() in fp32 would make
+    the first-step TM rounding noise times the dynamic weight. Refused before the first step, naming both."""
+    _, store = replay_store
+    assert store.fingerprint["precision"] == "float32"
+    trainer = _bf16_run(tmp_path, store, "refused")
+    with pytest.raises(ReferenceStatesMismatch, match=r"(?s)recorded at float32.*trains at bfloat16.*--dtype bf16"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    # Asked for explicitly, it runs, and shows what the refusal prevents: a non-zero first-step term at a huge weight.
+    trainer = _bf16_run(tmp_path, store, "explicit", store_dtype="float32")
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["replay_term"] > 0 and first["grad_norm"] > 100
+
+
+def test_bf16_training_with_a_store_recorded_at_bf16(tmp_path):
+    """A store cached outside train() at the training precision (`gere-hf cache --dtype bf16`): TM exactly 0 at the
+    first step, and the first step's gradient norm within 1 % of the bf16=False run with an fp32 store."""
+    replay = ReplaySet.from_texts(REPLAY_TEXTS, TOK, max_length=64)
+    fp32 = ReferenceStates.build(_model(), replay, str(tmp_path / "fp32"), batch_size=4, progress=False)
+    bf16 = ReferenceStates.build(_model(), replay, str(tmp_path / "bf16"), batch_size=4, dtype="bf16", progress=False)
+    assert bf16.fingerprint["precision"] == "bfloat16" and bf16.manifest["precision"] == "bfloat16"
+    first = {}
+    for name, store, on in (("fp32", fp32, False), ("bf16", bf16, True)):
+        trainer = _bf16_run(tmp_path, store, name, bf16=on)
+        trainer.train()
+        first[name] = trainer.state.log_history[0]
+    assert first["bf16"]["replay_term"] == 0.0 and first["fp32"]["replay_term"] == 0.0
+    assert first["bf16"]["grad_norm"] == pytest.approx(first["fp32"]["grad_norm"], rel=0.01)
+
+
+def test_store_built_inside_train_records_the_training_precision(tmp_path):
+    trainer = GeReTrainer(model=_model(), args=_args(tmp_path, steps=1, bf16=True), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="tm", replay_source=_replay_dataset(), replay_num_samples=12,
+                                                 replay_max_length=48, replay_per_step=4,
+                                                 store_dir=str(tmp_path / "store")))
+    trainer.train()
+    assert trainer.gere_store.fingerprint["precision"] == "bfloat16"
+    assert trainer.state.log_history[0]["replay_term"] == 0.0
 
 
 def test_default_mix_uses_every_replay_sample_once_per_epoch(tmp_path, replay_store):

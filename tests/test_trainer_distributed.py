@@ -20,7 +20,7 @@ from gere_hf.models import tiny_llama
 
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
-TERMS = ("loss", "task_loss", "replay_ce", "replay_term", "replay_samples_seen")
+TERMS = ("loss", "task_loss", "replay_ce", "replay_term", "replay_share", "replay_samples_seen")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,16 @@ def test_ddp_replay_mix_is_exact_and_terms_match_one_process(tmp_path, store_pat
         assert r["max_steps"] == r["global_step"] == r["lr_scheduler_steps"] == 5
     _assert_same_logs(ref, ranks[0], rtol=1e-4)
     assert ranks[0]["files_written"] is not None and ranks[1]["files_written"] is None
+
+
+@pytest.mark.parametrize("share,weight", [("0.5", "1.0"), ("samples", "1.0")])
+def test_ddp_step_loss_matches_one_process_for_every_share_option(tmp_path, store_path, share, weight):
+    """2 processes × 2 accumulation steps against 1 process × 4: the same step, whatever the replay share."""
+    ref = _run(tmp_path, store_path, "single", 1, mode="single", ga=4, steps=3, replay_share=share, weight=weight)[0]
+    ranks = _run(tmp_path, store_path, "ddp", 2, mode="ddp", ga=2, steps=3, replay_share=share, weight=weight)
+    _assert_same_logs(ref, ranks[0], rtol=1e-4)
+    expected = 0.5 if share == "0.5" else 4 / (4 + 2 * 4)  # 4 replay samples, 2 per micro-batch × 4 micro-batches
+    assert all(log["replay_share"] == pytest.approx(expected) for log in ranks[0]["logs"])
 
 
 @pytest.fixture(scope="module")

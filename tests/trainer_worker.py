@@ -1,7 +1,7 @@
 """Run by torchrun from tests/test_trainer_distributed.py: one GeReTrainer run, its logs and replay mix to JSON.
 
 Usage: trainer_worker.py CONFIG.json  (keys: out, store, mode in {single, ddp, zero2, zero3}, peft, loss, bs, ga,
-steps, replay_per_step)
+steps, replay_per_step, replay_share, weight)
 """
 
 import json
@@ -48,7 +48,8 @@ def main(path):
     trainer = RecordingTrainer(
         model=model, args=args, train_dataset=ds, data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok, reference_states=store,
-        gere_config=GeReConfig(loss=cfg["loss"], replay_per_step=cfg.get("replay_per_step")),
+        gere_config=GeReConfig(loss=cfg["loss"], replay_per_step=cfg.get("replay_per_step"),
+                               replay_share=cfg.get("replay_share", "samples"), weight=cfg.get("weight", "dy")),
     )
     trainer.train()
     rank = trainer.args.process_index
