@@ -365,23 +365,25 @@ def test_two_process_torchrun_build_equals_single_process(tiny_model, replay, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(TESTS_DIR, "dist_build_worker.py"), "--out", str(out), "--log-dir", str(logs),
-           "--max-length", str(MAX_LENGTH), "--batch-size", "3", "--chunk-size", "4"]
+           "--max-length", str(MAX_LENGTH), "--batch-size", "3", "--chunk-size", "5"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = [json.loads((logs / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    single = build(tiny_model, replay, tmp_path / "single", batch_size=3, chunk_size=4)
+    single = build(tiny_model, replay, tmp_path / "single", batch_size=3, chunk_size=5)
     assert data_files(out) == data_files(single.path)
     assert manifest_without_build(out) == manifest_without_build(single.path)
 
     # The work was split (chunk c on rank c % 2), and only rank 0 wrote the manifest.
-    num_chunks = -(-len(replay) // 4)
+    num_chunks = -(-len(replay) // 5)
     for r, record in enumerate(ranks):
         assert record["world"] == 2 and record["num_samples"] == len(replay)
         assert record["fingerprint"] == single.fingerprint
         chunks = sorted({name.split("/")[1][:11] for name in record["writes"] if name.startswith(f"{BUILDING}/chunk-")})
         assert chunks == [f"chunk-{c:05d}" for c in range(num_chunks) if c % 2 == r]
-        assert record["forwards"] > 0
+    # 24 samples in chunks of 5: rank 0 has 3 chunks (6 batches of 3), rank 1 has 2 (4 batches); under a sharded
+    # model (ZeRO-3, FSDP) every forward is collective, so rank 1 pads with 2 empty forwards.
+    assert ranks[0]["forwards"] == ranks[1]["forwards"] == 6
     assert MANIFEST in ranks[0]["writes"]
     assert not [name for name in ranks[1]["writes"] if not name.startswith(f"{BUILDING}/chunk-")]
 
@@ -596,6 +598,17 @@ def test_tokenizer_without_pad_token(tokenizer, tiny_model, tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------------------------------
 # Token width, format versions, KL extras
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_rank_plans_the_same_number_of_forwards():
+    """The forward-count plan of a multi-process build (what sharded models need: every forward gathers weights)."""
+    from gere_hf.reference import _Plan, padding_forwards_per_rank
+
+    plan = _Plan.make([10] * 24, batch_size=3, chunk_size=5)  # 5 chunks: 5, 5, 5, 5, 4 samples -> 2 batches each
+    todo = [[c for c in range(5) if c % 2 == r] for r in range(2)]
+    assert padding_forwards_per_rank(plan, todo) == [0, 2]
+    assert padding_forwards_per_rank(plan, [[0, 1], []]) == [0, 4]  # a rank whose chunks are all done (resumed)
+    assert padding_forwards_per_rank(plan, [list(range(5))]) == [0]
 
 
 def test_token_ids_use_the_narrowest_width_that_holds_the_vocabulary():
