@@ -42,7 +42,7 @@ MIN_CONTAINED_CHARS = 32
 """Containment counts as overlap for texts of at least this many normalised characters: a label, a name or a short
 phrase inside a longer text is not shared data, while a sentence is. Equal texts overlap whatever their length."""
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 def normalize_text(text: str) -> str:
@@ -141,20 +141,21 @@ class ExcludedTexts:
 
 
 def take_disjoint(
-    candidates: Iterable[T],
+    candidates: Iterable[_T],
     num: int | None,
     exclude: ExcludedTexts | None,
-    texts_of: Callable[[T], str | Iterable[str]],
-) -> tuple[list[T], dict[str, int], int]:
+    texts_of: Callable[[_T], str | Iterable[str]] | None,
+) -> tuple[list[_T], dict[str, int], int]:
     """The first ``num`` candidates (all when ``None``), in the given order, whose texts overlap nothing in
     ``exclude``; the overlapping ones are passed over.
 
+    ``texts_of(candidate)`` gives the candidate's texts (one or several); it is not called without ``exclude``.
     Returns ``(chosen, dropped, examined)``: ``dropped`` counts the candidates passed over per group of ``exclude``,
     ``examined`` the candidates looked at (the walk stops once it has ``num``). Without overlaps the choice is the
     first ``num`` candidates, exactly what a plain cut of the same order takes.
     """
     dropped = {name: 0 for name in exclude.names} if exclude is not None else {}
-    chosen: list[T] = []
+    chosen: list[_T] = []
     examined = 0
     for candidate in candidates:
         if num is not None and len(chosen) >= num:
