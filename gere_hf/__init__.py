@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 # Public names load on first use: `gere-hf inspect` should not pay for importing trl and the Trainer stack.
 _LAZY = {
+    "ExcludedTexts": ".replay",
     "GeReCollator": ".collator",
     "GeReConfig": ".config",
     "GeReConfigError": ".config",
@@ -26,6 +27,7 @@ _LAZY = {
     "load_replay_texts": ".replay",
     "logit_imitation_loss": ".losses",
     "replay_heldout_texts": ".replay",
+    "select_heldout_texts": ".replay",
     "threshold_labels": ".losses",
     "threshold_margin_loss": ".losses",
 }
@@ -46,6 +48,7 @@ def __dir__():
 
 
 __all__ = [  # noqa: F822 (lazily provided by __getattr__)
+    "ExcludedTexts",
     "GeReCollator",
     "GeReConfig",
     "GeReConfigError",
@@ -68,6 +71,7 @@ __all__ = [  # noqa: F822 (lazily provided by __getattr__)
     "load_replay_texts",
     "logit_imitation_loss",
     "replay_heldout_texts",
+    "select_heldout_texts",
     "threshold_labels",
     "threshold_margin_loss",
 ]

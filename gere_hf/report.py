@@ -258,6 +258,7 @@ def _markdown_report(results: dict) -> str:
         ))
     else:
         out.append("Not measured (no held-out general texts were given).")
+    out += _data_overlap_lines(results.get("data_overlap"))
 
     lm_eval = [e for e in results.get("lm_eval") or [] if e.get("results")]
     if lm_eval:
@@ -282,6 +283,28 @@ def _markdown_report(results: dict) -> str:
     if versions:
         out += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
     return "\n".join(out) + "\n"
+
+
+def _data_overlap_lines(overlap: Any) -> list[str]:
+    """What the recipe runner passed over to keep the evaluation data apart from the replay texts."""
+    if not isinstance(overlap, dict):
+        return []
+    replay = overlap.get("replay") or {}
+    lines = ["", "Evaluation data kept disjoint from the "
+             + (f"{replay['num_texts']} replay texts" if replay.get("num_texts") is not None else "replay texts")
+             + f" ({overlap.get('rule', 'by content')}):"]
+    general = overlap.get("general")
+    if isinstance(general, dict):
+        dropped = general.get("dropped") or {}
+        lines.append(f"held-out texts: {general.get('num_texts')} taken from {general.get('source')}; of the "
+                     f"{general.get('examined')} candidates examined, {dropped.get('replay', 0)} overlapped the replay "
+                     f"texts and {dropped.get('tasks', 0)} the tasks' texts (passed over).")
+    tasks = overlap.get("tasks") or {}
+    if tasks:
+        lines.append("Task eval examples passed over as overlapping the replay texts: "
+                     + ", ".join(f"`{name}` {_fmt_any(t.get('eval_dropped_overlap'))}" for name, t in tasks.items())
+                     + ".")
+    return lines
 
 
 def _fmt_any(value: Any) -> str:

@@ -13,6 +13,12 @@ which are located and read as data, never imported:
 * ``trivia``: short-answer trivia questions of ``chatterbot-corpus``, free-form.
 
 Any ``datasets.Dataset`` / ``DatasetDict`` becomes a task with :func:`task_from_dataset`.
+
+``exclude=`` (of :func:`load_builtin_task` and :func:`task_from_dataset`) keeps the eval examples apart from other
+data, usually the replay texts (:class:`gere_hf.replay.ExcludedTexts`): an eval candidate whose prompt, completion or
+source text (the article, the review, the fields the prompt is built from) overlaps them is passed over before the
+selection, and the next candidate takes its place. Train examples may overlap them: training on a prompt that also
+is a replay text leaks nothing into the evaluation.
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ import os
 import random
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 
-from .replay import offline_package_dir
+from .replay import ExcludedTexts, offline_package_dir, take_disjoint
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,9 @@ class Task:
         choices: the candidate completions of a closed task (each eval completion is one of them), or ``None`` for a
             free-form task.
         meta: free-form description of where the data comes from (source, seed, labels, ...).
+        source_texts: the texts the examples were built from, per split (``{"train": [...], "eval": [...]}``): the
+            article of a ``wiki_topic`` prompt, the review, the dataset fields a template reads. With the prompts and
+            completions they are what held-out general text must not overlap (:meth:`texts`).
     """
 
     name: str
@@ -62,6 +71,7 @@ class Task:
     eval: datasets.Dataset
     choices: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    source_texts: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for split, ds in (("train", self.train), ("eval", self.eval)):
@@ -87,6 +97,15 @@ class Task:
                     "Add them to choices (mind the leading space completions usually carry), or pass choices=None "
                     "for a free-form task."
                 )
+
+    def texts(self) -> list[str]:
+        """Every text of the task: the prompts and completions of both splits and the texts they were built from."""
+        out: list[str] = []
+        for ds in (self.train, self.eval):
+            out += list(ds["prompt"]) + list(ds["completion"])
+        for split in ("train", "eval"):
+            out += list(self.source_texts.get(split, []))
+        return out
 
     @property
     def scoring(self) -> str:
@@ -144,17 +163,55 @@ def _stratified(buckets: Sequence[Sequence[Any]]) -> list[Any]:
     return [bucket[i] for i in range(depth) for bucket in buckets]
 
 
-def _split_balanced(items: list[Any], num_train: int, num_eval: int, seed: int, name: str) -> tuple[list, list]:
-    """Eval takes the head of the round-robin order (balanced), train the next ``num_train``; each is then shuffled."""
+def _split_balanced(
+    buckets: Sequence[Sequence[Any]],
+    num_train: int,
+    num_eval: int,
+    seed: int,
+    name: str,
+    labels: Sequence[str],
+    exclude: ExcludedTexts | None = None,
+    texts_of: Callable[[Any], Iterable[str]] | None = None,
+) -> tuple[list, list, int]:
+    """Eval takes the head of the round-robin order over the classes (balanced), train the next ``num_train``; each is
+    then shuffled. Returns ``(train, eval, dropped)``.
+
+    With ``exclude``, an eval candidate whose texts overlap it is passed over within its class (the next one of the
+    class takes its place) and left to train; without overlaps the split is the plain cut of the round-robin order.
+    """
+    order = _stratified(buckets)
+    _check_sizes(name, num_train, num_eval, len(order))
+    depth, k = min(len(b) for b in buckets), len(buckets)
+    per_class, dropped = [], 0
+    for c, bucket in enumerate(buckets):
+        need = num_eval // k + (c < num_eval % k)  # what the class contributes to the head of the round-robin order
+        chosen, passed, _ = take_disjoint(bucket[:depth], need, exclude, texts_of)
+        dropped += sum(passed.values())
+        if len(chosen) < need:
+            left = [len(take_disjoint(b[:depth], None, exclude, texts_of)[0]) for b in buckets]
+            most = max(e for e in range(num_eval + 1) if all(e // k + (j < e % k) <= n for j, n in enumerate(left)))
+            raise TaskDataError(
+                f"Task {name!r}: num_eval={num_eval} takes {need} eval examples of class {labels[c]!r}, but only "
+                f"{len(chosen)} of its {depth} are left after dropping {depth - len(chosen)} that overlap the "
+                f"excluded texts. Lower num_eval to at most {most} (eval stays class-balanced), or exclude fewer texts."
+            )
+        per_class.append(chosen)
+    eval_items = [per_class[c][i] for i in range(max(len(x) for x in per_class)) for c in range(k)
+                  if i < len(per_class[c])]
+    taken = set(eval_items)
+    train_items = [x for x in order if x not in taken][:num_train]
     rng = random.Random(f"gere-task-{name}-{seed}")
-    eval_items = items[:num_eval]
-    train_items = items[num_eval : num_eval + num_train]
     rng.shuffle(eval_items)
     rng.shuffle(train_items)
-    return train_items, eval_items
+    return train_items, eval_items, dropped
 
 
-def _wiki_topic(num_train: int, num_eval: int, seed: int) -> Task:
+def _overlap_meta(exclude: ExcludedTexts | None, dropped: int) -> dict:
+    """What the task's meta records of the exclusion (nothing without one)."""
+    return {} if exclude is None else {"eval_dropped_overlap": dropped}
+
+
+def _wiki_topic(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
     from .replay import ReplayDataError, wiki_articles, wiki_disjoint_indices
 
     try:
@@ -170,9 +227,6 @@ def _wiki_topic(num_train: int, num_eval: int, seed: int) -> Task:
         topic = articles[i][1]
         if topic in WIKI_TOPIC_LABELS:
             buckets[topics.index(topic)].append(i)
-    order = _stratified(buckets)
-    _check_sizes("wiki_topic", num_train, num_eval, len(order))
-    train_idx, eval_idx = _split_balanced(order, num_train, num_eval, seed, "wiki_topic")
 
     def pair(i: int) -> tuple[str, str]:
         _, topic, text = articles[i]
@@ -180,6 +234,10 @@ def _wiki_topic(num_train: int, num_eval: int, seed: int) -> Task:
         snippet = " ".join(words[:WIKI_TOPIC_WORDS]) + (" ..." if len(words) > WIKI_TOPIC_WORDS else "")
         return f"Article: {snippet}\nTopic:", " " + WIKI_TOPIC_LABELS[topic]
 
+    train_idx, eval_idx, dropped = _split_balanced(
+        buckets, num_train, num_eval, seed, "wiki_topic", [WIKI_TOPIC_LABELS[t] for t in topics], exclude,
+        lambda i: (articles[i][2], *pair(i)),
+    )
     return Task(
         "wiki_topic",
         _make_dataset([pair(i) for i in train_idx]),
@@ -190,11 +248,13 @@ def _wiki_topic(num_train: int, num_eval: int, seed: int) -> Task:
             "seed": seed,
             "train_indices": train_idx,
             "eval_indices": eval_idx,
+            **_overlap_meta(exclude, dropped),
         },
+        source_texts={"train": [articles[i][2] for i in train_idx], "eval": [articles[i][2] for i in eval_idx]},
     )
 
 
-def _polarity(num_train: int, num_eval: int, seed: int) -> Task:
+def _polarity(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
     path = os.path.join(offline_package_dir("gensim", error=TaskDataError), "test", "test_data", "pang_lee_polarity.cor")
     if not os.path.isfile(path):
         raise TaskDataError(
@@ -213,19 +273,21 @@ def _polarity(num_train: int, num_eval: int, seed: int) -> Task:
                 by_label[label].append(text)
     for label, texts in by_label.items():  # the file lists each class in a block; shuffle within a class first
         random.Random(f"gere-task-polarity-{label}-{seed}").shuffle(texts)
-    order = _stratified([[(t, " negative") for t in by_label["neg"]], [(t, " positive") for t in by_label["pos"]]])
-    _check_sizes("polarity", num_train, num_eval, len(order))
-    train, eval_ = _split_balanced(order, num_train, num_eval, seed, "polarity")
+    buckets = [[(t, " negative") for t in by_label["neg"]], [(t, " positive") for t in by_label["pos"]]]
 
     def pair(item: tuple[str, str]) -> tuple[str, str]:
         return f"Review: {item[0]}\nSentiment:", item[1]
 
+    train, eval_, dropped = _split_balanced(buckets, num_train, num_eval, seed, "polarity", ["negative", "positive"],
+                                            exclude, lambda x: (x[0], *pair(x)))
     return Task(
         "polarity",
         _make_dataset([pair(x) for x in train]),
         _make_dataset([pair(x) for x in eval_]),
         choices=[" negative", " positive"],
-        meta={"source": "gensim test data pang_lee_polarity.cor (Pang & Lee sentence polarity)", "seed": seed},
+        meta={"source": "gensim test data pang_lee_polarity.cor (Pang & Lee sentence polarity)", "seed": seed,
+              **_overlap_meta(exclude, dropped)},
+        source_texts={"train": [t for t, _ in train], "eval": [t for t, _ in eval_]},
     )
 
 
@@ -269,24 +331,35 @@ def trivia_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
-def _trivia(num_train: int, num_eval: int, seed: int) -> Task:
+def _trivia(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
     pairs = trivia_pairs()
     _check_sizes("trivia", num_train, num_eval, len(pairs))
     order = list(range(len(pairs)))
     random.Random(f"gere-task-trivia-{seed}").shuffle(order)
-    eval_idx, train_idx = order[:num_eval], order[num_eval : num_eval + num_train]
 
     def pair(i: int) -> tuple[str, str]:
         question, answer = pairs[i]
         return f"Question: {question}\nAnswer:", " " + answer
 
+    # Eval takes the head of the seeded order, passing over overlapping questions (left to train); train the next.
+    eval_idx, passed, _ = take_disjoint(order, num_eval, exclude, lambda i: (pairs[i][0], *pair(i)))
+    dropped = sum(passed.values())
+    if len(eval_idx) < num_eval:
+        raise TaskDataError(
+            f"Task 'trivia': num_eval={num_eval} but only {len(eval_idx)} of its {len(pairs)} questions are left "
+            f"after dropping {dropped} that overlap the excluded texts. Lower num_eval to at most {len(eval_idx)}, or "
+            "exclude fewer texts."
+        )
+    taken = set(eval_idx)
+    train_idx = [i for i in order if i not in taken][:num_train]
     return Task(
         "trivia",
         _make_dataset([pair(i) for i in train_idx]),
         _make_dataset([pair(i) for i in eval_idx]),
         choices=None,
         meta={"source": "chatterbot-corpus english trivia.yml (+ 'who' questions of history/literature/politics)",
-              "seed": seed},
+              "seed": seed, **_overlap_meta(exclude, dropped)},
+        source_texts={"train": [pairs[i][0] for i in train_idx], "eval": [pairs[i][0] for i in eval_idx]},
     )
 
 
@@ -298,17 +371,28 @@ _BUILTIN = {
 }
 
 
-def load_builtin_task(name: str, num_train: int | None = None, num_eval: int | None = None, seed: int = 0) -> Task:
+def load_builtin_task(
+    name: str,
+    num_train: int | None = None,
+    num_eval: int | None = None,
+    seed: int = 0,
+    exclude: ExcludedTexts | Iterable[str] | Mapping[str, Iterable[str]] | None = None,
+) -> Task:
     """Build one of :data:`BUILTIN_TASKS`, deterministically for ``seed``, with disjoint train and eval examples.
 
     Defaults: ``wiki_topic`` 400/100 (5 topics, at most 1005 examples), ``polarity`` 150/50 (200), ``trivia`` 200/60
     (about 266). Class-balanced tasks draw their eval examples round-robin over the classes.
+
+    ``exclude``: texts the eval examples must not overlap, usually the replay texts (see
+    :class:`gere_hf.replay.ExcludedTexts`). An overlapping eval candidate (its prompt, completion or source text) is
+    passed over, within its class, and the next one takes its place; ``meta["eval_dropped_overlap"]`` counts them.
+    Without overlaps the task is exactly the one built without ``exclude``.
     """
     if name not in _BUILTIN:
         raise TaskDataError(f"Unknown built-in task {name!r}. The built-in tasks are {list(BUILTIN_TASKS)}.")
     builder, default_train, default_eval = _BUILTIN[name]
     return builder(default_train if num_train is None else num_train,
-                   default_eval if num_eval is None else num_eval, seed)
+                   default_eval if num_eval is None else num_eval, seed, ExcludedTexts.of(exclude))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -332,6 +416,16 @@ def _check_fields(fields: Sequence[str], columns: Sequence[str], what: str) -> N
     missing = [f for f in fields if f not in columns]
     if missing:
         raise TaskDataError(f"The dataset has no field(s) {missing} used by {what}; its fields are {list(columns)}.")
+
+
+def _format_row(row: dict, features: datasets.Features, field_name: str | None, template: str | None) -> str:
+    """One row's prompt or completion, as :func:`_format_rows` writes it."""
+    if template is not None:
+        return template.format(**row)
+    value, feature = row.get(field_name), features.get(field_name)
+    if isinstance(feature, datasets.ClassLabel) and value is not None:
+        return feature.int2str(value)
+    return "" if value is None else str(value)
 
 
 def _format_rows(ds: datasets.Dataset, field_name: str | None, template: str | None) -> list[str]:
@@ -363,6 +457,7 @@ def task_from_dataset(
     num_eval: int | None = None,
     eval_split: str | float | None = None,
     seed: int = 0,
+    exclude: ExcludedTexts | Iterable[str] | Mapping[str, Iterable[str]] | None = None,
 ) -> Task:
     """Turn any ``datasets.Dataset`` / ``DatasetDict`` into a :class:`Task`.
 
@@ -383,7 +478,13 @@ def task_from_dataset(
         eval_split: for a ``DatasetDict`` the split to evaluate on; for a ``Dataset`` the fraction held out for
             eval (default: ``num_eval`` examples when given, else 20%).
         seed: the seed of the split and the subsets.
+        exclude: texts the eval examples must not overlap, usually the replay texts (see
+            :class:`gere_hf.replay.ExcludedTexts`). An eval candidate whose prompt, completion or prompt fields
+            overlap them is passed over before the selection and the next one takes its place (when part of the
+            training data is held out, the passed-over rows stay in train); ``meta["eval_dropped_overlap"]`` counts
+            them. Without overlaps the task is exactly the one built without ``exclude``.
     """
+    exclude = ExcludedTexts.of(exclude)
     if isinstance(dataset, datasets.DatasetDict):
         splits = list(dataset)
         if "train" in dataset:
@@ -426,6 +527,18 @@ def task_from_dataset(
     else:
         _check_fields(_template_fields(completion_template), columns, f"completion_template {completion_template!r}")
 
+    source_fields = _template_fields(template) if template is not None else [prompt_field]
+
+    def row_texts(ds: datasets.Dataset) -> Callable[[int], list[str]]:
+        """The texts of row i of ds that must not overlap ``exclude``: prompt, completion and the prompt's fields."""
+        def texts(i: int) -> list[str]:
+            row = ds[i]
+            return [_format_row(row, ds.features, prompt_field, template),
+                    _format_row(row, ds.features, completion_field, completion_template),
+                    *(row[f] for f in source_fields if isinstance(row.get(f), str))]
+        return texts
+
+    held_out, eval_dropped = False, 0
     if eval_ds is None:  # hold out part of the training data
         if len(train_ds) < 2:
             raise TaskDataError(f"Task {name!r}: {len(train_ds)} row(s) cannot be split into train and eval.")
@@ -444,8 +557,18 @@ def task_from_dataset(
                 f"Task {name!r} has {len(train_ds)} rows, too few to hold out {n_eval} for eval and train on the rest."
             )
         shuffled = train_ds.shuffle(seed=seed)
-        eval_ds = shuffled.select(range(n_eval))
-        train_ds = shuffled.select(range(n_eval, len(shuffled)))
+        if exclude is None:
+            eval_ds = shuffled.select(range(n_eval))
+            train_ds = shuffled.select(range(n_eval, len(shuffled)))
+        else:  # overlapping rows are passed over for eval and stay in train
+            chosen, passed, _ = take_disjoint(range(len(shuffled)), n_eval, exclude, row_texts(shuffled))
+            eval_dropped = sum(passed.values())
+            if len(chosen) < n_eval:
+                raise TaskDataError(_too_few_eval(name, n_eval, len(shuffled), len(chosen), eval_dropped))
+            taken = set(chosen)
+            eval_ds = shuffled.select(chosen)
+            train_ds = shuffled.select([i for i in range(len(shuffled)) if i not in taken])
+        held_out = True
     else:
         _check_fields(
             ([prompt_field] if template is None else _template_fields(template))
@@ -461,29 +584,43 @@ def task_from_dataset(
                 f"{len(ds)} examples. Ask for at most {len(ds)}."
             )
     train_ds = _select(train_ds, num_train, seed)
-    eval_ds = _select(eval_ds, num_eval, seed)
+    if exclude is None or held_out:  # held-out eval rows were chosen disjoint above
+        eval_ds = _select(eval_ds, num_eval, seed)
+    else:
+        # The candidates in the order a plain selection takes them (seeded shuffle, or all in order); overlapping
+        # ones are passed over, so without overlaps this is _select's choice.
+        candidates = eval_ds if num_eval is None or num_eval >= len(eval_ds) else eval_ds.shuffle(seed=seed)
+        chosen, passed, _ = take_disjoint(range(len(candidates)), num_eval, exclude, row_texts(candidates))
+        eval_dropped = sum(passed.values())
+        if not chosen or (num_eval is not None and len(chosen) < num_eval):
+            raise TaskDataError(_too_few_eval(name, num_eval or len(candidates), len(candidates), len(chosen),
+                                              eval_dropped))
+        eval_ds = candidates.select(chosen)
     if len(eval_ds) == 0:
         raise TaskDataError(f"Task {name!r}: the eval split is empty. Give it at least one example.")
 
-    def build(ds: datasets.Dataset) -> list[tuple[str, str]]:
+    def build(ds: datasets.Dataset) -> list[tuple[str, str, list[str]]]:
         prompts = _format_rows(ds, prompt_field, template)
         completions = _format_rows(ds, completion_field, completion_template)
         if completion_template is None:
             completions = [
                 c if not c or c[0].isspace() or (p and p[-1].isspace()) else " " + c for p, c in zip(prompts, completions)
             ]
-        return list(zip(prompts, completions))
+        columns = [ds[f] for f in source_fields]
+        sources = [[v for v in values if isinstance(v, str)] for values in zip(*columns)] if columns else []
+        return list(zip(prompts, completions, sources or [[] for _ in prompts]))
 
-    train_pairs, eval_pairs = build(train_ds), build(eval_ds)
-    empty = sum(1 for _, c in train_pairs + eval_pairs if not c.strip())
-    if empty == len(train_pairs) + len(eval_pairs):
+    train_rows, eval_rows = build(train_ds), build(eval_ds)
+    empty = sum(1 for _, c, _ in train_rows + eval_rows if not c.strip())
+    if empty == len(train_rows) + len(eval_rows):
         raise TaskDataError(f"Task {name!r} has an empty label set: every completion is empty. Check the completion field.")
     if empty:
         logger.warning("Task %r: dropping %d example(s) with an empty completion.", name, empty)
-        train_pairs = [x for x in train_pairs if x[1].strip()]
-        eval_pairs = [x for x in eval_pairs if x[1].strip()]
-        if not eval_pairs:
+        train_rows = [x for x in train_rows if x[1].strip()]
+        eval_rows = [x for x in eval_rows if x[1].strip()]
+        if not eval_rows:
             raise TaskDataError(f"Task {name!r}: every eval example has an empty completion; the eval split is empty.")
+    train_pairs, eval_pairs = [(p, c) for p, c, _ in train_rows], [(p, c) for p, c, _ in eval_rows]
 
     if isinstance(choices, str):
         if choices != "auto":
@@ -505,5 +642,15 @@ def task_from_dataset(
         _make_dataset(eval_pairs),
         choices=choices_list,
         meta={"source": "task_from_dataset", "template": template, "prompt_field": prompt_field,
-              "completion_field": completion_field, "completion_template": completion_template, "seed": seed},
+              "completion_field": completion_field, "completion_template": completion_template, "seed": seed,
+              **_overlap_meta(exclude, eval_dropped)},
+        source_texts={"train": [t for _, _, ts in train_rows for t in ts], "eval": [t for _, _, ts in eval_rows for t in ts]},
+    )
+
+
+def _too_few_eval(name: str, asked: int, pool: int, left: int, dropped: int) -> str:
+    return (
+        f"Task {name!r}: {asked} eval examples were asked, but only {left} of the {pool} eval candidates are left after "
+        f"dropping the {dropped} whose prompt, completion or prompt fields overlap the excluded texts. Lower num_eval "
+        f"to at most {left}, or give eval data that does not contain the excluded (replay) texts."
     )

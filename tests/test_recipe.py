@@ -23,6 +23,7 @@ from gere_hf.recipe import (
     recipe_hash,
     run_recipe,
 )
+from gere_hf.replay import load_replay_texts
 from gere_hf.trainer import GeReSFTTrainer
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -230,6 +231,89 @@ def test_every_replay_loss_and_batch_interpolation_run_through_a_recipe(tmp_path
         assert "replay_term" in log  # zero at the first step: the model is still the reference
     manifest = read_json(out / "gere_store" / "manifest.json")
     assert set(manifest["extras"]) == {"kl": {"topk"}, "l1": {"hidden"}, "l2": {"hidden"}}.get(loss, set())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation data disjoint from the replay texts
+# ----------------------------------------------------------------------------------------------------------------------
+
+GENERAL = [f"General text {i}: long enough to count as a sentence of general text, {'x' * i}." for i in range(30)]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_general_source_that_is_the_replay_file_measures_no_replay_text(tmp_path):
+    general = _jsonl(tmp_path / "general.jsonl", [{"text": t} for t in GENERAL])
+    out = tmp_path / "run"
+    same_file = (f"gere.replay_source={general}", "gere.replay_num_samples=8", "gere.replay_max_length=32",
+                 f"evaluation.general_source={general}", "evaluation.general_max_length=32", "gere.loss=ce")
+    # Too few texts left once the replay texts are taken out: stopped before anything is written.
+    with pytest.raises(RecipeError) as err:
+        run_recipe(tiny_recipe(out, *ONE_STAGE, *same_file, "evaluation.enabled=true", "evaluation.general_texts=25"))
+    message = str(err.value)
+    assert message.startswith(f"evaluation.general_source ({general}, general_texts=25): 25 texts were asked")
+    assert "only 22 of its 30 candidate texts are left after dropping the 8 that overlap the excluded texts " \
+           "(8 replay). Ask for at most 22" in message
+    assert not out.exists()
+    # Enough left: the held-out texts share none with the replay texts, and results.json says what was dropped.
+    runner = RecipeRunner(parse_recipe(tiny_recipe(out, *ONE_STAGE, *same_file, "evaluation.enabled=true",
+                                                   "evaluation.general_texts=6")))
+    with one_thread():
+        results = runner.run()
+    heldout, replay = runner.evaluator.general_texts, runner.replay_texts
+    assert len(heldout) == 6 and len(replay) == 8 and not set(heldout) & set(replay)
+    # seed == replay_seed: the plain selection of 6 would have been 6 of the 8 replay texts (the same seeded order).
+    assert set(load_replay_texts(general, 6, seed=0)) <= set(replay)
+    overlap = read_json(out / "results.json")["data_overlap"]
+    assert overlap == results["data_overlap"]
+    assert overlap["replay"] == {"source": general, "seed": 0, "num_texts": 8}
+    assert overlap["general"] == {"asked": 6, "source": general, "num_texts": 6, "pool": 30, "examined": 14,
+                                  "dropped": {"replay": 8, "tasks": 0}}
+    assert overlap["tasks"] == {"polarity": {"num_eval": 2, "num_train": 2, "eval_dropped_overlap": 0}}
+    assert "8 overlapped the replay texts" in (out / "report.md").read_text()
+
+
+def _selected(out, *overrides):
+    """A runner that has read the replay texts, built the tasks and chosen the general texts (nothing trained)."""
+    runner = RecipeRunner(parse_recipe(tiny_recipe(out, *overrides)))
+    runner.build_training_args()
+    runner.check_replay()
+    runner.load_tasks()
+    runner.select_general_texts()
+    return runner
+
+
+def test_wiki_with_another_replay_seed_shares_no_text_with_the_evaluation_data(tmp_path):
+    from gere_hf.replay import wiki_articles
+
+    out = tmp_path / "run"
+    runner = _selected(out, "seed=0", "gere.replay_seed=1", "gere.replay_num_samples=1000",
+                       "stages=[{name: wiki_topic, dataset: wiki_topic, num_train: 400, num_eval: 100}]",
+                       "evaluation.general_texts=200")
+    articles = wiki_articles()
+    task = runner.tasks[0]
+    replay, heldout = set(runner.replay_texts), set(runner.general_selection.texts)
+    eval_articles = {articles[i][2] for i in task.meta["eval_indices"]}
+    assert len(replay) == 1000 and len(heldout) == 200 and len(task.eval) == 100
+    assert not replay & heldout and not replay & eval_articles and not heldout & eval_articles
+    overlap = runner.data_overlap()
+    assert overlap["tasks"]["wiki_topic"]["eval_dropped_overlap"] > 0  # 11 of the 100 plain ones were replay texts
+    assert overlap["general"]["num_texts"] == 200 and overlap["general"]["dropped"]["tasks"] > 0
+    assert not out.exists()
+
+
+def test_task_built_from_the_replay_file_evaluates_no_replay_text(tmp_path):
+    rows = [{"text": t, "label": "ab"[i % 2]} for i, t in enumerate(GENERAL)]
+    data = _jsonl(tmp_path / "replay.jsonl", rows)
+    runner = _selected(tmp_path / "run", f"gere.replay_source={data}", "gere.replay_num_samples=10",
+                       f"stages=[{{name: mine, dataset: {data}, template: 'Text: {{text}}\\nLabel:', "
+                       "completion_field: label, num_train: 4, num_eval: 12}]", "evaluation.general_texts=4")
+    replay, task = runner.replay_texts, runner.tasks[0]
+    assert len(task.eval) == 12 and not any(r in p for r in replay for p in task.eval["prompt"])
+    assert runner.data_overlap()["tasks"]["mine"]["eval_dropped_overlap"] > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

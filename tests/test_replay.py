@@ -15,11 +15,16 @@ import pytest
 from conftest import REPLAY_TEXTS
 
 from gere_hf.replay import (
+    MIN_CONTAINED_CHARS,
     WIKI_REPLAY_POOL,
+    ExcludedTexts,
     ReplayDataError,
     ReplaySet,
     load_replay_texts,
+    normalize_text,
     replay_heldout_texts,
+    select_heldout_texts,
+    text_key,
     wiki_articles,
 )
 
@@ -202,6 +207,76 @@ def test_wiki_limits():
         replay_heldout_texts(10**6)
     with pytest.raises(ReplayDataError, match="only for the 'wiki' source"):
         replay_heldout_texts(10, source="other")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation data disjoint from the replay texts
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_normalized_text_and_its_key():
+    assert normalize_text("  The  ﬁrst\tLINE\n of  Café ") == "the first line of café"  # NFKC: ﬁ -> fi
+    assert normalize_text("Straße") == normalize_text("STRASSE")  # casefolded, not lowercased
+    assert text_key("The ﬁrst  line") == text_key("the first line\n") != text_key("the first line.")
+    assert len(text_key("x")) == 16
+
+
+def test_excluded_texts_rule():
+    sentence = "Photosynthesis converts light energy into chemical energy stored in glucose."
+    exclude = ExcludedTexts({"replay": [sentence, "Short."], "tasks": ["Paris is the capital and most populous city."]})
+    assert exclude.sizes() == {"replay": 2, "tasks": 1} and len(exclude) == 3
+    assert exclude.match(sentence.upper()) == "replay"  # equal after normalisation
+    assert exclude.match("short.") == "replay"  # equal texts overlap whatever their length
+    assert exclude.match(f"Review: {sentence}\nSentiment:") == "replay"  # contains a replay text
+    assert exclude.match("converts light energy into chemical energy") == "replay"  # lies inside one
+    assert exclude.match("It is a fact that Paris is the capital and most populous city. Really.") == "tasks"
+    assert exclude.match(["unrelated", "Paris is the capital and most populous city."]) == "tasks"  # any of several
+    assert exclude.match("A Short. text that mentions the word.") is None  # a short text inside a long one is no overlap
+    assert exclude.match("light energy") is None  # nor a short candidate inside a long text
+    assert len("converts light energy into chemical energy") >= MIN_CONTAINED_CHARS > len("light energy")
+    assert ExcludedTexts.of(None) is None and ExcludedTexts.of(exclude) is exclude
+    with pytest.raises(TypeError, match="not a single string"):
+        ExcludedTexts("one text")
+
+
+def test_general_texts_from_the_replay_file_share_no_text_with_the_replay_set(tmp_path):
+    path = _write(tmp_path / "general.jsonl", "jsonl", TEXTS)
+    replay = load_replay_texts(str(path), 8, seed=0)
+    assert load_replay_texts(str(path), 8, seed=0, exclude=["nothing like it"]) == replay  # the replay set is fixed
+    # The same file as held-out source: without exclusion it measures replay texts (as recipes did before).
+    plain = load_replay_texts(str(path), 12, seed=1)
+    assert set(plain) & set(replay)
+    selection = select_heldout_texts(12, seed=1, source=str(path), exclude={"replay": replay})
+    assert len(selection.texts) == 12 and not {text_key(t) for t in selection.texts} & {text_key(t) for t in replay}
+    # The walk over the seeded order passes over at least the replay texts the plain selection took.
+    assert selection.pool == len(TEXTS) and selection.dropped["replay"] >= len(set(plain) & set(replay)) > 0
+    assert selection.examined == 12 + selection.dropped["replay"]
+    assert selection.texts == [t for t in TEXTS if t in selection.texts]  # in file order, as without exclusion
+    # Candidates are compared normalised: a case/spacing variant of a replay text is the same text.
+    others = [t for t in TEXTS if t not in replay][:3]
+    variant = _write(tmp_path / "variant.jsonl", "jsonl", ["  " + replay[0].upper() + "  ", *others])
+    assert select_heldout_texts(3, seed=0, source=str(variant), exclude={"replay": replay}).texts == others
+    # Too few left: the message names what was asked, what is left and how many overlapped.
+    with pytest.raises(ReplayDataError) as err:
+        select_heldout_texts(20, seed=1, source=str(path), exclude={"replay": replay})
+    message = str(err.value)
+    assert f"20 texts were asked from the general source {str(path)!r}, but only {len(TEXTS) - 8} of its " \
+           f"{len(TEXTS)} candidate texts are left after dropping the 8 that overlap the excluded texts (8 replay)" \
+           in message
+    assert f"Ask for at most {len(TEXTS) - 8}" in message
+
+
+def test_wiki_heldout_excludes_replay_texts_of_another_seed_and_source():
+    replay = load_replay_texts("wiki", 1000, seed=1)
+    # Held-out wiki texts of seed 0 are disjoint from the seed-0 replay pool, not from another seed's selection.
+    plain = set(replay_heldout_texts(200, seed=0)) & set(replay)
+    assert plain
+    selection = select_heldout_texts(200, seed=0, exclude={"replay": replay})
+    assert len(selection.texts) == 200 and not set(selection.texts) & set(replay)
+    assert selection.dropped["replay"] >= len(plain) and selection.examined == 200 + selection.dropped["replay"]
+    assert replay_heldout_texts(200, seed=0, exclude=replay) == selection.texts
+    # Without an overlap the held-out texts are those of today's selection, in its order.
+    assert replay_heldout_texts(200, seed=1, exclude=replay) == replay_heldout_texts(200, seed=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

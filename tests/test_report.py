@@ -124,3 +124,22 @@ def test_compare_runs_different_tasks(tmp_path, caplog):
     assert "| Run | Stages | AP | BWT | FWT | Mean forgetting |" in table and "Final PPL" not in table
     with pytest.raises(FileNotFoundError, match="No results.json"):
         compare_runs([tmp_path / "missing"])
+
+
+def test_report_says_what_was_passed_over_to_keep_evaluation_apart_from_replay():
+    from gere_hf.report import _markdown_report
+
+    results = make_results("gere", MATRIX, NLLS)
+    assert "Evaluation data kept disjoint" not in _markdown_report(results)  # not from a recipe run
+    results["data_overlap"] = {
+        "rule": "normalised texts overlap when equal",
+        "replay": {"source": "data/general.jsonl", "seed": 0, "num_texts": 8},
+        "tasks": {"polarity": {"num_eval": 50, "num_train": 100, "eval_dropped_overlap": 3}},
+        "general": {"asked": 10, "source": "data/general.jsonl", "num_texts": 10, "pool": 30, "examined": 18,
+                    "dropped": {"replay": 8, "tasks": 0}},
+    }
+    report = _markdown_report(results)
+    assert "Evaluation data kept disjoint from the 8 replay texts (normalised texts overlap when equal):" in report
+    assert "held-out texts: 10 taken from data/general.jsonl; of the 18 candidates examined, 8 overlapped the replay " \
+           "texts and 0 the tasks' texts (passed over)." in report
+    assert "Task eval examples passed over as overlapping the replay texts: `polarity` 3." in report

@@ -8,7 +8,10 @@ import pytest
 
 from gere_hf.replay import (
     WIKI_REPLAY_POOL,
+    ExcludedTexts,
+    load_replay_texts,
     replay_heldout_texts,
+    text_key,
     wiki_articles,
     wiki_disjoint_indices,
     wiki_replay_indices,
@@ -159,3 +162,91 @@ def test_task_checks_columns():
     bad = datasets.Dataset.from_dict({"text": ["a"]})
     with pytest.raises(TaskDataError, match=r"lacks the column\(s\) \['prompt', 'completion'\]"):
         Task("t", bad, bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Eval examples disjoint from the replay texts (exclude=)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUILTIN_TASKS)
+def test_builtin_without_overlap_is_the_task_without_exclusion(name):
+    for num_eval in (20, 23):  # a multiple of the class count, and not
+        plain = load_builtin_task(name, num_train=40, num_eval=num_eval, seed=3)
+        excluded = load_builtin_task(name, num_train=40, num_eval=num_eval, seed=3, exclude=["no such text at all"])
+        assert _pairs(excluded.train) == _pairs(plain.train) and _pairs(excluded.eval) == _pairs(plain.eval)
+        assert excluded.meta["eval_dropped_overlap"] == 0 and "eval_dropped_overlap" not in plain.meta
+
+
+def test_wiki_topic_eval_articles_exclude_the_replay_texts_of_another_seed():
+    articles = wiki_articles()
+    replay = set(load_replay_texts("wiki", 1000, seed=1))  # gere.replay_seed=1, seed=0
+    plain = load_builtin_task("wiki_topic", num_train=400, num_eval=100, seed=0)
+    assert len({articles[i][2] for i in plain.meta["eval_indices"]} & replay) > 0  # what exclude= is for
+    task = load_builtin_task("wiki_topic", num_train=400, num_eval=100, seed=0, exclude={"replay": replay})
+    eval_articles = {articles[i][2] for i in task.meta["eval_indices"]}
+    assert len(task.eval) == 100 and not eval_articles & replay
+    assert set(Counter(task.eval["completion"]).values()) == {20}  # still class-balanced
+    assert task.meta["eval_dropped_overlap"] >= len({articles[i][2] for i in plain.meta["eval_indices"]} & replay)
+    assert len(task.train) == 400 and set(task.meta["train_indices"]).isdisjoint(task.meta["eval_indices"])
+    assert set(task.source_texts["eval"]) == eval_articles
+    # Train may share articles with the replay texts (harmless: nothing of it is evaluated).
+    assert {articles[i][2] for i in task.meta["train_indices"]} & replay
+
+
+def test_builtin_eval_passes_over_excluded_reviews_and_questions():
+    polarity = load_builtin_task("polarity", num_train=20, num_eval=10, seed=0)
+    reviews = [p.removeprefix("Review: ").removesuffix("\nSentiment:") for p in polarity.eval["prompt"][:3]]
+    again = load_builtin_task("polarity", num_train=20, num_eval=10, seed=0, exclude=reviews)
+    assert len(again.eval) == 10 and Counter(again.eval["completion"]) == {" negative": 5, " positive": 5}
+    assert not any(r in p for r in reviews for p in again.eval["prompt"])
+    assert again.meta["eval_dropped_overlap"] == 3
+    trivia = load_builtin_task("trivia", num_train=5, num_eval=5, seed=0)
+    question = trivia.eval["prompt"][0].removeprefix("Question: ").removesuffix("\nAnswer:")
+    again = load_builtin_task("trivia", num_train=5, num_eval=5, seed=0, exclude=[question.upper()])
+    assert len(again.eval) == 5 and trivia.eval["prompt"][0] not in again.eval["prompt"]
+    assert trivia.eval["prompt"][0] in again.train["prompt"]  # passed over for eval, left to train
+    with pytest.raises(TaskDataError, match=r"num_eval=200 takes 100 eval examples of class '(negative|positive)', "
+                                            r"but only 9[789] of its 100 are left after dropping [123] that overlap the "
+                                            r"excluded texts. Lower num_eval to at most 19[4-9] \(eval stays"):
+        load_builtin_task("polarity", num_train=0, num_eval=200, seed=0, exclude=reviews)
+
+
+def _replay_file_rows(texts):
+    labels = ["a", "b"]
+    return datasets.Dataset.from_dict({"text": list(texts), "label": [labels[i % 2] for i in range(len(texts))]})
+
+
+@pytest.mark.parametrize("layout", ["held-out", "eval-split"])
+def test_task_built_from_the_replay_file_evaluates_none_of_the_replay_texts(layout):
+    texts = [f"General text number {i}: a sentence long enough to be a replay text of its own." for i in range(60)]
+    replay = load_replay_texts(datasets.Dataset.from_dict({"text": texts}), 20, seed=0)
+    rows = _replay_file_rows(texts)
+    data = rows if layout == "held-out" else datasets.DatasetDict({"train": rows.select(range(30)),
+                                                                   "test": rows.select(range(30, 60))})
+    kwargs = dict(template="Text: {text}\nLabel:", completion_field="label", num_eval=10, seed=0)
+    plain = task_from_dataset("t", data, **kwargs)
+    assert any(r in p for r in replay for p in plain.eval["prompt"])  # the prompt contains a replay text
+    task = task_from_dataset("t", data, **kwargs, exclude={"replay": replay})
+    assert len(task.eval) == 10 and not any(r in p for r in replay for p in task.eval["prompt"])
+    assert not {text_key(t) for t in task.source_texts["eval"]} & {text_key(t) for t in replay}
+    assert task.meta["eval_dropped_overlap"] > 0
+    if layout == "held-out":  # passed-over rows stay in train: every row is used once
+        assert len(task.train) + len(task.eval) == 60 and any(r in p for r in replay for p in task.train["prompt"])
+    # Too few left: the counts and the fix.
+    asked, pool = (50, 60) if layout == "held-out" else (30, 30)
+    left = pool - sum(t in replay for t in (texts if layout == "held-out" else texts[30:]))
+    with pytest.raises(TaskDataError, match=rf"Task 't': {asked} eval examples were asked, but only {left} of the "
+                                            rf"{pool} eval candidates are left after dropping the {pool - left} whose "
+                                            rf"prompt, completion or prompt fields overlap the excluded texts. Lower "
+                                            rf"num_eval to at most {left}, or give eval data"):
+        task_from_dataset("t", data, **{**kwargs, "num_eval": asked}, exclude={"replay": replay})
+
+
+def test_task_texts_hold_prompts_completions_and_sources():
+    task = load_builtin_task("wiki_topic", num_train=5, num_eval=5, seed=0)
+    texts = task.texts()
+    assert set(task.train["prompt"]) <= set(texts) and set(task.eval["completion"]) <= set(texts)
+    articles = wiki_articles()
+    assert {articles[i][2] for i in task.meta["eval_indices"]} <= set(texts)  # the whole article, not the snippet
+    assert ExcludedTexts(texts).overlaps(articles[task.meta["eval_indices"][0]][2])
