@@ -38,7 +38,7 @@ MODES = ("plain", "ce", "tm")
 def _task_dataset(tokenizer, n: int, seq_len: int):
     from datasets import Dataset
 
-    from gere_hf.tasks import load_builtin_task
+    from gere_hf.evaluation.tasks import load_builtin_task
 
     try:
         rows = load_builtin_task("polarity", num_train=min(n, 150), num_eval=10).train

@@ -52,14 +52,14 @@ def _inspect(args) -> int:
 
 
 def _run(args) -> int:
-    from .recipe import run_recipe
+    from .continual.recipe import run_recipe
 
     run_recipe(args.recipe, resume=args.resume, overrides=args.set or [])
     return 0
 
 
 def _report(args) -> int:
-    from .report import compare_runs
+    from .evaluation.report import compare_runs
 
     print(compare_runs(args.runs, out_dir=args.out))
     return 0

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import LOSSES
-from .recipe import _write_json  # atomic, as the runner writes its own state
+from .continual.recipe import _write_json  # atomic, as the runner writes its own state
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _say(message: str) -> None:
 
 def _demo_runner_class():
     """A RecipeRunner that reuses a measured row 0 and reports every stage on one line."""
-    from .recipe import RecipeRunner, _restore_row
+    from .continual.recipe import RecipeRunner, _restore_row
 
     class DemoRunner(RecipeRunner):
         def __init__(self, recipe, resume: bool, label: str, base_row: dict | None, base_row_path: str):
@@ -294,8 +294,8 @@ def run_demo(
 
     Returns a :class:`DemoResult`; the comparison table is also printed.
     """
-    from .recipe import parse_recipe
-    from .report import compare_runs
+    from .continual.recipe import parse_recipe
+    from .evaluation.report import compare_runs
 
     losses = _check_losses(losses)
     settings = PRESETS["full" if full else "default"]

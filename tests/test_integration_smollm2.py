@@ -33,7 +33,7 @@ REPLAY_TEXTS, REPLAY_MAX_LENGTH, REPLAY_PER_STEP = 32, 64, 2
 @pytest.fixture(scope="module")
 def polarity():
     _require_data_package("gensim", reason="the polarity task ships in gensim's test data (pip install gere_hf[demo])")
-    from gere_hf.tasks import load_builtin_task
+    from gere_hf.evaluation.tasks import load_builtin_task
 
     return load_builtin_task("polarity", num_train=120, num_eval=10, seed=SEED)
 

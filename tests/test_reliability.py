@@ -517,7 +517,8 @@ def test_package_source_never_unpickles_or_evaluates():
 def test_trust_remote_code_is_off_unless_the_user_sets_it():
     import inspect
 
-    from gere_hf import adapters, models
+    from gere_hf import models
+    from gere_hf.continual import adapters
 
     for func in (models.load_model_and_tokenizer, adapters.load_causal_lm, adapters.load_tokenizer):
         assert inspect.signature(func).parameters["trust_remote_code"].default is False, func

@@ -68,9 +68,9 @@ def main(argv=None) -> dict:
 
     from gere_hf import GeReConfig, GeReSFTTrainer
     from gere_hf.evaluation import evaluate_task, general_perplexity
+    from gere_hf.evaluation.tasks import load_builtin_task
     from gere_hf.models import load_model_and_tokenizer
     from gere_hf.replay import replay_heldout_texts
-    from gere_hf.tasks import load_builtin_task
 
     StepClock = _step_clock_class()
     base, tok = load_model_and_tokenizer("smollm2-135m")

@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
 
-    from gere_hf.adapters import load_stage_model
+    from gere_hf.continual.adapters import load_stage_model
     from gere_hf.demo import run_demo
     from gere_hf.evaluation import general_perplexity
 

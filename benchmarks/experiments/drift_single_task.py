@@ -54,8 +54,8 @@ def main(argv=None) -> dict:
 
     from gere_hf import GeReConfig, GeReSFTTrainer
     from gere_hf.evaluation import evaluate_task
+    from gere_hf.evaluation.tasks import load_builtin_task
     from gere_hf.models import load_model_and_tokenizer
-    from gere_hf.tasks import load_builtin_task
 
     targets = ALL_LINEAR if args.targets == "all" else args.targets.split(",")
     base, tok = load_model_and_tokenizer("smollm2-135m")

@@ -26,8 +26,8 @@ from gere_hf.evaluation import (
     score_choices,
     tokenize_prompt_completion,
 )
+from gere_hf.evaluation.tasks import Task
 from gere_hf.models import tiny_llama
-from gere_hf.tasks import Task
 
 VOCAB = 384  # ByT5: id = byte + 3; 0 pad, 1 eos, 2 unk
 
@@ -313,7 +313,7 @@ def test_continual_evaluator(tok):
 
 def test_lm_eval_missing_returns_none(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails as if not installed
-    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.scoring"):
         assert lm_eval_tasks(unigram_model("a"), None, ["hellaswag"]) is None
     assert "not installed" in caplog.text and "gere_hf[eval]" in caplog.text
 
@@ -340,7 +340,7 @@ def test_lm_eval_registry_offline_and_success(monkeypatch, caplog):
     with pytest.raises(ValueError, match="not_a_task"):
         lm_eval_tasks(model, None, ["arc_easy", "not_a_task"])
     model.train()
-    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.scoring"):
         assert lm_eval_tasks(model, None, "arc_easy", limit=5) is None
     assert "ConnectionError" in caplog.text and "offline" in caplog.text and model.training
 

@@ -12,7 +12,7 @@ import yaml
 from recipe_utils import RECIPES, TINY_RECIPE, one_thread, read_json, tiny_recipe
 
 from gere_hf import cli
-from gere_hf.recipe import (
+from gere_hf.continual.recipe import (
     RecipeError,
     RecipeRunner,
     apply_overrides,

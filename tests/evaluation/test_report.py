@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from gere_hf.evaluation import continual_metrics
-from gere_hf.report import compare_runs, write_report
+from gere_hf.evaluation.report import compare_runs, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -107,7 +107,7 @@ def test_compare_runs_different_tasks(tmp_path, caplog):
     a = _write_run(tmp_path, "a", make_results("ce", MATRIX, NLLS))
     other = [[0.5, 0.5], [0.9, 0.4], [0.8, 0.9]]
     b = _write_run(tmp_path, "b", make_results("tm", other, [2.0, 2.1, 2.2], tasks=("polarity", "trivia")))
-    with caplog.at_level(logging.WARNING, logger="gere_hf.report"):
+    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.report"):
         table = compare_runs([a, b], out_dir=tmp_path / "cmp")
     assert "different task sequences" in caplog.text and "['polarity', 'trivia']" in caplog.text
     assert "| Run | Tasks | Stages | Final ΔNLL vs base | Final PPL |" in table
@@ -118,7 +118,7 @@ def test_compare_runs_different_tasks(tmp_path, caplog):
 
     c = _write_run(tmp_path, "c", make_results("other-texts", MATRIX, NLLS, fingerprint="zzz"))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gere_hf.report"):
+    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.report"):
         table = compare_runs([a, c])
     assert "different held-out texts" in caplog.text
     assert "| Run | Stages | AP | BWT | FWT | Mean forgetting |" in table and "Final PPL" not in table
@@ -127,7 +127,7 @@ def test_compare_runs_different_tasks(tmp_path, caplog):
 
 
 def test_report_says_what_was_passed_over_to_keep_evaluation_apart_from_replay():
-    from gere_hf.report import _markdown_report
+    from gere_hf.evaluation.report import _markdown_report
 
     results = make_results("gere", MATRIX, NLLS)
     assert "Evaluation data kept disjoint" not in _markdown_report(results)  # not from a recipe run

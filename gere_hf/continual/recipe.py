@@ -34,9 +34,9 @@ from typing import Any
 
 import yaml
 
+from ..config import GeReConfig, GeReConfigError
 from . import adapters as adapters_mod
 from .adapters import AdapterConfig, AdapterError
-from .config import GeReConfig, GeReConfigError
 from .hub import HubConfig, HubError, HubTarget, hub_preflight, model_card, push_stage
 
 logger = logging.getLogger(__name__)
@@ -560,7 +560,7 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
 
     import datasets
 
-    from .tasks import BUILTIN_TASKS
+    from ..evaluation.tasks import BUILTIN_TASKS
 
     if isinstance(spec, str):
         local = _resolve_path(spec, recipe)
@@ -612,7 +612,7 @@ def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any
 
     ``exclude``: texts its eval examples must not overlap (the replay texts; see :class:`gere_hf.replay.ExcludedTexts`).
     """
-    from .tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task, task_from_dataset
+    from ..evaluation.tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task, task_from_dataset
 
     where = f"stages[{index}] ({stage.name})"
     try:
@@ -912,8 +912,8 @@ class RecipeRunner:
         chosen disjoint from them, so they never change with the evaluation settings. With ``gere.loss: none`` they are
         read too, only to keep the evaluation data the same as in the replay runs a no-replay baseline is compared with.
         """
-        from .replay import ReplayDataError, load_replay_texts
-        from .schedule import ReplaySchedule, ReplayScheduleError
+        from ..replay import ReplayDataError, load_replay_texts
+        from ..schedule import ReplaySchedule, ReplayScheduleError
 
         g = self.recipe.gere
         self.replay_texts = None
@@ -940,7 +940,7 @@ class RecipeRunner:
 
     def load_tasks(self) -> None:
         """Every stage's task; eval examples that overlap the replay texts (when read already) are passed over."""
-        from .replay import ExcludedTexts
+        from ..replay import ExcludedTexts
 
         exclude = ExcludedTexts({"replay": self.replay_texts}) if self.replay_texts else None
         self.tasks = [load_stage_task(stage, i, self.recipe, exclude=exclude)
@@ -950,7 +950,7 @@ class RecipeRunner:
         """The held-out general texts (a :class:`~gere_hf.replay.TextSelection`, or None when none are measured),
         disjoint from the replay texts and from every task's texts; chosen on every rank, before anything is written,
         so that too few left stops every process alike."""
-        from .replay import ExcludedTexts, ReplayDataError, select_heldout_texts
+        from ..replay import ExcludedTexts, ReplayDataError, select_heldout_texts
 
         ev = self.recipe.evaluation
         self.general_selection = None
@@ -973,7 +973,7 @@ class RecipeRunner:
 
     def data_overlap(self) -> dict:
         """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
-        from .replay import MIN_CONTAINED_CHARS
+        from ..replay import MIN_CONTAINED_CHARS
 
         g = self.recipe.gere
         general = None
@@ -1000,7 +1000,7 @@ class RecipeRunner:
         """The base model's path; the built-in tiny random Llama is saved once into the run folder (main process)."""
         name = self.recipe.model.name_or_path
         if name != TINY_MODEL:
-            from .models import BUILTIN_MODELS, resolve_model_path
+            from ..models import BUILTIN_MODELS, resolve_model_path
 
             if name in BUILTIN_MODELS:
                 if self.is_main:
@@ -1015,7 +1015,7 @@ class RecipeRunner:
         if self.is_main and not os.path.isfile(os.path.join(self.base_path, "config.json")):
             from transformers import ByT5Tokenizer
 
-            from .models import tiny_llama
+            from ..models import tiny_llama
 
             tmp = self.base_path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1037,7 +1037,7 @@ class RecipeRunner:
     # -- evaluation (one place: row 0, every stage, the report) ---------------------------------------------------------
 
     def make_evaluator(self):
-        from .evaluation import ContinualEvaluator
+        from ..evaluation import ContinualEvaluator
 
         ev = self.recipe.evaluation
         selection = self.general_selection if self.general_selection is not None else self.select_general_texts()
@@ -1082,7 +1082,7 @@ class RecipeRunner:
         return results
 
     def write_report(self) -> None:
-        from .report import write_report
+        from ..evaluation.report import write_report
 
         results = self.results()
         if results is not None and self.is_main:
@@ -1137,7 +1137,7 @@ class RecipeRunner:
     def _check_store_base(self, model) -> None:
         """A store left at store_dir by another base model would be reused silently ('base' stores skip the weights
         check after stage 1): at stage 1 the model is the base, so compare now."""
-        from .reference import MANIFEST, model_weights_hash
+        from ..reference import MANIFEST, model_weights_hash
 
         manifest = os.path.join(self.store_dir, MANIFEST)
         if self.recipe.gere.reference != "base" or self.recipe.gere.rebuild_store or not os.path.isfile(manifest):
@@ -1155,7 +1155,7 @@ class RecipeRunner:
         """The 'base' store for stage ``index`` > 1, opened here: stage 1 built or checked it against the base model,
         and later stages' weights differ from it by design (full fine-tuning, adapters merged by 'stack'), which the
         trainer would otherwise question. None where the trainer opens or builds it itself."""
-        from .reference import ReferenceStates
+        from ..reference import ReferenceStates
 
         if index == 1 or not self.recipe.gere.replay_enabled or self.recipe.gere.reference != "base":
             return None
@@ -1164,7 +1164,7 @@ class RecipeRunner:
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
 
-        from .trainer import GeReSFTTrainer
+        from ..trainer import GeReSFTTrainer
 
         r = self.recipe
         stage, task, args = r.stages[index - 1], self.tasks[index - 1], self.stage_args[index - 1]
@@ -1301,7 +1301,7 @@ class RecipeRunner:
         self.prepare_base_model()
         self.tokenizer = adapters_mod.load_tokenizer(self.base_path, r.model.trust_remote_code)
         if r.gere.replay_enabled:
-            from .replay import ReplaySet
+            from ..replay import ReplaySet
 
             g = r.gere
             self.replay = ReplaySet.from_texts(self.replay_texts, self.tokenizer, g.replay_max_length,

@@ -18,9 +18,9 @@ from urllib.parse import unquote, urlparse
 import torch
 import yaml
 
-from gere_hf.recipe import apply_overrides
+from gere_hf.continual.recipe import apply_overrides
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = os.path.join(REPO_ROOT, "recipes")
 TINY_RECIPE = os.path.join(RECIPES, "tiny_cpu.yaml")
 

@@ -173,7 +173,7 @@ def load_causal_lm(path: str, dtype: str | None = None, trust_remote_code: bool 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .models import resolve_model_path
+    from ..models import resolve_model_path
 
     if dtype is None:
         torch_dtype = torch.float32
@@ -190,7 +190,7 @@ def load_causal_lm(path: str, dtype: str | None = None, trust_remote_code: bool 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from .models import ensure_pad_token, resolve_model_path
+    from ..models import ensure_pad_token, resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)

@@ -6,6 +6,14 @@ from collections import Counter
 import datasets
 import pytest
 
+from gere_hf.evaluation.tasks import (
+    BUILTIN_TASKS,
+    Task,
+    TaskDataError,
+    load_builtin_task,
+    task_from_dataset,
+    trivia_pairs,
+)
 from gere_hf.replay import (
     WIKI_REPLAY_POOL,
     ExcludedTexts,
@@ -16,7 +24,6 @@ from gere_hf.replay import (
     wiki_disjoint_indices,
     wiki_replay_indices,
 )
-from gere_hf.tasks import BUILTIN_TASKS, Task, TaskDataError, load_builtin_task, task_from_dataset, trivia_pairs
 
 
 def _pairs(ds):

@@ -35,7 +35,7 @@ from typing import Any
 
 import datasets
 
-from .replay import ExcludedTexts, offline_package_dir, take_disjoint
+from ..replay import ExcludedTexts, offline_package_dir, take_disjoint
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def _overlap_meta(exclude: ExcludedTexts | None, dropped: int) -> dict:
 
 
 def _wiki_topic(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
-    from .replay import ReplayDataError, wiki_articles, wiki_disjoint_indices
+    from ..replay import ReplayDataError, wiki_articles, wiki_disjoint_indices
 
     try:
         articles = wiki_articles()
