@@ -18,6 +18,7 @@ _LAZY = {
     "ReplaySchedule": ".schedule",
     "ReplayScheduleError": ".schedule",
     "ReplaySet": ".replay",
+    "ReplayTerm": ".replay_terms",
     "UnsupportedModelError": ".models",
     "causal_lm_loss": ".losses",
     "dynamic_weight": ".losses",
@@ -26,10 +27,12 @@ _LAZY = {
     "load_model_and_tokenizer": ".models",
     "load_replay_texts": ".replay",
     "logit_imitation_loss": ".losses",
+    "register_replay_term": ".replay_terms",
     "replay_heldout_texts": ".replay",
     "select_heldout_texts": ".replay",
     "threshold_labels": ".losses",
     "threshold_margin_loss": ".losses",
+    "token_nll": ".losses",
 }
 
 
@@ -62,6 +65,7 @@ __all__ = [  # noqa: F822 (lazily provided by __getattr__)
     "ReplaySchedule",
     "ReplayScheduleError",
     "ReplaySet",
+    "ReplayTerm",
     "UnsupportedModelError",
     "causal_lm_loss",
     "dynamic_weight",
@@ -70,8 +74,10 @@ __all__ = [  # noqa: F822 (lazily provided by __getattr__)
     "load_model_and_tokenizer",
     "load_replay_texts",
     "logit_imitation_loss",
+    "register_replay_term",
     "replay_heldout_texts",
     "select_heldout_texts",
     "threshold_labels",
     "threshold_margin_loss",
+    "token_nll",
 ]

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-LOSSES = ("tm", "ce", "kl", "l1", "l2", "none")
+from .replay_terms import ReplayTerm, get_replay_term, replay_loss_names
+
 REFERENCES = ("base", "stage_start")
 NONFINITE_POLICIES = ("error", "skip")
-# What each loss needs in the store besides the 2-bit labels.
-LOSS_EXTRAS = {"tm": (), "ce": (), "kl": ("topk",), "l1": ("hidden",), "l2": ("hidden",), "none": ()}
 
 
 class GeReConfigError(ValueError):
@@ -84,8 +83,11 @@ class GeReConfig:
     )
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise GeReConfigError(f"Unknown GeRe loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        if self.loss not in replay_loss_names():
+            raise GeReConfigError(
+                f"Unknown GeRe loss {self.loss!r}; choose one of {', '.join(replay_loss_names())} (replay terms are "
+                "registered in gere_hf.replay_terms)."
+            )
         _ = self.weight_value  # raises on a bad weight
         _ = self.replay_share_value  # raises on a bad share
         for name in ("threshold_k", "kl_temperature"):
@@ -142,8 +144,15 @@ class GeReConfig:
         return self.loss != "none"
 
     @property
+    def replay_term(self) -> ReplayTerm | None:
+        """The registered replay term of ``loss``; None for 'ce' and 'none'."""
+        return get_replay_term(self.loss)
+
+    @property
     def store_extras(self) -> tuple[str, ...]:
-        return LOSS_EXTRAS[self.loss]
+        """What the reference store must hold for ``loss`` besides the tokens and labels."""
+        term = self.replay_term
+        return term.store_extras if term is not None else ()
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import LOSSES
+from .replay_terms import replay_loss_names
 from .continual.recipe import _write_json  # atomic, as the runner writes its own state
 
 logger = logging.getLogger(__name__)
@@ -253,10 +253,10 @@ def _read_json(path: str) -> dict | None:
 def _check_losses(losses: Sequence[str]) -> list[str]:
     losses = [str(x).strip() for x in losses if str(x).strip()]
     if not losses:
-        raise DemoError(f"--losses is empty; give some of {', '.join(LOSSES)} (default: none,ce,tm).")
-    unknown = [x for x in losses if x not in LOSSES]
+        raise DemoError(f"--losses is empty; give some of {', '.join(replay_loss_names())} (default: none,ce,tm).")
+    unknown = [x for x in losses if x not in replay_loss_names()]
     if unknown:
-        raise DemoError(f"Unknown loss(es) {unknown} in --losses; choose from {', '.join(LOSSES)}.")
+        raise DemoError(f"Unknown loss(es) {unknown} in --losses; choose from {', '.join(replay_loss_names())}.")
     if len(set(losses)) != len(losses):
         raise DemoError(f"--losses names a loss twice ({losses}); give each once.")
     return losses

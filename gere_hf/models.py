@@ -136,6 +136,15 @@ _FINAL_NORM_PATHS = (
 )
 
 
+def is_peft_model(model) -> bool:
+    """A PEFT ``PeftModel``, bare or inside a DDP/DeepSpeed wrapper's ``.module``."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel) or isinstance(getattr(model, "module", None), PeftModel)
+
+
 def unwrap_causal_lm(model):
     """The bare transformers causal LM below PEFT, DDP and DeepSpeed wrappers."""
     seen = set()

@@ -44,7 +44,7 @@ from safetensors.numpy import save as save_np_bytes
 from tqdm.auto import tqdm
 
 from .losses import threshold_labels
-from .models import find_final_norm, unwrap_causal_lm
+from .models import find_final_norm, is_peft_model, unwrap_causal_lm
 from .replay import ReplaySet
 
 logger = logging.getLogger(__name__)
@@ -270,14 +270,6 @@ def _dist_info() -> tuple[int, int]:
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel) or isinstance(getattr(model, "module", None), PeftModel)
 
 
 @dataclass(frozen=True)
@@ -683,7 +675,7 @@ class _Builder:
 
     def _reference_context(self):
         stack = contextlib.ExitStack()
-        if self.reference == "base" and _is_peft_model(self.model):
+        if self.reference == "base" and is_peft_model(self.model):
             peft_model = self.model if hasattr(self.model, "disable_adapter") else self.model.module
             stack.enter_context(peft_model.disable_adapter())
         device = next(self.model.parameters()).device

@@ -36,14 +36,8 @@ from transformers import Trainer, TrainerCallback
 
 from .collator import GeReCollator, split_replay_inputs
 from .config import GeReConfig, GeReConfigError
-from .losses import (
-    dynamic_weight,
-    feature_imitation_loss,
-    logit_imitation_loss,
-    threshold_margin_loss,
-    token_nll,
-)
-from .models import check_causal_lm, find_final_norm
+from .losses import dynamic_weight, token_nll
+from .models import check_causal_lm, find_final_norm, is_peft_model
 from .reference import (
     FINGERPRINT_FIELDS,
     ReferenceStates,
@@ -51,9 +45,9 @@ from .reference import (
     compute_fingerprint,
     model_precision,
     precision_name,
-    unpack_labels,
 )
 from .replay import ReplaySet
+from .replay_terms import ReplayTermInputs
 from .schedule import ReplaySchedule
 
 logger = logging.getLogger(__name__)
@@ -110,7 +104,7 @@ class GeReMixin:
         if self.gere_config.replay_enabled:
             check_causal_lm(self.model)
             _check_launch(self.args)
-            self._gere_virtual_tokens = virtual_token_count(self.model, self.gere_config.loss)
+            self._gere_virtual_tokens = virtual_token_count(self.model)
             self._gere_make_schedule(steps_per_epoch=1)  # a bad replay_per_step fails here, before any work
             if self._gere_tokenizer() is None and reference_states is None and replay_set is None:
                 raise GeReConfigError(
@@ -176,7 +170,7 @@ class GeReMixin:
         pad_id = getattr(tokenizer, "pad_token_id", None)
         self.gere_collator = GeReCollator(
             self.gere_store, pad_id if pad_id is not None else 0, extras=cfg.store_extras,
-            need_labels=cfg.loss == "tm",
+            need_labels=cfg.replay_term is not None and cfg.replay_term.needs_labels,
         )
         self.gere_schedule = self._gere_make_schedule(self._gere_steps_per_epoch or 1)
         _, self._gere_norm = find_final_norm(self.model)
@@ -254,7 +248,7 @@ class GeReMixin:
         stored = store.fingerprint.get("model_weights")
         if stored == weights or self.gere_config.reference != "base":
             return
-        if _is_peft_model(self.model):
+        if is_peft_model(self.model):
             raise ReferenceStatesMismatch(
                 store.path, {"model_weights": (stored, weights)},
                 detail=(
@@ -397,18 +391,17 @@ class GeReMixin:
 
     def _gere_replay_losses(self, model, replay: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per replay sample: summed next-token NLL, target count, and the replay term (None for 'ce')."""
-        loss = self.gere_config.loss
-        mask = replay["attention_mask"]
+        term = self.gere_config.replay_term
         captured = []
         handle = None
-        if loss in ("tm", "l1", "l2"):
+        if term is not None and term.reads == "hidden":
             handle = self._gere_norm.register_forward_hook(
                 lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
             )
         try:
             # No labels: the per-sample NLL below is the one upcast of the logits (the model's own loss would be a
             # second), and prompt-learning PEFT models would otherwise prepend labels for their virtual tokens.
-            outputs = model(input_ids=replay["input_ids"], attention_mask=mask, use_cache=False)
+            outputs = model(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"], use_cache=False)
         finally:
             if handle is not None:
                 handle.remove()
@@ -416,25 +409,11 @@ class GeReMixin:
         skip = self._gere_virtual_tokens
         logits = outputs.logits[:, skip:]
         nll, targets = token_nll(logits, replay["labels"])
-        nll_sums, target_counts = nll.sum(dim=1), targets.sum(dim=1)
-        if loss == "ce":
-            return nll_sums, target_counts, None
-        if loss == "kl":
-            term = logit_imitation_loss(logits, replay["topk_logprobs"], replay["topk_ids"], mask,
-                                        self.gere_config.kl_temperature, per_sample=True)
-            return nll_sums, target_counts, term
-        hidden = captured[-1][:, skip:]
-        if loss == "tm":
-            if "packed_labels" in replay:
-                packed = replay["packed_labels"]
-                labels_tm = unpack_labels(packed).view(*packed.shape[:2], -1)
-            else:
-                labels_tm = replay["tm_labels"]
-            term = threshold_margin_loss(hidden, labels_tm, self._gere_lower, self._gere_upper, mask, per_sample=True)
-        else:
-            term = feature_imitation_loss(hidden, replay["ref_hidden"], mask, p=1 if loss == "l1" else 2,
-                                          per_sample=True)
-        return nll_sums, target_counts, term
+        if term is None:
+            return nll.sum(dim=1), targets.sum(dim=1), None
+        inputs = ReplayTermInputs(hidden=captured[-1][:, skip:] if captured else None, logits=logits, batch=replay,
+                                  lower=self._gere_lower, upper=self._gere_upper, config=self.gere_config)
+        return nll.sum(dim=1), targets.sum(dim=1), term.compute(inputs)
 
     def _gere_check_finite(self, total, terms, model):
         if torch.isfinite(total).all():
@@ -518,19 +497,11 @@ def _check_launch(args) -> None:
         )
 
 
-def _is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def virtual_token_count(model, loss: str) -> int:
+def virtual_token_count(model) -> int:
     """Positions a prompt-learning PEFT model prepends to every input (prompt tuning, P-tuning, CPT): replay terms
     skip them. Prefix tuning adds none (its prompt lives in the key/value cache). Methods that need per-sample task
     ids (multitask prompt tuning, Poly) cannot run replay texts, which have none: refused."""
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         return 0
     from peft import PeftType
 

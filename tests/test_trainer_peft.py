@@ -93,7 +93,7 @@ def test_every_peft_method_trains_with_tm_or_is_refused(tmp_path, store, name):
         with pytest.raises(GeReConfigError, match="task ids"):
             _trainer(tmp_path, model, store, name)
         return
-    assert virtual_token_count(model, "tm") == VIRTUAL_TOKENS.get(name, 0)
+    assert virtual_token_count(model) == VIRTUAL_TOKENS.get(name, 0)
     trainer = _trainer(tmp_path, model, store, name)
     trainer.train()
     log = trainer.state.log_history[0]
