@@ -1,16 +1,23 @@
-"""gere_hf: General Sample Replay (GeRe) for continual fine-tuning, as a drop-in for transformers and TRL trainers."""
+"""gere_hf: General Sample Replay (GeRe) for continual fine-tuning, as a drop-in for transformers and TRL trainers.
+
+Three layers: the plugin core at the top level (``config``, ``replay``, ``reference``, ``schedule``, ``collator``,
+``losses``, ``replay_terms``, ``trainer``, ``models``), and built on it the continual driver (``gere_hf.continual``:
+recipes, the stage loop, run state, adapters, the Hub) and the evaluation (``gere_hf.evaluation``: tasks, scoring,
+metrics, general retention, the evaluator, reports).
+"""
 
 __version__ = "0.1.0"
 
 # Public names load on first use: `gere-hf inspect` should not pay for importing trl and the Trainer stack.
 _LAZY = {
-    "ExcludedTexts": ".replay",
+    # The plugin core.
     "GeReCollator": ".collator",
     "GeReConfig": ".config",
     "GeReConfigError": ".config",
     "GeReSFTTrainer": ".trainer",
     "GeReTrainer": ".trainer",
     "GeReTrainingError": ".trainer",
+    "ExcludedTexts": ".replay",
     "ReferenceStates": ".reference",
     "ReferenceStatesError": ".reference",
     "ReferenceStatesMismatch": ".reference",
@@ -33,6 +40,21 @@ _LAZY = {
     "threshold_labels": ".losses",
     "threshold_margin_loss": ".losses",
     "token_nll": ".losses",
+    # The continual driver.
+    "Recipe": ".continual",
+    "RecipeError": ".continual",
+    "RecipeRunner": ".continual",
+    "load_recipe": ".continual",
+    "load_stage_model": ".continual",
+    "run_recipe": ".continual",
+    # The evaluation.
+    "ContinualEvaluator": ".evaluation",
+    "Task": ".evaluation",
+    "compare_runs": ".evaluation",
+    "continual_metrics": ".evaluation",
+    "load_builtin_task": ".evaluation",
+    "task_from_dataset": ".evaluation",
+    "write_report": ".evaluation",
 }
 
 
@@ -50,34 +72,4 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = [  # noqa: F822 (lazily provided by __getattr__)
-    "ExcludedTexts",
-    "GeReCollator",
-    "GeReConfig",
-    "GeReConfigError",
-    "GeReSFTTrainer",
-    "GeReTrainer",
-    "GeReTrainingError",
-    "ReferenceStates",
-    "ReferenceStatesError",
-    "ReferenceStatesMismatch",
-    "ReplayDataError",
-    "ReplaySchedule",
-    "ReplayScheduleError",
-    "ReplaySet",
-    "ReplayTerm",
-    "UnsupportedModelError",
-    "causal_lm_loss",
-    "dynamic_weight",
-    "feature_imitation_loss",
-    "find_final_norm",
-    "load_model_and_tokenizer",
-    "load_replay_texts",
-    "logit_imitation_loss",
-    "register_replay_term",
-    "replay_heldout_texts",
-    "select_heldout_texts",
-    "threshold_labels",
-    "threshold_margin_loss",
-    "token_nll",
-]
+__all__ = sorted(_LAZY)  # noqa: PLE0605 (lazily provided by __getattr__)

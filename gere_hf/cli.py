@@ -52,7 +52,7 @@ def _inspect(args) -> int:
 
 
 def _run(args) -> int:
-    from .continual.recipe import run_recipe
+    from .continual.runner import run_recipe
 
     run_recipe(args.recipe, resume=args.resume, overrides=args.set or [])
     return 0

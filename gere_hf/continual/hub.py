@@ -301,7 +301,7 @@ def model_card(
         lines += [f"This adapter was trained on the base model with the adapters of stages 1..{index - 1} merged into "
                   f"it: apply the adapters of stages 1..{index} in order (merge each but the last).", ""]
     if library == "peft":
-        lines += ["```python", "from gere_hf.adapters import load_stage_model",
+        lines += ["```python", "from gere_hf import load_stage_model",
                   "# from the run folder: the base model with this stage's adapter(s) applied",
                   f"model, tokenizer = load_stage_model('<output_dir>', {index})", "```", ""]
     else:

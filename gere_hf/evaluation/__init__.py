@@ -1,23 +1,37 @@
-"""The evaluation: tasks, scoring, continual-learning metrics, general retention, the evaluator, reports."""
+"""The evaluation wing: tasks, scoring, continual-learning metrics, general retention, the evaluator, reports.
 
+Modules: :mod:`~gere_hf.evaluation.tasks` (prompt-completion tasks, built-in offline ones),
+:mod:`~gere_hf.evaluation.scoring` (choice ranking and generation), :mod:`~gere_hf.evaluation.metrics` (AP, BWT,
+FWT, forgetting), :mod:`~gere_hf.evaluation.retention` (held-out NLL, lm-eval), :mod:`~gere_hf.evaluation.evaluator`
+(the accuracy matrix of a run), :mod:`~gere_hf.evaluation.report` (``results.json``, ``report.md``, figures,
+comparisons); :mod:`~gere_hf.evaluation.utils` holds the model plumbing they share.
+"""
+
+from .evaluator import RESULTS_SCHEMA_VERSION, ContinualEvaluator
+from .metrics import continual_metrics
+from .report import compare_runs, load_results, write_report
+from .retention import DEFAULT_GENERAL_MAX_LENGTH, general_perplexity, lm_eval_tasks, texts_fingerprint
 from .scoring import (
-    ContinualEvaluator,
-    continual_metrics,
     evaluate_task,
     evaluate_tasks,
     exact_match,
-    general_perplexity,
     generate_answers,
-    lm_eval_tasks,
     normalize_answer,
     predict_task,
+    prompt_context_ids,
     score_choices,
-    texts_fingerprint,
     tokenize_prompt_completion,
 )
+from .tasks import BUILTIN_TASKS, Task, TaskDataError, load_builtin_task, task_from_dataset
 
 __all__ = [
+    "BUILTIN_TASKS",
+    "DEFAULT_GENERAL_MAX_LENGTH",
+    "RESULTS_SCHEMA_VERSION",
     "ContinualEvaluator",
+    "Task",
+    "TaskDataError",
+    "compare_runs",
     "continual_metrics",
     "evaluate_task",
     "evaluate_tasks",
@@ -25,9 +39,14 @@ __all__ = [
     "general_perplexity",
     "generate_answers",
     "lm_eval_tasks",
+    "load_builtin_task",
+    "load_results",
     "normalize_answer",
     "predict_task",
+    "prompt_context_ids",
     "score_choices",
+    "task_from_dataset",
     "texts_fingerprint",
     "tokenize_prompt_completion",
+    "write_report",
 ]

@@ -9,8 +9,8 @@ import torch
 from recipe_utils import one_thread, read_json, tiny_recipe
 from safetensors.torch import load_file
 
+from gere_hf.continual import RecipeError, parse_recipe, run_recipe
 from gere_hf.continual.adapters import load_causal_lm, load_stage_model, stage_result_model
-from gere_hf.continual.recipe import RecipeError, parse_recipe, run_recipe
 
 # Two optimizer steps per stage with a large learning rate: every stage visibly moves the model.
 FAST = ("evaluation.enabled=false", "training.learning_rate=0.05", "training.max_steps=2")

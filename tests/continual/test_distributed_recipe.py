@@ -25,7 +25,7 @@ import pytest
 import yaml
 from recipe_utils import REPO_ROOT, one_thread, read_json, tiny_recipe
 
-from gere_hf.continual.recipe import run_recipe
+from gere_hf.continual import run_recipe
 
 pytestmark = pytest.mark.slow
 

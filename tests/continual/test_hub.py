@@ -15,8 +15,8 @@ import socket
 import pytest
 from recipe_utils import FakeHub, all_text_under, one_thread, read_json, tiny_recipe
 
+from gere_hf.continual import RecipeError, parse_recipe, run_recipe
 from gere_hf.continual.hub import HubConfig, HubError, HubTarget, hub_preflight, model_card, push_stage, stage_files
-from gere_hf.continual.recipe import RecipeError, parse_recipe, run_recipe
 
 
 @pytest.fixture

@@ -12,17 +12,10 @@ import yaml
 from recipe_utils import RECIPES, TINY_RECIPE, one_thread, read_json, tiny_recipe
 
 from gere_hf import cli
-from gere_hf.continual.recipe import (
-    RecipeError,
-    RecipeRunner,
-    apply_overrides,
-    check_deepspeed_config,
-    load_recipe,
-    load_stage_task,
-    parse_recipe,
-    recipe_hash,
-    run_recipe,
-)
+from gere_hf.continual.data import load_stage_task
+from gere_hf.continual.launch import check_deepspeed_config
+from gere_hf.continual.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe, recipe_hash
+from gere_hf.continual.runner import RecipeRunner, run_recipe
 from gere_hf.replay import load_replay_texts
 from gere_hf.trainer import GeReSFTTrainer
 

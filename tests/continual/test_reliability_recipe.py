@@ -22,7 +22,7 @@ from recipe_utils import REPO_ROOT, FakeHub, all_text_under, one_thread, read_js
 from safetensors.torch import load_file
 
 from gere_hf import cli
-from gere_hf.continual.recipe import parse_recipe
+from gere_hf.continual import parse_recipe
 
 # Every run here is the same recipe (checkpoints every step, so a kill finds some), in another output_dir.
 RUN = ("training.max_steps=4", "training.save_strategy=steps", "training.save_steps=1")

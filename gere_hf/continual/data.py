@@ -1,0 +1,213 @@
+"""The data of a continual run: each stage's task, the replay texts and the held-out general texts, chosen so that
+the evaluation data shares no text with the replay texts.
+
+The replay texts are fixed first (they are the reference store's content and never change with evaluation settings);
+the tasks' eval examples pass over anything that overlaps them, and the held-out general texts pass over the replay
+texts and every task's texts (:class:`~gere_hf.replay.ExcludedTexts`). All of it is read before anything is written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from typing import Any
+
+from .recipe import Recipe, RecipeError, StageConfig, check_keys
+
+logger = logging.getLogger(__name__)
+
+_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def resolve_recipe_path(path: str, recipe: Recipe) -> str | None:
+    """An existing file/folder: as given (relative to the working directory), else next to the recipe file."""
+    candidates = [path]
+    if recipe.path and not os.path.isabs(path):
+        candidates.append(os.path.join(os.path.dirname(recipe.path), path))
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
+def _resolve_data_files(value: Any, recipe: Recipe) -> Any:
+    if isinstance(value, str):
+        return resolve_recipe_path(value, recipe) or value
+    if isinstance(value, list):
+        return [_resolve_data_files(v, recipe) for v in value]
+    if isinstance(value, dict):
+        return {k: _resolve_data_files(v, recipe) for k, v in value.items()}
+    return value
+
+
+def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
+    import inspect
+
+    import datasets
+
+    from ..evaluation.tasks import BUILTIN_TASKS
+
+    if isinstance(spec, str):
+        local = resolve_recipe_path(spec, recipe)
+        if local is not None and os.path.isfile(local):
+            suffix = os.path.splitext(local)[1].lower()
+            if suffix not in _DATA_SUFFIXES:
+                raise RecipeError(f"{where}: cannot read {local!r} (type {suffix!r}); use one of "
+                                  f"{sorted(_DATA_SUFFIXES)} or load_dataset arguments.")
+            if os.path.getsize(local) == 0:  # datasets would fail with a bare StopIteration
+                raise RecipeError(f"{where}: the dataset file {local!r} is empty. Give a file with the task's examples.")
+            kwargs = {"path": _DATA_SUFFIXES[suffix], "data_files": local}
+        elif local is not None:
+            kwargs = {"path": local}
+        elif os.sep in spec or spec.startswith(".") or os.path.splitext(spec)[1].lower() in _DATA_SUFFIXES:
+            raise RecipeError(f"{where}: the dataset file {spec!r} does not exist (looked in the working directory "
+                              "and next to the recipe).")
+        else:
+            close = difflib.get_close_matches(spec, BUILTIN_TASKS, n=1, cutoff=0.75)
+            if close and "/" not in spec:
+                raise RecipeError(f"{where}: unknown dataset {spec!r}. Did you mean the built-in task {close[0]!r}?")
+            kwargs = {"path": spec}
+    elif isinstance(spec, dict):
+        valid = [p for p in inspect.signature(datasets.load_dataset).parameters if p != "config_kwargs"]
+        check_keys(spec, valid, f"{where}.dataset", " These are datasets.load_dataset arguments.")
+        if "path" not in spec:
+            raise RecipeError(f"{where}.dataset needs 'path' (a builder such as json/csv/parquet, a folder or a Hub "
+                              "id), e.g. {path: json, data_files: data/train.jsonl}.")
+        kwargs = dict(spec)
+        if "data_files" in kwargs:
+            kwargs["data_files"] = _resolve_data_files(kwargs["data_files"], recipe)
+        local = resolve_recipe_path(kwargs["path"], recipe) if isinstance(kwargs["path"], str) else None
+        if local is not None and os.path.isdir(local):
+            kwargs["path"] = local
+    else:
+        raise RecipeError(f"{where}.dataset must be a task name, a path or load_dataset arguments, "
+                          f"got {type(spec).__name__}.")
+    try:
+        return datasets.load_dataset(**kwargs)
+    except Exception as err:  # offline Hub ids, bad files: say which stage and what was tried
+        raise RecipeError(
+            f"{where}: datasets.load_dataset({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Check the path (the Hub cannot be "
+            "reached offline: give local files)."
+        ) from None
+
+
+def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any = None):
+    """The :class:`~gere_hf.evaluation.tasks.Task` of a stage (named after the stage).
+
+    ``exclude``: texts its eval examples must not overlap (the replay texts; see :class:`gere_hf.replay.ExcludedTexts`).
+    """
+    from ..evaluation.tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task, task_from_dataset
+
+    where = f"stages[{index}] ({stage.name})"
+    try:
+        if isinstance(stage.dataset, str) and stage.dataset in BUILTIN_TASKS:
+            given = [k for k in ("prompt_field", "completion_field", "template", "completion_template", "eval_split")
+                     if getattr(stage, k) is not None]
+            if given or stage.choices != "auto":
+                raise RecipeError(
+                    f"{where}: the built-in task {stage.dataset!r} has its own prompt format and answers; remove "
+                    f"{given or ['choices']} (they apply to datasets loaded from files or the Hub)."
+                )
+            task = load_builtin_task(stage.dataset, stage.num_train, stage.num_eval, recipe.seed, exclude=exclude)
+        else:
+            dataset = _load_stage_dataset(stage.dataset, recipe, where)
+            task = task_from_dataset(
+                stage.name, dataset, prompt_field=stage.prompt_field, completion_field=stage.completion_field,
+                template=stage.template, completion_template=stage.completion_template, choices=stage.choices,
+                num_train=stage.num_train, num_eval=stage.num_eval, eval_split=stage.eval_split, seed=recipe.seed,
+                exclude=exclude,
+            )
+    except TaskDataError as err:
+        raise RecipeError(f"{where}: {err}") from None
+    if len(task.train) == 0:
+        raise RecipeError(f"{where}: the task has no training examples; raise num_train or give more data.")
+    task.meta = {**task.meta, "stage": stage.name, "dataset": stage.dataset if isinstance(stage.dataset, str)
+                 else json.dumps(stage.dataset, default=str)}
+    task.name = stage.name
+    return task
+
+
+def load_run_replay_texts(recipe: Recipe, stage_args: list) -> list[str] | None:
+    """The replay texts, after checking the replay mix against every stage's processes and accumulation steps.
+
+    With ``gere.loss: none`` they are read too, only to keep the evaluation data the same as in the replay runs a
+    no-replay baseline is compared with; a source that cannot be read is then a warning, not an error.
+    """
+    from ..replay import ReplayDataError, load_replay_texts
+    from ..schedule import ReplaySchedule, ReplayScheduleError
+
+    g = recipe.gere
+    if g.replay_enabled and g.replay_per_step is not None:
+        for i, (stage, args) in enumerate(zip(recipe.stages, stage_args)):
+            try:
+                ReplaySchedule(g.replay_num_samples, world_size=args.world_size,
+                               grad_accum=args.gradient_accumulation_steps, per_step=g.replay_per_step)
+            except ReplayScheduleError as err:
+                raise RecipeError(f"stages[{i}] ({stage.name}): {err}") from None
+    source = resolve_recipe_path(g.replay_source, recipe) or g.replay_source
+    try:
+        return load_replay_texts(source, g.replay_num_samples, g.replay_seed, g.replay_text_column)
+    except ReplayDataError as err:
+        if g.replay_enabled:
+            raise RecipeError(f"gere.replay_source: {err}") from None
+        logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s): the evaluation data is not "
+                       "kept disjoint from it.", err)
+    except Exception as err:  # a Hub id offline, say: a run without replay must not fail on its replay source
+        if g.replay_enabled:
+            raise
+        logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s: %s): the evaluation data "
+                       "is not kept disjoint from it.", type(err).__name__, err)
+    return None
+
+
+def load_stage_tasks(recipe: Recipe, replay_texts: list[str] | None) -> list:
+    """Every stage's task; eval examples that overlap the replay texts (when read) are passed over."""
+    from ..replay import ExcludedTexts
+
+    exclude = ExcludedTexts({"replay": replay_texts}) if replay_texts else None
+    return [load_stage_task(stage, i, recipe, exclude=exclude) for i, stage in enumerate(recipe.stages)]
+
+
+def select_general_texts(recipe: Recipe, replay_texts: list[str] | None, tasks: list):
+    """The held-out general texts (a :class:`~gere_hf.replay.TextSelection`, or None when none are measured),
+    disjoint from the replay texts and from every task's texts. Chosen on every rank, before anything is written,
+    so that too few left stops every process alike."""
+    from ..replay import ExcludedTexts, ReplayDataError, select_heldout_texts
+
+    ev = recipe.evaluation
+    if not ev.enabled or ev.general_texts <= 0:
+        return None
+    exclude = ExcludedTexts({"replay": replay_texts or [], "tasks": [text for task in tasks for text in task.texts()]})
+    if ev.general_source == "wiki":
+        source, seed = "wiki", recipe.gere.replay_seed
+    else:
+        source, seed = resolve_recipe_path(ev.general_source, recipe) or ev.general_source, recipe.seed
+    try:
+        return select_heldout_texts(ev.general_texts, seed, source, text_column=ev.general_text_column, exclude=exclude)
+    except ReplayDataError as err:
+        raise RecipeError(
+            f"evaluation.general_source ({ev.general_source}, general_texts={ev.general_texts}): {err}"
+        ) from None
+
+
+def describe_data_overlap(recipe: Recipe, replay_texts: list[str] | None, tasks: list, general_selection) -> dict:
+    """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
+    from ..replay import MIN_CONTAINED_CHARS
+
+    g = recipe.gere
+    general = None
+    if general_selection is not None:
+        general = {"asked": recipe.evaluation.general_texts, **general_selection.describe()}
+    return {
+        "rule": "normalised texts (NFKC, casefolded, whitespace collapsed) overlap when equal, or when one "
+                f"contains the other (texts of at least {MIN_CONTAINED_CHARS} characters)",
+        "replay": None if replay_texts is None else {
+            "source": str(g.replay_source), "seed": g.replay_seed, "num_texts": len(replay_texts)},
+        "tasks": {task.name: {"num_eval": len(task.eval), "num_train": len(task.train),
+                              "eval_dropped_overlap": task.meta.get("eval_dropped_overlap")}
+                  for task in tasks},
+        "general": general,
+    }

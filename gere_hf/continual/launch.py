@@ -1,0 +1,168 @@
+"""One launch of a continual run: every stage's training arguments, the DeepSpeed config checks, and the collectives
+the runner synchronises its processes with.
+
+``gere-hf run RECIPE`` runs in one process, or in several under ``torchrun -m gere_hf run`` / ``accelerate launch -m
+gere_hf run``: every rank trains, only the main process evaluates and writes, with barriers in between.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+from typing import Any
+
+from .data import resolve_recipe_path
+from .recipe import Recipe, RecipeError, StageConfig
+
+logger = logging.getLogger(__name__)
+
+
+def stage_training_kwargs(recipe: Recipe, stage: StageConfig) -> dict:
+    """The SFTConfig arguments of one stage: the runner's defaults, then the recipe's training section, then the
+    stage's own (``training:`` and its shortcuts)."""
+    import torch
+
+    kwargs: dict[str, Any] = {
+        # SFTConfig turns bf16 on by default, even on a CPU; a recipe asks for it explicitly.
+        "bf16": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": "none",
+        "seed": recipe.seed,
+        # TRL's default (on), under transformers' new name: the old one, which SFTConfig sets, warns on every stage.
+        "activation_checkpointing": True,
+    }
+    kwargs.update(recipe.training)
+    kwargs.update(stage.training)
+    if "gradient_checkpointing" in kwargs:
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    for key in ("num_train_epochs", "learning_rate", "max_steps"):
+        if getattr(stage, key) is not None:
+            kwargs[key] = getattr(stage, key)
+    return kwargs
+
+
+def build_stage_args(recipe: Recipe, checkpoint_dirs: list[str]) -> list:
+    """The SFTConfig of every stage (bad values fail here); the first one sets up torch.distributed."""
+    import torch
+    from trl import SFTConfig
+
+    if uses_deepspeed(recipe) and not torch.cuda.is_available():
+        _disable_deepspeed_shm_op()
+    stage_args = []
+    for i, (stage, checkpoints) in enumerate(zip(recipe.stages, checkpoint_dirs), start=1):
+        kwargs = stage_training_kwargs(recipe, stage)
+        kwargs["output_dir"] = checkpoints
+        try:
+            args = SFTConfig(**kwargs)
+            _ = args.world_size  # sets up the devices and the process group now, not inside a stage
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"stages[{i - 1}] ({stage.name}): invalid training arguments: {err}") from None
+        stage_args.append(args)
+    if uses_deepspeed(recipe) and stage_args[0].world_size > 1:
+        import deepspeed
+
+        # On CPU accelerate sets up torch.distributed itself; DeepSpeed's own comm layer, which zero.Init reads
+        # the world size from when a stage loads its model under ZeRO-3, must attach to that process group.
+        deepspeed.init_distributed()
+    return stage_args
+
+
+def check_deepspeed_config(value: Any, recipe: Recipe, where: str = "training.deepspeed") -> Any:
+    """The DeepSpeed config as a path that exists and parses (or an inline mapping); ZeRO-3 must save 16-bit weights.
+
+    Returns what to pass to the training arguments (an absolute path, or the mapping).
+    """
+    if isinstance(value, dict):
+        config, shown = value, "the inline DeepSpeed config"
+    elif isinstance(value, str):
+        path = resolve_recipe_path(value, recipe)
+        if path is None or not os.path.isfile(path):
+            raise RecipeError(
+                f"{where}: the DeepSpeed config {value!r} does not exist (looked in the working directory and next "
+                "to the recipe). Give the path of a JSON file, e.g. recipes/deepspeed/zero2.json."
+            )
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RecipeError(f"{where}: the DeepSpeed config {path} does not parse as JSON ({err}). Fix the file "
+                              "(recipes/deepspeed/*.json are valid examples).") from None
+        shown, value = path, path
+    else:
+        raise RecipeError(f"{where} must be the path of a DeepSpeed JSON file or a mapping, got {type(value).__name__}.")
+    if not isinstance(config, dict):
+        raise RecipeError(f"{where}: {shown} must hold a JSON object, got {type(config).__name__}.")
+    zero = config.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise RecipeError(f"{where}: zero_optimization in {shown} must be a mapping.")
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise RecipeError(
+            f"{where}: {shown} uses ZeRO-3 without \"stage3_gather_16bit_weights_on_model_save\": true. Each stage "
+            "saves its weights (or adapter) for the next stage and the evaluation; add that setting to "
+            "zero_optimization."
+        )
+    if zero.get("stage") == 3 and zero.get("stage3_prefetch_bucket_size", 1) != 0:
+        logger.warning(
+            "%s: ZeRO-3 with parameter prefetch. With SFTTrainer's fused LM head and GeRe's replay forward, ZeRO-3 can "
+            "have lm_head's weight in flight when the fused head gathers it ('Cannot partition a param in flight'); "
+            "set \"stage3_prefetch_bucket_size\": 0 if it happens (docs/compatibility.md).", shown,
+        )
+    return value
+
+
+def uses_deepspeed(recipe: Recipe) -> bool:
+    return bool(recipe.training.get("deepspeed")) or \
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "true")
+
+
+def _disable_deepspeed_shm_op() -> None:
+    """On CPU, DeepSpeed's first init compiles a shared-memory collective op (minutes); gloo does without it."""
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def zero3_config(value: Any) -> bool:
+    """Whether a DeepSpeed config (a mapping or the path of a JSON file) is ZeRO stage 3."""
+    if isinstance(value, dict):
+        return (value.get("zero_optimization") or {}).get("stage") == 3
+    if isinstance(value, str) and os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                return (json.load(f).get("zero_optimization") or {}).get("stage") == 3
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
+
+
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # freeing memory is best effort
+        pass
+
+
+def reset_accelerator_state() -> None:
+    """Let the next stage's Trainer create its own Accelerator: accelerate refuses a second one with a DeepSpeed
+    plugin while the first one's state lives. The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()

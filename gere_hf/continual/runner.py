@@ -1,0 +1,453 @@
+"""The recipe runner: checks, then row 0, then each stage (train, save, evaluate, push), then the report.
+
+Stage t starts from what stage t−1 saved (:mod:`gere_hf.continual.adapters`); the reference store is built once
+from the base model at stage 1 and reused by every stage. Every stage writes ``output_dir/stages/<t>-<name>/``
+(adapter or full weights, tokenizer, trainer state, ``metrics.json``, a model card); the run folder's state
+(:mod:`gere_hf.continual.state`) lets ``--resume`` go on after the last finished stage. The accuracy matrix is
+filled before stage 1 and after every stage (:mod:`gere_hf.evaluation`); the report is written at the end. Every check
+that can fail on bad input (unknown keys, datasets and their fields, DeepSpeed configs, Hub access, ``--resume``
+against another recipe, too little evaluation data) runs before any training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from . import adapters as adapters_mod
+from . import data, launch
+from . import state as run_state
+from .hub import HubTarget, hub_preflight, model_card, push_stage
+from .launch import barrier
+from .recipe import TINY_MODEL, Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+from .state import BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_STATE_FILE, STAGES_DIR
+
+logger = logging.getLogger(__name__)
+
+# Hub ids of the built-in models, for the model card's base_model metadata.
+BUILTIN_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+class RecipeRunner:
+    """Runs a :class:`~gere_hf.continual.recipe.Recipe`.
+
+    Args:
+        recipe: the recipe.
+        resume: continue the run in ``recipe.output_dir`` (same recipe) after its last finished stage.
+        on_stage_end: optional ``callback(index, trainer)`` on every rank after stage ``index`` is trained and saved,
+            before the trainer is freed (tests compare the trained model with the one rebuilt from disk).
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool = False, on_stage_end: Callable | None = None):
+        self.recipe = recipe
+        self.resume = resume
+        self.on_stage_end = on_stage_end
+        self.output_dir = os.path.abspath(recipe.output_dir)
+        self.state: dict = {}
+        self.tasks: list = []
+        self.stage_args: list = []
+        self.hub: HubTarget | None = None
+        self.evaluator = None
+        self.tokenizer = None
+        self.replay = None
+        self.replay_texts: list[str] | None = None
+        self.general_selection = None
+        self.base_path: str = ""
+        self._log_history: dict[int, list] = {}
+        self.overwrite = False
+
+    # -- the whole run --------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict | None:
+        """Run the recipe; returns the results (on the main process; None elsewhere or without evaluation)."""
+        r = self.recipe
+        t0 = time.time()
+        self.check_inputs()
+        self.prepare()
+        for index in range(1, len(r.stages) + 1):
+            if self._finished(index):
+                logger.info("Stage %d (%s) is finished; skipping it.", index, r.stages[index - 1].name)
+                continue
+            self.train_stage(index)
+            self.finish_stage(index)
+            self.push_pending()
+        self.push_pending()
+        self.write_report()
+        self.state["finished"] = True
+        self.state["seconds"] = round(time.time() - t0, 2)
+        self.save_state()
+        barrier()
+        logger.info("The run is finished: %s", self.output_dir)
+        return self.results() if self.is_main else None
+
+    def check_inputs(self) -> None:
+        """Everything that can fail on bad input, before anything heavy or written."""
+        r = self.recipe
+        if r.training.get("deepspeed"):
+            r.training["deepspeed"] = launch.check_deepspeed_config(r.training["deepspeed"], r)
+        self.check_previous_run()
+        if r.hub.push:
+            self.hub = hub_preflight(r.hub, r.run_name, [s.name for s in r.stages])
+        if r.evaluation.lm_eval_tasks and launch.zero3_config(r.training.get("deepspeed")):
+            raise RecipeError("evaluation.lm_eval_tasks is not supported under ZeRO-3 (lm-eval runs on the main "
+                              "process only); drop it or use ZeRO-2.")
+        self.build_training_args()
+        # The replay texts first: the tasks' eval examples and then the held-out general texts are chosen disjoint
+        # from them (and the general texts from the tasks), all before anything is written.
+        self.check_replay()
+        self.load_tasks()
+        self.select_general_texts()
+
+    def prepare(self) -> None:
+        """The run folder, the base model and tokenizer, the replay set, run_state.json and row 0."""
+        r = self.recipe
+        fresh = not self.state
+        if fresh:
+            if self.is_main:
+                os.makedirs(self.output_dir, exist_ok=True)
+                if self.overwrite:  # only an overwrite_output_dir start removes earlier outputs
+                    run_state.clear_previous_outputs(self.output_dir, None if r.gere.store_dir else self.store_dir)
+            barrier()
+        self.prepare_base_model()
+        self.tokenizer = adapters_mod.load_tokenizer(self.base_path, r.model.trust_remote_code)
+        if r.gere.replay_enabled:
+            from ..replay import ReplaySet
+
+            g = r.gere
+            self.replay = ReplaySet.from_texts(self.replay_texts, self.tokenizer, g.replay_max_length,
+                                               source=str(g.replay_source), seed=g.replay_seed)
+        # run_state.json is written once the inputs are known good: a run refused for its tokenizer or replay texts
+        # leaves no state behind that a second attempt would have to --resume or overwrite.
+        if fresh:
+            self.state = run_state.fresh_run_state(r, self.output_dir, self.base_path,
+                                                   [self.stage_dir(i) for i in range(1, len(r.stages) + 1)])
+        self.state["world_size"] = self.world_size
+        self.save_state()
+        if r.evaluation.enabled and self.is_main:
+            self.evaluator = self.make_evaluator()
+            for _, record in sorted(self.state.get("evaluation", {}).items(), key=lambda kv: int(kv[0])):
+                self.evaluator.restore_row(record)
+        if "0" not in self.state.get("evaluation", {}):
+            self.evaluate_row(0)
+        barrier()
+
+    # -- paths ----------------------------------------------------------------------------------------------------------
+
+    def stage_dir(self, index: int) -> str:
+        return os.path.join(self.output_dir, STAGES_DIR, f"{index}-{self.recipe.stages[index - 1].name}")
+
+    @property
+    def store_dir(self) -> str:
+        return os.path.abspath(self.recipe.gere.store_dir or os.path.join(self.output_dir, "gere_store"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.stage_args[0].process_index == 0 if self.stage_args else int(os.environ.get("RANK", "0")) == 0
+
+    @property
+    def world_size(self) -> int:
+        return self.stage_args[0].world_size if self.stage_args else int(os.environ.get("WORLD_SIZE", "1"))
+
+    # -- checks and data, before any training ---------------------------------------------------------------------------
+
+    def check_previous_run(self) -> None:
+        """``--resume`` needs the same recipe; a fresh run refuses to overwrite a run unless told to."""
+        self.state, self.overwrite = run_state.check_previous_run(self.recipe, self.output_dir, self.resume)
+
+    def build_training_args(self) -> None:
+        self.stage_args = launch.build_stage_args(
+            self.recipe, [os.path.join(self.stage_dir(i), CHECKPOINTS_DIR) for i in range(1, len(self.recipe.stages) + 1)]
+        )
+
+    def check_replay(self) -> None:
+        self.replay_texts = data.load_run_replay_texts(self.recipe, self.stage_args)
+
+    def load_tasks(self) -> None:
+        self.tasks = data.load_stage_tasks(self.recipe, self.replay_texts)
+
+    def select_general_texts(self):
+        self.general_selection = data.select_general_texts(self.recipe, self.replay_texts, self.tasks)
+        return self.general_selection
+
+    def data_overlap(self) -> dict:
+        """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
+        return data.describe_data_overlap(self.recipe, self.replay_texts, self.tasks, self.general_selection)
+
+    # -- models ---------------------------------------------------------------------------------------------------------
+
+    def _load(self, path: str):
+        m = self.recipe.model
+        return adapters_mod.load_causal_lm(path, m.dtype, m.trust_remote_code)
+
+    def prepare_base_model(self) -> None:
+        """The base model's path; the built-in tiny random Llama is saved once into the run folder (main process)."""
+        name = self.recipe.model.name_or_path
+        if name != TINY_MODEL:
+            from ..models import BUILTIN_MODELS, resolve_model_path
+
+            if name in BUILTIN_MODELS:
+                if self.is_main:
+                    resolve_model_path(name)  # converted once, by one process
+                barrier()
+                self.base_path = resolve_model_path(name)
+            else:
+                local = data.resolve_recipe_path(name, self.recipe)
+                self.base_path = local if local is not None and os.path.isdir(local) else name
+            return
+        self.base_path = os.path.join(self.output_dir, BASE_MODEL_DIR)
+        if self.is_main and not os.path.isfile(os.path.join(self.base_path, "config.json")):
+            from transformers import ByT5Tokenizer
+
+            from ..models import tiny_llama
+
+            tmp = self.base_path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tiny_llama(seed=self.recipe.seed).save_pretrained(tmp)
+            ByT5Tokenizer().save_pretrained(tmp)
+            os.replace(tmp, self.base_path)
+        barrier()
+
+    def _stage_dirs(self, upto: int) -> list[str]:
+        return [self.stage_dir(i) for i in range(1, upto + 1)]
+
+    def load_result_model(self, index: int):
+        """The model after stage ``index`` (0: the base), rebuilt from disk as full weights, for evaluation."""
+        with adapters_mod.zero3_hidden():
+            return adapters_mod.stage_result_model(
+                self._load, self.base_path, self._stage_dirs(index), self.recipe.peft, self.recipe.strategy
+            )
+
+    # -- evaluation (one place: row 0, every stage, the report) ---------------------------------------------------------
+
+    def make_evaluator(self):
+        from ..evaluation import ContinualEvaluator
+
+        ev = self.recipe.evaluation
+        selection = self.general_selection if self.general_selection is not None else self.select_general_texts()
+        general = selection.texts if selection is not None else None
+        return ContinualEvaluator(
+            self.tasks, general, stage_names=["base"] + [s.name for s in self.recipe.stages],
+            label=self.recipe.run_name, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+            general_max_length=ev.general_max_length, general_batch_size=ev.general_batch_size,
+            lm_eval_task_names=ev.lm_eval_tasks or None, lm_eval_limit=ev.lm_eval_limit,
+            progress=sys.stderr.isatty(),
+        )
+
+    def evaluate_row(self, row: int) -> dict | None:
+        """Evaluate the model after stage ``row`` (0: base) on the main process; store the row in run_state."""
+        if self.evaluator is None or not self.is_main:
+            return None
+        model = self.load_result_model(row).to(self.stage_args[0].device)
+        with adapters_mod.zero3_hidden():  # the other ranks wait at a barrier: no collective may run here
+            record = self.evaluator.evaluate(model, self.tokenizer, row)
+        del model
+        launch.free_memory()
+        self.state.setdefault("evaluation", {})[str(row)] = record
+        self.save_state()
+        return record
+
+    def results(self) -> dict | None:
+        if self.evaluator is None:
+            return None
+        results = self.evaluator.results()
+        results["run"] = {
+            "name": self.recipe.run_name,
+            "recipe": self.recipe.path,
+            "recipe_hash": self.recipe.recipe_hash,
+            "model": self.recipe.model.name_or_path,
+            "method": adapters_mod.method_name(self.recipe.peft, self.recipe.strategy),
+            "gere": self.recipe.gere.to_dict(),
+            "world_size": self.world_size,
+            "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "hub")}
+                       for s in self.state["stages"]],
+        }
+        results["data_overlap"] = self.data_overlap()
+        return results
+
+    def write_report(self) -> None:
+        from ..evaluation.report import write_report
+
+        results = self.results()
+        if results is not None and self.is_main:
+            write_report(self.output_dir, results)
+
+    # -- run state ------------------------------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        if self.is_main:
+            self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            run_state.write_json(os.path.join(self.output_dir, RUN_STATE_FILE), self.state)
+
+    def _stage_entry(self, index: int) -> dict:
+        return self.state["stages"][index - 1]
+
+    def _finished(self, index: int) -> bool:
+        return self._stage_entry(index).get("status") == "finished"
+
+    # -- stages ---------------------------------------------------------------------------------------------------------
+
+    def _check_store_base(self, model) -> None:
+        """A store left at store_dir by another base model would be reused silently ('base' stores skip the weights
+        check after stage 1): at stage 1 the model is the base, so compare now."""
+        import json
+
+        from ..reference import MANIFEST, model_weights_hash
+
+        manifest = os.path.join(self.store_dir, MANIFEST)
+        if self.recipe.gere.reference != "base" or self.recipe.gere.rebuild_store or not os.path.isfile(manifest):
+            return
+        with open(manifest, encoding="utf-8") as f:
+            stored = json.load(f).get("fingerprint", {}).get("model_weights")
+        if stored is not None and stored != model_weights_hash(model):
+            raise RecipeError(
+                f"The reference store at {self.store_dir} was built from other base-model weights than "
+                f"{self.recipe.model.name_or_path}. Point gere.store_dir elsewhere, delete the store, or set "
+                "gere.rebuild_store: true."
+            )
+
+    def _base_store(self, index: int):
+        """The 'base' store for stage ``index`` > 1, opened here: stage 1 built or checked it against the base model,
+        and later stages' weights differ from it by design (full fine-tuning, adapters merged by 'stack'), which the
+        trainer would otherwise question. None where the trainer opens or builds it itself."""
+        from ..reference import ReferenceStates
+
+        if index == 1 or not self.recipe.gere.replay_enabled or self.recipe.gere.reference != "base":
+            return None
+        return ReferenceStates.open(self.store_dir, verify=False)
+
+    def train_stage(self, index: int) -> None:
+        from transformers import set_seed
+
+        from ..trainer import GeReSFTTrainer
+
+        r = self.recipe
+        stage, task, args = r.stages[index - 1], self.tasks[index - 1], self.stage_args[index - 1]
+        stage_dir = self.stage_dir(index)
+        entry = self._stage_entry(index)
+        checkpoint = None
+        if self.resume and os.path.isdir(args.output_dir):
+            checkpoint = run_state.last_complete_checkpoint(args.output_dir)
+        logger.info("Stage %d/%d (%s): %d training examples%s", index, len(r.stages), stage.name, len(task.train),
+                    f", resuming from {checkpoint}" if checkpoint else "")
+        if getattr(args, "hf_deepspeed_config", None) is not None:
+            from transformers.integrations.deepspeed import set_hf_deepspeed_config
+
+            set_hf_deepspeed_config(args.hf_deepspeed_config)  # this stage's config decides ZeRO-3 loading
+        set_seed(r.seed + index)  # the same fresh LoRA weights on every rank
+        model = adapters_mod.training_model(self._load, self.base_path, self._stage_dirs(index - 1), r.peft,
+                                            r.strategy)
+        if index == 1:
+            self._check_store_base(model)
+        entry["status"] = "running"
+        self.save_state()
+        # rebuild_store asks for a fresh store from the base model: at stage 1 only, never from a fine-tuned model.
+        gere_config = dataclasses.replace(r.gere, store_dir=self.store_dir,
+                                          rebuild_store=r.gere.rebuild_store and index == 1 and checkpoint is None)
+        trainer = GeReSFTTrainer(
+            model=model, args=args, train_dataset=task.train, processing_class=self.tokenizer,
+            gere_config=gere_config, replay_set=self.replay, reference_states=self._base_store(index),
+        )
+        entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
+                                                trainer.accelerator.distributed_type))
+        if args.fsdp and entry["distributed_type"] != "FSDP":
+            logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on GPUs/accelerators.",
+                           entry["distributed_type"])
+        start = time.time()
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model(stage_dir)  # every rank: ZeRO-3 gathers the weights; the main process writes
+        if self.is_main:
+            trainer.state.save_to_json(os.path.join(stage_dir, "trainer_state.json"))
+        if self.on_stage_end is not None:
+            self.on_stage_end(index, trainer)
+        entry["train"] = {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))}
+        entry["train"]["global_step"] = trainer.state.global_step
+        entry["train_seconds"] = round(time.time() - start, 2)
+        self._log_history[index] = trainer.state.log_history
+        trainer.accelerator.free_memory()
+        del trainer, model
+        launch.reset_accelerator_state()
+        launch.free_memory()
+        barrier()
+
+    def finish_stage(self, index: int) -> None:
+        """After training: evaluate, write metrics and the model card, mark the stage finished (main process)."""
+        r = self.recipe
+        stage_dir = self.stage_dir(index)
+        record = self.evaluate_row(index)
+        entry = self._stage_entry(index)
+        if self.is_main:
+            task = self.tasks[index - 1]
+            metrics = {
+                "stage": index, "name": r.stages[index - 1].name, "task": task.describe(),
+                "method": adapters_mod.method_name(r.peft, r.strategy), "gere": r.gere.to_dict(),
+                "train": entry.get("train"), "train_seconds": entry.get("train_seconds"),
+                "evaluation": record, "log_history": self._log_history.pop(index, []),
+            }
+            run_state.write_json(os.path.join(stage_dir, METRICS_FILE), metrics)
+            with open(os.path.join(stage_dir, "README.md"), "w", encoding="utf-8") as f:
+                f.write(self._model_card(index, record, entry.get("train") or {}))
+            entry["status"] = "finished"
+            if record is not None:
+                entry["accuracy"] = record.get("accuracy")
+                entry["general"] = record.get("general")
+            self.save_state()
+            checkpoints = os.path.join(stage_dir, CHECKPOINTS_DIR)
+            if not r.keep_checkpoints and os.path.isdir(checkpoints):
+                shutil.rmtree(checkpoints)  # the stage's result is saved; its optimizer states are not needed
+        barrier()
+
+    def _model_card(self, index: int, record: dict | None, train: dict) -> str:
+        r = self.recipe
+        name = r.model.name_or_path
+        hub_id = BUILTIN_HUB_IDS.get(name)
+        if hub_id is None and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not os.path.exists(name):
+            hub_id = name
+        keep = ("train_loss", "train_runtime", "global_step", "epoch")
+        return model_card(
+            run=r.run_name, base_model=name, base_model_hub_id=hub_id, index=index, num_stages=len(r.stages),
+            stage=r.stages[index - 1].name, task=self.tasks[index - 1].describe(), stages=[s.name for s in r.stages],
+            gere=r.gere.to_dict(), method=adapters_mod.method_name(r.peft, r.strategy),
+            metrics={"train": {k: v for k, v in train.items() if k in keep},
+                     "accuracy": (record or {}).get("accuracy"), "general": (record or {}).get("general")},
+        )
+
+    def push_pending(self) -> None:
+        """Push finished stages not pushed yet (main process); a failed push stops the run, the stage stays saved."""
+        if self.hub is None:
+            return
+        if self.is_main:
+            for index in range(1, len(self.recipe.stages) + 1):
+                entry = self._stage_entry(index)
+                if entry.get("status") == "finished" and not entry.get("hub"):
+                    entry["hub"] = push_stage(self.hub, self.stage_dir(index), index, entry["name"])
+                    self.save_state()
+        barrier()
+
+
+def run_recipe(
+    recipe: str | dict | Recipe,
+    resume: bool = False,
+    overrides: Sequence[str] = (),
+    on_stage_end: Callable | None = None,
+) -> dict | None:
+    """Run a continual recipe (a YAML path, a mapping or a :class:`Recipe`); returns the results on the main process.
+
+    This is what ``gere-hf run RECIPE [--resume] [--set key=value ...]`` calls.
+    """
+    if isinstance(recipe, Recipe):
+        if overrides:
+            recipe = parse_recipe(apply_overrides(recipe.raw, overrides), path=recipe.path)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(apply_overrides(recipe, overrides))
+    else:
+        recipe = load_recipe(os.fspath(recipe), overrides)
+    return RecipeRunner(recipe, resume=resume, on_stage_end=on_stage_end).run()
+
+
+__all__ = ["RecipeRunner", "run_recipe"]
