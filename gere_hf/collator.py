@@ -55,6 +55,15 @@ class GeReCollator:
         batch.update(self.replay_batch(replay_indices))
         return batch
 
+    def empty_replay_batch(self) -> dict[str, torch.Tensor]:
+        """A replay forward of two padding tokens and no targets, under reserved keys: for a process that has no
+        replay sample in a micro-batch where others do (their forward is collective, see ``ReplaySchedule``)."""
+        return {
+            "gere_input_ids": torch.full((1, 2), self.pad_token_id, dtype=torch.long),
+            "gere_attention_mask": torch.ones((1, 2), dtype=torch.long),
+            "gere_empty": torch.ones(1, dtype=torch.bool),
+        }
+
     def replay_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         """Right-padded replay tensors for ``indices``, under reserved keys; empty for no indices."""
         if len(indices) == 0:

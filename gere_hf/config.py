@@ -54,8 +54,9 @@ class GeReConfig:
     replay_per_step: int | None = field(
         default=None,
         metadata={"help": "Batch interpolation (BI): exactly this many replay samples in every optimizer step, summed "
-                  "over processes and accumulation steps. Default (None): every replay sample once per epoch, "
-                  "spread evenly over the epoch's steps."},
+                  "over processes and accumulation steps and spread over its micro-batches as evenly as they go (4 "
+                  "with per-device batch 1 and 16 accumulation steps: one in every fourth micro-batch). Default "
+                  "(None): every replay sample once per epoch, spread evenly over the epoch's steps."},
     )
     store_dir: str | None = field(
         default=None,

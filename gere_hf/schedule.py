@@ -1,15 +1,18 @@
 """Which replay samples go into which micro-batch: a pure function of (optimizer step, micro-batch, rank).
 
 Replay samples are consumed as a stream of seeded permutations of the replay set (pass p is permutation p), so every
-sample is used once before any is reused (in the default mode, once in every epoch). Each optimizer step takes a contiguous range of that stream and splits it
-evenly over its *slots*, one slot per (accumulation micro-batch, process). Keying on the trainer state rather than on
-the dataloader keeps the mix exact under dataloader workers, resumption from a checkpoint and any number of processes,
-and every process runs the same number of replay forwards (ZeRO-3 gathers parameters collectively in each forward).
+sample is used once before any is reused (in the default mode, exactly once in every epoch). Each optimizer step
+takes a contiguous range of that stream and spreads it as evenly as it goes over its *slots*, one slot per
+(accumulation micro-batch, process): with per-device batch 1 and 16 accumulation steps, 4 replay samples per step
+land in micro-batches 3, 7, 11 and 15, as the paper's batch interpolation spreads them over its global batch.
+Keying on the trainer state rather than on the dataloader keeps the mix exact under dataloader workers, resumption
+from a checkpoint and any number of processes. Where a micro-batch gives replay samples to some processes and none to
+others, :meth:`ReplaySchedule.micro_has_replay` tells every process so, and those without run an empty replay
+forward: under ZeRO-3, FSDP and DDP every forward is a collective.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,6 +21,13 @@ import numpy as np
 
 class ReplayScheduleError(ValueError):
     """A replay mix that cannot be laid out over the processes and accumulation steps."""
+
+
+def _share(total: int, parts: int, j: int) -> tuple[int, int]:
+    """(offset, count) of part ``j`` when ``total`` items are split into ``parts`` contiguous parts as evenly as
+    possible; the larger parts are spread out (floor((j + 1)·total / parts) − floor(j·total / parts))."""
+    start = (j * total) // parts
+    return start, ((j + 1) * total) // parts - start
 
 
 @dataclass(frozen=True)
@@ -32,35 +42,35 @@ class ReplaySchedule:
     def __post_init__(self):
         if self.num_samples < 1:
             raise ReplayScheduleError("The replay set is empty.")
-        if self.per_step is not None and self.per_step % self.slots:
-            works = sorted({self.slots * m for m in range(1, 5)})
-            raise ReplayScheduleError(
-                f"replay_per_step={self.per_step} cannot be split evenly over {self.world_size} process(es) × "
-                f"{self.grad_accum} accumulation step(s) = {self.slots} micro-batches per optimizer step. "
-                f"Use a multiple of {self.slots}, e.g. {', '.join(map(str, works))}."
-            )
+        if self.per_step is not None and self.per_step < 1:
+            raise ReplayScheduleError(f"replay_per_step must be ≥ 1 (or None), got {self.per_step}.")
 
     @property
     def slots(self) -> int:
         return self.world_size * self.grad_accum
 
-    @property
-    def rounds_per_epoch(self) -> int:
-        """Default mode: one round gives one sample to every slot; enough rounds to cover the replay set once."""
-        return math.ceil(self.num_samples / self.slots)
-
     def step_range(self, step: int) -> tuple[int, int]:
-        """(first stream position, number of samples) of optimizer step ``step`` (0-based, global)."""
+        """(first stream position, number of samples) of optimizer step ``step`` (0-based, global).
+
+        With ``per_step`` every step takes that many; by default an epoch's steps share the replay set, each sample
+        once, the steps' counts differing by at most one.
+        """
         if self.per_step is not None:
             return step * self.per_step, self.per_step
         epoch, t = divmod(step, self.steps_per_epoch)
-        r, s = self.rounds_per_epoch, self.steps_per_epoch
-        before = epoch * r + (t * r) // s
-        here = ((t + 1) * r) // s - (t * r) // s
-        return before * self.slots, here * self.slots
+        offset, count = _share(self.num_samples, self.steps_per_epoch, t)
+        return epoch * self.num_samples + offset, count
 
-    def per_micro_batch(self, step: int) -> int:
-        return self.step_range(step)[1] // self.slots
+    def _slot_positions(self, step: int, slot: int) -> range:
+        start, count = self.step_range(step)
+        offset, n = _share(count, self.slots, slot)
+        return range(start + offset, start + offset + n)
+
+    def _slots_of(self, micro: int, rank: int, micro_batches: int | None) -> list[int]:
+        # A step with fewer micro-batches than grad_accum (an epoch's last) gives micro-batch m the missing ones' slots
+        # too, so that it still gets its full count.
+        micro_batches = micro_batches or self.grad_accum
+        return [a * self.world_size + rank for a in range(micro, self.grad_accum, micro_batches)]
 
     def indices(self, step: int, micro: int, rank: int, micro_batches: int | None = None) -> list[int]:
         """Replay sample indices for micro-batch ``micro`` of ``step`` on ``rank``.
@@ -68,29 +78,18 @@ class ReplaySchedule:
         ``micro_batches`` is how many micro-batches this step really has (fewer than ``grad_accum`` on an epoch's last
         step); micro-batch m then also carries the slots of the missing ones, so the step still gets its full count.
         """
-        start, count = self.step_range(step)
-        if count == 0:
-            return []
-        per_slot = count // self.slots
-        micro_batches = micro_batches or self.grad_accum
-        out = []
-        for a in range(micro, self.grad_accum, micro_batches):
-            slot = a * self.world_size + rank
-            out.extend(self.sample_at(start + slot * per_slot + j) for j in range(per_slot))
-        return out
+        return [self.sample_at(p) for slot in self._slots_of(micro, rank, micro_batches)
+                for p in self._slot_positions(step, slot)]
+
+    def micro_has_replay(self, step: int, micro: int, micro_batches: int | None = None) -> bool:
+        """Whether any process has replay samples in this micro-batch (then every process runs a replay forward)."""
+        return any(len(self._slot_positions(step, slot)) for rank in range(self.world_size)
+                   for slot in self._slots_of(micro, rank, micro_batches))
 
     def sample_at(self, position: int) -> int:
-        """The replay sample at a stream position.
-
-        With ``per_step`` the stream is pass after pass of fresh permutations. In the default mode each epoch has its
-        own permutation, cycled to fill the epoch's rounds, so every sample is used in every epoch (the fewer than
-        ``slots`` samples that round up the last round are used twice).
-        """
-        if self.per_step is not None:
-            p, i = divmod(position, self.num_samples)
-        else:
-            p, q = divmod(position, self.rounds_per_epoch * self.slots)
-            i = q % self.num_samples
+        """The replay sample at a stream position: pass after pass of fresh permutations of the replay set (in the
+        default mode, pass p is epoch p)."""
+        p, i = divmod(position, self.num_samples)
         return int(_permutation(self.num_samples, self.seed, p)[i])
 
 

@@ -105,7 +105,6 @@ class GeReMixin:
             check_causal_lm(self.model)
             _check_launch(self.args)
             self._gere_virtual_tokens = virtual_token_count(self.model)
-            self._gere_make_schedule(steps_per_epoch=1)  # a bad replay_per_step fails here, before any work
             if self._gere_tokenizer() is None and reference_states is None and replay_set is None:
                 raise GeReConfigError(
                     "GeRe needs a tokenizer to tokenise the replay texts: pass processing_class=tokenizer, or a "
@@ -295,9 +294,15 @@ class GeReMixin:
             indices = self.gere_schedule.indices(
                 step, self._gere_micro, self.args.process_index, self.current_gradient_accumulation_steps
             )
-            self._gere_micro += 1
             t0 = time.perf_counter()
-            inputs = {**inputs, **self.gere_collator.replay_batch(indices)}
+            if indices:
+                inputs = {**inputs, **self.gere_collator.replay_batch(indices)}
+            elif self.args.world_size > 1 and self.gere_schedule.micro_has_replay(
+                    step, self._gere_micro, self.current_gradient_accumulation_steps):
+                # Other processes replay in this micro-batch: their forward is a collective (ZeRO-3, FSDP, DDP's
+                # buffer broadcast), so this one runs an empty replay forward beside it.
+                inputs = {**inputs, **self.gere_collator.empty_replay_batch()}
+            self._gere_micro += 1
             self.gere_data_seconds += time.perf_counter() - t0
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -332,6 +337,12 @@ class GeReMixin:
             )
         # The replay forward runs first: under ZeRO-3, TRL's fused LM head (SFTTrainer) reads lm_head.weight outside
         # the module and its backward fails on the re-partitioned weight when a later forward ran lm_head.
+        empty_part = None
+        if replay.pop("empty", None) is not None:
+            # A zero that reaches the forward's graph: its backward is as collective as the other processes' one.
+            empty_part = model(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"],
+                               use_cache=False).logits.float().sum() * 0.0
+            replay = {}
         replay_losses = self._gere_replay_losses(model, replay) if replay else None
         result = super().compute_loss(model, task_inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
@@ -344,6 +355,8 @@ class GeReMixin:
         share = step.share
         terms = {"task_loss": task_mean, "replay_share": torch.tensor(share)}
         total = (1.0 - share) * task_part
+        if empty_part is not None:
+            total = total + empty_part
         if replay_losses is not None:
             nll_sums, targets, term = replay_losses
             world = self.args.world_size

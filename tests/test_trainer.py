@@ -15,7 +15,6 @@ from gere_hf import (
     GeReTrainingError,
     ReferenceStates,
     ReferenceStatesMismatch,
-    ReplayScheduleError,
     ReplaySet,
 )
 from gere_hf.models import tiny_llama
@@ -167,11 +166,13 @@ def _same_length_lm_dataset(n=8):
     return ds.map(lambda b: TOK(b["text"]), batched=True, remove_columns=["text"])
 
 
-def test_samples_share_matches_the_official_per_sample_loop(tmp_path):
+@pytest.mark.parametrize("bs,ga", [(8, 1), (1, 8)])
+def test_samples_share_matches_the_official_per_sample_loop(tmp_path, bs, ga):
     """The paper's runs: per-device batch 1 with gradient accumulation over the step's samples, each micro-batch one
     sample: a task sample contributes its CE, a replay sample its CE + w·TM with w = CE/TM ('dy'), each divided by
     the number of micro-batches. Written out here, on 8 task and 4 replay samples of one token count; GeReTrainer
-    with the default replay_share='samples' must give the same loss and gradients in one micro-batch of 8."""
+    with the default replay_share='samples' must give the same loss and gradients in one micro-batch of 8, and with
+    per-device batch 1 (8 micro-batches, the replay samples in every other one)."""
     from gere_hf.losses import threshold_margin_loss
     from gere_hf.reference import unpack_labels
 
@@ -207,7 +208,7 @@ def test_samples_share_matches_the_official_per_sample_loop(tmp_path):
     official = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     grab = _GrabFirstGrads()
-    trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=8, steps=1, max_grad_norm=0.0),
+    trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=bs, ga=ga, steps=1, max_grad_norm=0.0),
                           train_dataset=tasks, data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
                           processing_class=TOK, callbacks=[grab], reference_states=store,
                           gere_config=GeReConfig(loss="tm", replay_per_step=4))
@@ -303,10 +304,24 @@ def _replay_dataset():
 # -- bad input ----------------------------------------------------------------------------------------------------------
 
 
-def test_replay_per_step_that_cannot_be_split_fails_before_training(tmp_path):
-    with pytest.raises(ReplayScheduleError, match="multiple of 4"):
-        GeReTrainer(model=_model(), args=_args(tmp_path, bs=2, ga=4), train_dataset=_lm_dataset(),
-                    processing_class=TOK, gere_config=GeReConfig(replay_per_step=6))
+def test_batch_interpolation_with_per_device_batch_one(tmp_path, replay_store):
+    """The paper's runs: per-device batch 1, 16 accumulation steps, 4 replay samples per step. They land in every
+    fourth micro-batch; the others replay nothing, and the step's share counts 4 of 20 samples."""
+    _, store = replay_store
+    carried = []
+
+    class Record(GeReTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            carried.append(len(inputs["gere_indices"]) if "gere_indices" in inputs else 0)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    trainer = Record(model=_model(), args=_args(tmp_path, bs=1, ga=16, steps=2), train_dataset=_lm_dataset(),
+                     data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                     gere_config=GeReConfig(loss="tm", replay_per_step=4), reference_states=store)
+    trainer.train()
+    assert carried == ([0, 0, 0, 1] * 4) * 2
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["replay_share"] for h in logs] == [pytest.approx(4 / 20)] * 2 and logs[-1]["replay_samples_seen"] == 8
 
 
 def test_task_batch_without_labels_is_a_clear_error(tmp_path, replay_store):

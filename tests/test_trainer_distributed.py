@@ -99,6 +99,21 @@ def test_ddp_step_loss_matches_one_process_for_every_share_option(tmp_path, stor
     assert all(log["replay_share"] == pytest.approx(expected) for log in ranks[0]["logs"])
 
 
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_replay_in_some_ranks_micro_batches_only(tmp_path, store_path, mode):
+    """Per-device batch 1, 3 replay samples per step over 2 processes × 4 micro-batches: in three micro-batches one
+    rank replays and the other runs an empty replay forward (ZeRO-3's forward gathers weights collectively, DDP's
+    broadcasts buffers; without it ZeRO-3 hangs). The run matches 1 process × 8 micro-batches."""
+    ref = _run(tmp_path, store_path, "single", 1, mode="single", bs=1, ga=8, steps=3, replay_per_step=3)[0]
+    ranks = _run(tmp_path, store_path, mode, 2, mode=mode, bs=1, ga=4, steps=3, replay_per_step=3)
+    _assert_same_logs(ref, ranks[0], rtol=2e-3 if mode == "zero3" else 1e-4)
+    carried = {(e["step"], e["rank"]): [] for r in ranks for e in r["mix"]}
+    for r in ranks:
+        for e in r["mix"]:
+            carried[(e["step"], e["rank"])].append(len(e["indices"]))
+    assert carried[(0, 0)] == [0, 1, 0, 0] and carried[(0, 1)] == [0, 0, 1, 1]
+
+
 @pytest.fixture(scope="module")
 def one_process_reference(tmp_path_factory, store_path):
     cache = {}

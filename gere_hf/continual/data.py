@@ -130,23 +130,15 @@ def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any
     return task
 
 
-def load_run_replay_texts(recipe: Recipe, stage_args: list) -> list[str] | None:
-    """The replay texts, after checking the replay mix against every stage's processes and accumulation steps.
+def load_run_replay_texts(recipe: Recipe) -> list[str] | None:
+    """The replay texts.
 
     With ``gere.loss: none`` they are read too, only to keep the evaluation data the same as in the replay runs a
     no-replay baseline is compared with; a source that cannot be read is then a warning, not an error.
     """
     from ..replay import ReplayDataError, load_replay_texts
-    from ..schedule import ReplaySchedule, ReplayScheduleError
 
     g = recipe.gere
-    if g.replay_enabled and g.replay_per_step is not None:
-        for i, (stage, args) in enumerate(zip(recipe.stages, stage_args)):
-            try:
-                ReplaySchedule(g.replay_num_samples, world_size=args.world_size,
-                               grad_accum=args.gradient_accumulation_steps, per_step=g.replay_per_step)
-            except ReplayScheduleError as err:
-                raise RecipeError(f"stages[{i}] ({stage.name}): {err}") from None
     source = resolve_recipe_path(g.replay_source, recipe) or g.replay_source
     try:
         return load_replay_texts(source, g.replay_num_samples, g.replay_seed, g.replay_text_column)

@@ -166,7 +166,7 @@ class RecipeRunner:
         )
 
     def check_replay(self) -> None:
-        self.replay_texts = data.load_run_replay_texts(self.recipe, self.stage_args)
+        self.replay_texts = data.load_run_replay_texts(self.recipe)
 
     def load_tasks(self) -> None:
         self.tasks = data.load_stage_tasks(self.recipe, self.replay_texts)

@@ -138,10 +138,9 @@ def test_a_fixed_numeric_weight_is_accepted(tmp_path):
     assert parse_recipe(tiny_recipe(tmp_path, "gere.weight=0.5")).gere.weight_value == 0.5
 
 
-def test_replay_per_step_not_splittable_over_processes_and_accumulation(tmp_path, user_dir, capsys):
-    message = _refused(tmp_path, user_dir, capsys, "gere.replay_per_step=3", "stages.1.training={gradient_accumulation_steps: 2}")
-    assert "stages[1] (trivia): replay_per_step=3 cannot be split evenly over 1 process(es) × 2 accumulation" in message
-    assert "Use a multiple of 2" in message
+def test_replay_per_step_below_one_is_refused(tmp_path, user_dir, capsys):
+    message = _refused(tmp_path, user_dir, capsys, "gere.replay_per_step=0")
+    assert "gere: replay_per_step must be ≥ 1 (or None), got 0" in message
 
 
 def test_tokenizer_without_pad_or_eos_token(tmp_path, user_dir, capsys):
