@@ -457,6 +457,22 @@ def test_store_recorded_at_another_precision_than_training_is_refused(tmp_path, 
     assert first["replay_term"] > 0 and first["grad_norm"] > 100
 
 
+def test_training_precision_follows_mixed_precision_and_the_base_weights(tmp_path):
+    """bf16/fp16 arguments decide; without them the base weights' dtype does (a PEFT adapter kept in fp32 on a bf16
+    model does not make it an fp32 run)."""
+    from peft import LoraConfig, get_peft_model
+
+    def precision(model, **kw):
+        trainer = GeReTrainer(model=model, args=_args(tmp_path, **kw), train_dataset=_lm_dataset(),
+                              processing_class=TOK, gere_config=GeReConfig(loss="tm"))
+        return trainer.gere_training_precision()
+
+    assert precision(_model()) == "float32" and precision(_model(), bf16=True) == "bfloat16"
+    lora = get_peft_model(_model().to(torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert any(p.dtype == torch.float32 for n, p in lora.named_parameters() if "lora_" in n)
+    assert precision(lora) == "bfloat16"
+
+
 def test_bf16_training_with_a_store_recorded_at_bf16(tmp_path):
     """A store cached outside train() at the training precision (`gere-hf cache --dtype bf16`): TM exactly 0 at the
     first step, and the first step's gradient norm within 1 % of the bf16=False run with an fp32 store."""

@@ -132,4 +132,5 @@ def test_deepspeed_runs_log_the_same_terms_as_one_process(tmp_path, store_path, 
     ref = one_process_reference(peft)
     ranks = _run(tmp_path, store_path, stage, 2, mode=stage, ga=2, peft=peft)
     assert all(r["global_step"] == 4 for r in ranks)
+    assert all(r["precision"] == "float32" for r in ranks)  # read from the DeepSpeed config: bf16/fp16 disabled
     _assert_same_logs(ref, ranks[0], rtol=2e-3)

@@ -57,6 +57,7 @@ def main(path):
         "logs": [h for h in trainer.state.log_history if "loss" in h],
         "mix": trainer.mix,
         "max_steps": trainer.state.max_steps,
+        "precision": trainer.gere_training_precision(),
         "global_step": trainer.state.global_step,
         "world_size": trainer.args.world_size,
         "lr_scheduler_steps": trainer.lr_scheduler.state_dict().get("last_epoch"),
