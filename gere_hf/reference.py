@@ -807,7 +807,7 @@ class _Builder:
             peft_model = self.model if hasattr(self.model, "disable_adapter") else self.model.module
             stack.enter_context(peft_model.disable_adapter())
         device = self._device()
-        if self.dtype is not None and precision_name(self.dtype) != model_precision(self.model):
+        if self.dtype is not None and precision_name(self.dtype) != _compute_precision(self.model):
             stack.enter_context(torch.autocast(device.type, dtype=self.dtype))
         else:
             # The weights' own precision: an ambient autocast (the caller's) must not change what is recorded.
@@ -1081,6 +1081,23 @@ class _Builder:
             self.out_dir, len(lengths), num_tokens, bytes_on_disk / 2**20, manifest["bits_per_element"],
             num_tokens * h * 4 / 2**20, seconds,
         )
+
+
+def _compute_precision(model) -> str:
+    """The precision the model's forward computes in without autocast: FSDP2's mixed-precision policy casts the
+    sharded weights to its ``param_dtype`` when it gathers them (accelerate's FSDP2 trains that way, with no
+    autocast), else the weights' own dtype."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return model_precision(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            policy = getattr(module._get_fsdp_state(), "_mp_policy", None)  # no public accessor in torch 2.13
+            if policy is not None and policy.param_dtype is not None:
+                return precision_name(policy.param_dtype)
+            break
+    return model_precision(model)
 
 
 def _dir_bytes(path: str) -> int:
