@@ -1159,7 +1159,7 @@ class RecipeRunner:
 
         if index == 1 or not self.recipe.gere.replay_enabled or self.recipe.gere.reference != "base":
             return None
-        return ReferenceStates.open(self.store_dir, verify=False)
+        return ReferenceStates.open_distributed(self.store_dir, verify=False)  # nodes that lack it get rank 0's copy
 
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
