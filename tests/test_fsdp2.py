@@ -25,7 +25,7 @@ from transformers import ByT5Tokenizer
 
 from gere_hf.replay import ReplaySet
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(TESTS_DIR, "fsdp2_worker.py")
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -55,6 +55,7 @@ def _run(tmp_path, name: str, nproc: int, **cfg) -> list[dict]:
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(nproc)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_a_2_process_fsdp2_build_equals_an_unsharded_build(tmp_path, peft):
     """Sharded weights are gathered by FSDP2's own hooks (the build calls the module), hashed whole, and every rank
@@ -87,6 +88,7 @@ def _assert_same_logs(ref: list[dict], got: list[dict], rtol: float) -> None:
                 assert b[term] == pytest.approx(a[term], rel=rtol, abs=1e-7), (step, term, a[term], b[term])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_gere_trainer_under_accelerate_fsdp2_matches_one_process(tmp_path, peft):
     """Two FSDP2 processes against one process with twice the accumulation (the same micro-batches): the same
@@ -107,6 +109,7 @@ def test_gere_trainer_under_accelerate_fsdp2_matches_one_process(tmp_path, peft)
         np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 def test_bf16_under_fsdp2_mixed_precision_records_what_training_computes(tmp_path):
     """accelerate's FSDP2 trains in bf16 through the policy's param_dtype (no autocast): the build forwards at that
     precision too, so the replay term is exactly 0 at the first step (an autocast on top would not be)."""
@@ -115,3 +118,15 @@ def test_bf16_under_fsdp2_mixed_precision_records_what_training_computes(tmp_pat
     assert ranks[0]["logs"][0]["replay_term"] == 0.0
     assert all(np.isfinite(h["loss"]) for h in ranks[0]["logs"])
     assert torch.tensor([h["replay_term"] for h in ranks[0]["logs"][1:]]).gt(0).all()
+
+
+def test_the_recipe_runner_refuses_fsdp_sharded_state_dicts():
+    """With SHARDED_STATE_DICT the Trainer's save_model writes no weights: a stage could not be loaded again."""
+    from types import SimpleNamespace
+
+    from gere_hf.recipe import RecipeError, check_fsdp_saves_full_weights
+
+    check_fsdp_saves_full_weights(SimpleNamespace())  # no FSDP
+    check_fsdp_saves_full_weights(SimpleNamespace(fsdp_plugin=SimpleNamespace(state_dict_type="FULL_STATE_DICT")))
+    with pytest.raises(RecipeError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
+        check_fsdp_saves_full_weights(SimpleNamespace(fsdp_plugin=SimpleNamespace(state_dict_type="SHARDED_STATE_DICT")))
