@@ -120,6 +120,26 @@ def test_bf16_under_fsdp2_mixed_precision_records_what_training_computes(tmp_pat
     assert torch.tensor([h["replay_term"] for h in ranks[0]["logs"][1:]]).gt(0).all()
 
 
+def test_the_shipped_fsdp2_config_launches_fsdp2_with_full_state_dicts(monkeypatch):
+    """What `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` hands the training processes, and the
+    plugin accelerate builds from it there."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = os.path.join(REPO_ROOT, "recipes", "accelerate", "fsdp2.yaml")
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", config, "train.py"]))
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        if key.startswith("FSDP_") or key == "ACCELERATE_USE_FSDP":
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type) and plugin.cpu_ram_efficient_loading is False
+    assert plugin.transformer_cls_names_to_wrap is None  # taken from the model's _no_split_modules
+
+
 def test_the_recipe_runner_refuses_fsdp_sharded_state_dicts():
     """With SHARDED_STATE_DICT the Trainer's save_model writes no weights: a stage could not be loaded again."""
     from types import SimpleNamespace
