@@ -13,8 +13,8 @@
 # Every part's table goes to the log, its JSON next to it; summary.json lists each part's exit status and time.
 # Everything lands in $OUT when set (the device tool), else benchmarks/results/gpu/.
 #
-# Try it on CPU with the tiny model first (about 3 minutes on 2 cores):
-#   MODEL=tiny DEVICE=cpu DTYPE=fp32 SAMPLES=40 STEPS=6 BATCH=4 RECIPE_STEPS=3 bash benchmarks/gpu.sh
+# Try it on CPU with the tiny model first (184 s on the 2 shared cores here, OMP_NUM_THREADS=1):
+#   OMP_NUM_THREADS=1 MODEL=tiny DEVICE=cpu DTYPE=fp32 SAMPLES=40 STEPS=6 BATCH=4 RECIPE_STEPS=3 bash benchmarks/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${MODEL:-llama-1b-shape}" DEVICE="${DEVICE:-cuda}" DTYPE="${DTYPE:-bf16}"
@@ -25,7 +25,7 @@ dest="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$dest"
 log="$dest/gpu.log"
 work="$(mktemp -d /tmp/gere-gpu-check-XXXXXX)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1  # no progress bars in the log
 start=$SECONDS
 : > "$dest/parts.tsv"
 
