@@ -15,6 +15,7 @@ plain; replay data path ≤ 2% of the step.
     python benchmarks/bench_step.py --model tiny --steps 30
     python benchmarks/bench_step.py --model smollm2-135m --steps 20 --batch-size 4 --replay-per-step 2 --repeats 3
     python benchmarks/bench_step.py --model llama-1b-shape --device cuda --dtype bf16 --batch-size 8 --seq-len 563
+    python benchmarks/bench_step.py --model llama-1b-shape --device cuda --dtype bf16 --peft 16   # LoRA
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def run_mode(a) -> dict:
     model, tok = bench_model(a.model, a.dtype, a.device)
     replay = ReplaySet.load(tok, "wiki", a.replay_samples, a.seq_len, allow_fewer=True)
     store = ReferenceStates.build(model, replay, a.store, batch_size=a.batch_size, progress=False)
+    if a.peft:  # LoRA on every linear layer of the decoder, the paper's LoRA setting
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=a.peft, lora_alpha=2 * a.peft, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"]))
     train = _task_dataset(tok, a.batch_size * (a.steps + 2), a.seq_len)
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
 
@@ -148,6 +155,7 @@ def main():
     p.add_argument("--replay-samples", type=int, default=200)
     p.add_argument("--seq-len", type=int, default=563)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--peft", type=int, default=0, help="LoRA rank on every decoder linear layer (0: full fine-tuning)")
     p.add_argument("--repeats", type=int, default=1, help="Run every mode this many times, in turn; times averaged.")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -167,7 +175,7 @@ def main():
                 cmd = [sys.executable, __file__, "--mode", mode, "--store", store,
                        "--out", os.path.join(tmp, f"{mode}_{repeat}")]
                 for key in ("model", "device", "dtype", "steps", "warmup", "batch_size", "replay_per_step",
-                            "replay_samples", "seq_len"):
+                            "replay_samples", "seq_len", "peft"):
                     cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -178,7 +186,8 @@ def main():
                       file=sys.stderr, flush=True)
     results = [_merge_repeats(runs[mode]) for mode in modes]
     by = {r["mode"]: r for r in results}
-    print(f"\nmodel={a.model} device={a.device} dtype={a.dtype} batch={a.batch_size} seq_len≤{a.seq_len} "
+    print(f"\nmodel={a.model}{f' LoRA r={a.peft}' if a.peft else ' full fine-tuning'} device={a.device} "
+          f"dtype={a.dtype} batch={a.batch_size} seq_len≤{a.seq_len} "
           f"replay/step={a.replay_per_step} steps={a.steps} repeats={a.repeats}")
     print("| mode | s/step | tokens/s | peak memory (MiB) | replay data share | time vs ce | step by step vs ce "
           "| memory vs ce |")

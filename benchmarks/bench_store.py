@@ -15,6 +15,9 @@ What is measured
               official layout (fp32 per-sample hidden-state files: 4 bytes × tokens × hidden).
   (d) growth: (optional) build time and store size for several sample counts and hidden sizes of a random tiny
               Llama (ByT5 byte tokenizer, wiki texts), with least-squares slopes against tokens × hidden.
+  (e) forwards per pass (from the manifest), peak device memory (CUDA) of the limit and of the build, and with
+              --rounding / --io-probe the two costs of the design not taken (half-precision states: labels
+              flipped by the rounding; the states' size in half precision written to this disk and read back).
 """
 
 from __future__ import annotations
@@ -70,23 +73,52 @@ def bare_forward(model, replay: ReplaySet, batch_size: int, chunk_size: int) -> 
     return clock
 
 
+def _peak_device_bytes(model, run) -> tuple[object, int | None]:
+    """``run()`` and the peak device memory allocated while it ran (CUDA only; None elsewhere)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return run(), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    result = run()
+    torch.cuda.synchronize()
+    return result, int(torch.cuda.max_memory_allocated(device))
+
+
 def measure(model, replay: ReplaySet, batch_size: int, chunk_size: int, workdir: str, limit: bool = True,
-            repeats: int = 1) -> dict:
+            repeats: int = 1, keep_states_bytes: int | None = None) -> dict:
     """Interleaved runs (limit, build, limit, build, ..., limit); the best run of each counts (noise only adds time)."""
     tokens, hidden = replay.num_tokens, int(model.config.hidden_size)
     # Warm-up: the first forwards of a process pay for allocator growth and kernel selection.
     bare_forward(model, ReplaySet(replay.texts[:2], replay.input_ids[:2], replay.max_length), 2, 2)
     limits, builds = [], []
+    peaks = {"limit": None, "build": None}
     out = os.path.join(workdir, "store")
+    build_kwargs = {} if keep_states_bytes is None else {"keep_states_bytes": keep_states_bytes}
+
+    def one_limit():
+        clock, peak = _peak_device_bytes(model, lambda: bare_forward(model, replay, batch_size, chunk_size))
+        peaks["limit"] = max(peaks["limit"] or 0, peak) if peak is not None else None
+        limits.append(clock)
+
     for _ in range(repeats):
         if limit:
-            limits.append(bare_forward(model, replay, batch_size, chunk_size))
+            one_limit()
         shutil.rmtree(out, ignore_errors=True)
-        with _Clock() as clock:
-            ReferenceStates.build(model, replay, out, batch_size=batch_size, chunk_size=chunk_size, progress=False)
+
+        def one_build():
+            with _Clock() as clock:
+                ReferenceStates.build(model, replay, out, batch_size=batch_size, chunk_size=chunk_size,
+                                      progress=False, **build_kwargs)
+            return clock
+
+        clock, peak = _peak_device_bytes(model, one_build)
+        peaks["build"] = max(peaks["build"] or 0, peak) if peak is not None else None
         builds.append(clock)
     if limit:
-        limits.append(bare_forward(model, replay, batch_size, chunk_size))
+        one_limit()
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        forwards = json.load(f)["build"].get("forwards")
     files = {name: os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)}
     total = sum(files.values())
     build_s = min(c.wall for c in builds)
@@ -105,6 +137,8 @@ def measure(model, replay: ReplaySet, batch_size: int, chunk_size: int, workdir:
         "official_fp32_bytes": 4 * tokens * hidden,
         "official_bits_per_element": 32.0,
         "compression_vs_official": 4 * tokens * hidden / total,
+        "forwards": forwards,  # batches forwarded per pass (statistics, labels again, padding), from the manifest
+        "peak_device_bytes": peaks,  # CUDA: torch.cuda.max_memory_allocated during the limit and the build
     }
     if limit:
         limit_s = min(c.wall for c in limits)
@@ -121,6 +155,68 @@ def measure(model, replay: ReplaySet, batch_size: int, chunk_size: int, workdir:
         })
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def rounding_flips(model, replay: ReplaySet, store: ReferenceStates, batch_size: int, chunk_size: int) -> dict:
+    """The design not taken, measured: labels of the states rounded to bf16 / fp16 before labelling (keeping or
+    spilling them in half precision) against the labels of the states as the forward made them. The store keeps
+    the forward's own states, so its labels are the latter exactly."""
+    from gere_hf.losses import threshold_labels
+    from gere_hf.models import find_final_norm
+
+    plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+    captured = []
+    handle = find_final_norm(model)[1].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    flips = {"bfloat16": 0, "float16": 0}
+    total = 0
+    dtype = None
+    device = next(model.parameters()).device
+    lower, upper = store.lower.to(device), store.upper.to(device)
+    try:
+        with torch.no_grad():
+            for c in range(len(plan.chunks)):
+                for batch in plan.batches(c):
+                    lengths = [replay.lengths[i] for i in batch]
+                    ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
+                    mask = torch.zeros_like(ids)
+                    for row, i in enumerate(batch):
+                        ids[row, : lengths[row]] = torch.tensor(replay.input_ids[i])
+                        mask[row, : lengths[row]] = 1
+                    captured.clear()
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
+                    states = torch.cat([captured[-1][row, :n] for row, n in enumerate(lengths)])
+                    dtype = states.dtype
+                    exact = threshold_labels(states, lower, upper)
+                    total += exact.numel()
+                    for name, half in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+                        flips[name] += int((threshold_labels(states.to(half), lower, upper) != exact).sum())
+    finally:
+        handle.remove()
+    return {"states_dtype": str(dtype).removeprefix("torch."), "elements": total,
+            "fraction_flipped": {k: v / max(total, 1) for k, v in flips.items()}, "flipped": flips}
+
+
+def io_probe(workdir: str, nbytes: int, piece: int = 64 << 20) -> dict:
+    """What spilling the states in half precision to this disk would cost: ``nbytes`` written (with fsync) and read
+    back (likely from the page cache), in pieces."""
+    path = os.path.join(workdir, "io_probe.bin")
+    data = np.random.default_rng(0).integers(0, 255, size=min(piece, nbytes), dtype=np.uint8).tobytes()
+    with _Clock() as write:
+        with open(path, "wb") as f:
+            done = 0
+            while done < nbytes:
+                n = min(len(data), nbytes - done)
+                f.write(data[:n])
+                done += n
+            f.flush()
+            os.fsync(f.fileno())
+    with _Clock() as read:
+        with open(path, "rb") as f:
+            while f.read(piece):
+                pass
+    os.remove(path)
+    return {"bytes": nbytes, "write_seconds": write.wall, "read_seconds": read.wall,
+            "write_bytes_per_second": nbytes / max(write.wall, 1e-9), "read_bytes_per_second": nbytes / max(read.wall, 1e-9)}
 
 
 def linear_fit(x, y) -> dict:
@@ -192,6 +288,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--growth-layers", type=int, default=1)
     parser.add_argument("--growth-no-limit", action="store_true", help="skip the bare forwards in the sweep")
     parser.add_argument("--skip-main", action="store_true", help="only the growth sweep")
+    parser.add_argument("--keep-states-bytes", type=int, default=None,
+                        help="the build's keep_states_bytes (default: its own; 0: every chunk forwarded twice)")
+    parser.add_argument("--rounding", action="store_true",
+                        help="also count the labels that rounding the states to bf16/fp16 would flip")
+    parser.add_argument("--io-probe", action="store_true",
+                        help="also time writing and reading the states' size in half precision on this disk")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -207,7 +309,8 @@ def main(argv=None) -> dict:
         if not args.skip_main:
             model, tokenizer = bench_model(args.model, args.dtype, args.device, tiny_hidden=args.tiny_hidden)
             replay = ReplaySet.load(tokenizer, args.replay, num_samples=args.num_samples, max_length=args.max_length)
-            r = measure(model.eval(), replay, args.batch_size, args.chunk_size, workdir, repeats=args.repeats)
+            r = measure(model.eval(), replay, args.batch_size, args.chunk_size, workdir, repeats=args.repeats,
+                        keep_states_bytes=args.keep_states_bytes)
             results["main"] = r
             print(f"\nReference store benchmark: {args.model}, {r['samples']} samples, {r['tokens']} tokens, "
                   f"hidden {r['hidden']}, batch {args.batch_size}, {torch.get_num_threads()} threads")
@@ -224,6 +327,30 @@ def main(argv=None) -> dict:
                 ("official fp32 layout", "32 bits/elem",
                  f"{r['official_fp32_bytes'] / 2**20:.1f} MiB ({r['compression_vs_official']:.1f}x larger)"),
             ]
+            if r["forwards"]:
+                f = r["forwards"]
+                rows.append(("forwards (batches)", f"{f['statistics']} + {f['labels']}",
+                             f"for statistics + again for labels (states that did not stay on the device); "
+                             f"{f['padding']} padding"))
+            if r["peak_device_bytes"]["build"] is not None:
+                p = r["peak_device_bytes"]
+                rows.append(("peak device memory", f"{p['build'] / 2**20:.0f} MiB",
+                             f"build; bare forward {p['limit'] / 2**20:.0f} MiB"))
+            if args.rounding:
+                store_dir = os.path.join(workdir, "rounding_store")
+                store = ReferenceStates.build(model, replay, store_dir, batch_size=args.batch_size,
+                                              chunk_size=args.chunk_size, progress=False)
+                rf = rounding_flips(model, replay, store, args.batch_size, args.chunk_size)
+                r["rounding"] = rf
+                rows.append(("labels flipped by rounding", f"{rf['fraction_flipped']['bfloat16']:.2e} bf16",
+                             f"{rf['fraction_flipped']['float16']:.2e} fp16, of {rf['elements']} elements "
+                             f"({rf['states_dtype']} states; the store keeps them unrounded)"))
+            if args.io_probe:
+                io = io_probe(workdir, r["tokens"] * r["hidden"] * 2)
+                r["io_probe"] = io
+                rows.append(("half states to disk and back", f"{io['write_seconds'] + io['read_seconds']:.2f} s",
+                             f"{io['bytes'] / 2**20:.0f} MiB: write+fsync {io['write_bytes_per_second'] / 2**20:.0f} "
+                             f"MiB/s, read {io['read_bytes_per_second'] / 2**20:.0f} MiB/s (the design not taken)"))
             for name, value, note in rows:
                 print(f"  {name:<30} {value:>18}   {note}")
             del model

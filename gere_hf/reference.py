@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Sequence
@@ -88,13 +89,17 @@ class ReferenceStatesMismatch(ReferenceStatesError):
 
 def pack_labels(labels: torch.Tensor) -> np.ndarray:
     """Pack int8 labels in {−1, 0, 1} into bytes, 4 per byte (first element in the lowest bits)."""
+    return _pack_codes(labels).cpu().numpy()
+
+
+def _pack_codes(labels: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_labels` on the labels' own device, as a uint8 tensor."""
     codes = (labels.reshape(-1).to(torch.int16) & 3).to(torch.uint8)
     pad = (-codes.numel()) % 4
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
     codes = codes.view(-1, 4)
-    packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-    return packed.numpy()
+    return codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
 
 
 def unpack_labels(packed: torch.Tensor, numel: int | None = None) -> torch.Tensor:
@@ -152,7 +157,9 @@ def model_weights_hash(model, max_params: int = 32, elements: int = 16) -> str:
 
             gather = deepspeed.zero.GatheredParameters([param])
         with gather, torch.no_grad():
-            flat = param.detach().reshape(-1)
+            # FSDP2 shards parameters as DTensors: the sampled values are read from the whole tensor, so a sharded
+            # model hashes like the same model unsharded (full_tensor is a collective: every rank hashes, in order).
+            flat = (param.full_tensor() if _is_dtensor(param) else param).detach().reshape(-1)
             # Integer arithmetic: a float32 linspace rounds n - 1 up to n for tensors of more than 2**24 elements.
             steps = min(elements, flat.numel())
             idx = torch.arange(steps, dtype=torch.long) * (flat.numel() - 1) // max(steps - 1, 1)
@@ -160,6 +167,14 @@ def model_weights_hash(model, max_params: int = 32, elements: int = 16) -> str:
             h.update(f"{name}{tuple(param.shape) if param.numel() else param.ds_shape}".encode())
             h.update(values.tobytes())
     return h.hexdigest()[:16]
+
+
+def _is_dtensor(tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -494,14 +509,24 @@ class ReferenceStates:
         reference: str = "base",
         rebuild: bool = False,
         forward_model=None,
+        keep_states_bytes: int | None = None,
+        open_fields: Sequence[str] = FINGERPRINT_FIELDS,
         progress: bool = True,
     ) -> ReferenceStates:
         """Record the reference states of ``model`` on ``replay`` into ``out_dir`` (or open it if already built).
 
-        Under ``torch.distributed`` every rank calls this; each forwards a disjoint set of chunks, the main process
-        reduces the statistics (in chunk order, so the result is byte-identical to a 1-process build) and writes
-        the store, the others wait and open it. ``forward_model`` is what to call for the forward (a DeepSpeed
-        engine under ZeRO-3); it defaults to ``model``.
+        The states never leave the device: the forward's final-norm output is reduced there into float64 statistics
+        and, once the thresholds over all tokens are known, labelled and packed there; only the packed labels (and
+        the extras asked for) are copied to the host. States wait on the device between the two steps while they fit
+        in ``keep_states_bytes`` (None: a quarter of the free device memory, or of the available host memory when
+        the model runs on the CPU; 0: never), and chunks that do not fit are forwarded a second time for their labels.
+
+        Under ``torch.distributed`` every rank calls this; each forwards a disjoint set of chunks (every rank the same
+        number of forwards), the statistics are summed in chunk order (so the result is byte-identical to a
+        1-process build), rank 0 writes the store, and every node whose ``out_dir`` does not show rank 0's files (no
+        shared filesystem) gets a copy written there over ``torch.distributed``. ``forward_model`` is what to call for
+        the forward (a DeepSpeed engine under ZeRO-3); it defaults to ``model``. An existing store is opened and
+        checked against the fingerprint fields ``open_fields``.
 
         ``dtype`` is the precision the reference forward computes in: None for the model's own weights' dtype, else
         autocast to it (``bf16`` for a model that trains with ``bf16=True``). It is part of the fingerprint: a store
@@ -510,35 +535,67 @@ class ReferenceStates:
         out_dir = os.fspath(out_dir)
         extras = tuple(dict.fromkeys(extras))
         _validate_build_args(k, batch_size, chunk_size, extras, topk, reference, len(replay))
+        if keep_states_bytes is not None and keep_states_bytes < 0:
+            raise ReferenceStatesError(f"keep_states_bytes must be ≥ 0 (or None), got {keep_states_bytes}.")
         find_final_norm(model)  # a clear error before any work
         dtype = as_dtype(dtype)
         fingerprint = compute_fingerprint(model, replay, k, precision=dtype)
-        if os.path.isdir(out_dir) and cls.is_store(out_dir):
-            if not rebuild:
-                store = cls.open(out_dir, fingerprint)
-                store.require_extras(extras, topk if "topk" in extras else None,
-                                     topk_temperature if "topk" in extras else None)
-                return store
-        elif os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isdir(os.path.join(out_dir, BUILDING)):
-            raise ReferenceStatesError(
-                f"The output directory {out_dir} holds something other than a reference store "
-                f"({', '.join(sorted(os.listdir(out_dir))[:5])}). Give an empty or new directory."
-            )
         rank, world = _dist_info()
+        _agree(lambda: _check_build_dir(out_dir))
+        # Rank 0's directory decides whether there is a store to open: a node-local directory elsewhere may be empty.
+        exists = _broadcast_json(cls.is_store(out_dir), 0)
+        if exists and not rebuild:
+            store = cls.open_distributed(out_dir, fingerprint, fields=open_fields)
+            store.require_extras(extras, topk if "topk" in extras else None,
+                                 topk_temperature if "topk" in extras else None)
+            return store
         builder = _Builder(model, forward_model or model, replay, out_dir, fingerprint, k, batch_size, chunk_size,
-                           dtype, extras, topk, topk_temperature, reference, progress and rank == 0)
-        builder.check_space()
-        builder.run_chunks(rank, world)
+                           dtype, extras, topk, topk_temperature, reference, keep_states_bytes, progress and rank == 0)
+        leaders = _directory_leaders(out_dir)
+        _agree(lambda: builder.prepare() if leaders[rank] == rank else None)  # one rank per directory
         _barrier()
+        builder.run(rank, world)
+        builder.collect_chunks(rank, world)
         if rank == 0:
-            try:
-                builder.assemble()
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise builder.disk_full() from e
-                raise
+            builder.assemble()
         _barrier()
+        if world > 1:
+            manifest = _broadcast_json(_read_manifest(out_dir) if rank == 0 else None, 0)
+            _send_store(out_dir, manifest, receivers=sorted({r for r in leaders if r != 0}))
+            if leaders[rank] == rank and rank != 0:
+                shutil.rmtree(builder.work, ignore_errors=True)
+            _barrier()
         return cls.open(out_dir, fingerprint, verify=False)
+
+    @classmethod
+    def open_distributed(
+        cls,
+        path: str,
+        fingerprint: dict | None = None,
+        fields: Sequence[str] = FINGERPRINT_FIELDS,
+        verify: bool = True,
+    ) -> ReferenceStates:
+        """:meth:`open` on every rank of a distributed run, with or without a shared filesystem; every rank calls it.
+
+        Rank 0's store at ``path`` is the store: rank 0 checks it (fingerprint, sizes, checksums with ``verify``) and
+        an error there is raised on every rank. A node whose ``path`` does not hold the same files (node-local disks)
+        gets them from rank 0 over ``torch.distributed``, written by one of its ranks and checked against the
+        manifest's checksums as they arrive. In one process this is :meth:`open`.
+        """
+        path = os.fspath(path)
+        rank, world = _dist_info()
+        if world == 1:
+            return cls.open(path, fingerprint, fields, verify)
+        opened = {}
+
+        def open_on_rank_0():
+            if rank == 0:
+                opened["store"] = cls.open(path, fingerprint, fields, verify)
+
+        _agree(open_on_rank_0)
+        manifest = _broadcast_json(opened["store"].manifest if rank == 0 else None, 0)
+        _sync_store(path, manifest)
+        return opened["store"] if rank == 0 else cls.open(path, verify=False)
 
 
 def _validate_build_args(k, batch_size, chunk_size, extras, topk, reference, num_samples) -> None:
@@ -557,9 +614,32 @@ def _validate_build_args(k, batch_size, chunk_size, extras, topk, reference, num
         raise ReferenceStatesError("The replay set is empty; there is nothing to record.")
 
 
+def _check_build_dir(out_dir: str) -> None:
+    """Refuse a directory that holds anything but a store or an unfinished build (its files are left alone)."""
+    if ReferenceStates.is_store(out_dir) or not os.path.isdir(out_dir) or os.path.isdir(os.path.join(out_dir, BUILDING)):
+        return
+    names = [n for n in os.listdir(out_dir) if not n.startswith(_PROBE_PREFIX)]
+    if names:
+        raise ReferenceStatesError(
+            f"The output directory {out_dir} holds something other than a reference store "
+            f"({', '.join(sorted(names)[:5])}). Give an empty or new directory."
+        )
+
+
+# What .building holds: 1 = fp32 states per chunk, labelled at assembly (before the device-resident build);
+# 2 = per chunk the float64 statistics, the extras and the packed labels. Part of plan.json: a layout-1 build left
+# over is started afresh.
+_BUILD_LAYOUT = 2
+_LABEL_PIECE_ELEMENTS = 1 << 24  # labelled at a time: bounds the device's float32 temporaries to 64 MiB
+
+
 class _Builder:
+    """One build: pass 1 forwards every chunk (statistics, extras; states kept on the device while they fit), the
+    thresholds come from all chunks' statistics, pass 2 labels and packs each chunk (from its kept states, or from
+    a second forward), and the main process assembles the final files from the chunks."""
+
     def __init__(self, model, forward_model, replay, out_dir, fingerprint, k, batch_size, chunk_size, dtype, extras,
-                 topk, topk_temperature, reference, progress):
+                 topk, topk_temperature, reference, keep_states_bytes, progress):
         self.model = model
         self.forward_model = forward_model
         self.replay = replay
@@ -571,6 +651,7 @@ class _Builder:
         self.topk = int(topk) if "topk" in extras else 0
         self.topk_temperature = float(topk_temperature)
         self.reference = reference
+        self.keep_states_bytes = keep_states_bytes
         self.progress = progress
         config = unwrap_causal_lm(model).config
         self.hidden_size = int(config.hidden_size)
@@ -579,18 +660,21 @@ class _Builder:
         self.dtype = as_dtype(dtype)
         self.plan = _Plan.make(replay.lengths, batch_size, chunk_size)
         self.started = time.time()
+        self.kept: dict[int, torch.Tensor] = {}  # chunk -> its states [tokens, H] on the device, in the forward's dtype
+        self.chunk_stats: dict[int, dict[str, np.ndarray]] = {}
+        self.stats: dict[str, np.ndarray] | None = None  # the store's statistics and thresholds, once known
+        self.forwards = {"statistics": 0, "labels": 0, "padding": 0}  # batches forwarded by this rank, per purpose
 
     # -- space --------------------------------------------------------------------------------------------------------
 
     def needed_bytes(self) -> int:
-        tokens, h = self.replay.num_tokens, self.hidden_size
-        id_bytes = tokens * self.token_dtype.itemsize
-        final = id_bytes + packed_size(tokens, h) + 64 * h
-        if "hidden" in self.extras:
-            final += tokens * h * 2
-        if self.topk:
-            final += tokens * self.topk * 8
-        work = tokens * h * 4 + (final - id_bytes - packed_size(tokens, h))  # raw fp32 chunks and their extras
+        """Disk the build needs at its peak (assembly): the final files, and the chunk files they are copied from.
+        No hidden states ever go to disk."""
+        tokens, h, n = self.replay.num_tokens, self.hidden_size, len(self.replay)
+        labels = packed_size(tokens, h) + n  # at most one partial byte per sample
+        extras = (tokens * h * 2 if "hidden" in self.extras else 0) + tokens * self.topk * 8
+        final = tokens * self.token_dtype.itemsize + labels + extras + 64 * h
+        work = labels + extras + 24 * h * len(self.plan.chunks)  # chunk files: labels, extras, float64 statistics
         return final + work
 
     def check_space(self) -> None:
@@ -600,24 +684,35 @@ class _Builder:
         if need > free:
             raise ReferenceStatesError(
                 f"Not enough disk space for the reference store in {self.out_dir}: the build needs about "
-                f"{need / 2**20:.1f} MiB more, {free / 2**20:.1f} MiB are free. Free space or choose another store_dir."
+                f"{_mib(need)} MiB more, {_mib(free)} MiB are free. Free space or choose another store_dir."
             )
 
     def disk_full(self) -> ReferenceStatesError:
         return ReferenceStatesError(
             f"The disk filled up while building the reference store in {self.out_dir}. The build needs about "
-            f"{self.needed_bytes() / 2**20:.1f} MiB in all; the finished chunks are kept in {self.work}. "
+            f"{_mib(self.needed_bytes())} MiB in all; the finished chunks are kept in {self.work}. "
             "Free space and run the build again to resume it."
         )
 
-    # -- forward ------------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _disk_errors(self):
+        try:
+            yield
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise self.disk_full() from e
+            raise
 
-    def _prepare_work_dir(self) -> None:
+    # -- the work directory -------------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """The space check and ``.building/`` (kept if it holds an interrupted build of the same settings)."""
+        self.check_space()
         os.makedirs(self.work, exist_ok=True)
         plan_path = os.path.join(self.work, "plan.json")
         plan = {"plan": self.plan.digest(), "fingerprint": self.fingerprint, "extras": list(self.extras),
                 "topk": self.topk, "topk_temperature": self.topk_temperature,
-                "dtype": str(self.dtype) if self.dtype else None}
+                "dtype": str(self.dtype) if self.dtype else None, "layout": _BUILD_LAYOUT}
         if os.path.isfile(plan_path):
             with open(plan_path, encoding="utf-8") as f:
                 old = json.load(f)
@@ -631,139 +726,258 @@ class _Builder:
     def _chunk_path(self, c: int, kind: str) -> str:
         return os.path.join(self.work, f"chunk-{c:05d}.{kind}")
 
-    def _chunk_done(self, c: int) -> bool:
+    def _chunk_kinds(self) -> list[str]:
+        """A chunk's files in the order they are written; the last of each pass marks it done."""
+        kinds = ["hidden"] if "hidden" in self.extras else []
+        kinds += ["topk_lp", "topk_ids"] if self.topk else []
+        return kinds + ["stats.safetensors", "labels.safetensors"]
+
+    def _recorded(self, c: int) -> bool:
         return os.path.isfile(self._chunk_path(c, "stats.safetensors"))
 
-    def run_chunks(self, rank: int, world: int) -> None:
-        if rank == 0:
-            self._prepare_work_dir()
-        _barrier()
-        todo_by_rank = [
-            [c for c in range(len(self.plan.chunks)) if c % world == r and not self._chunk_done(c)] for r in range(world)
-        ]
-        _barrier()  # every rank has seen the same finished chunks before any rank adds one
+    def _labelled(self, c: int) -> bool:
+        return os.path.isfile(self._chunk_path(c, "labels.safetensors"))
+
+    # -- the two passes -----------------------------------------------------------------------------------------------
+
+    def run(self, rank: int, world: int) -> None:
+        """Both passes over this rank's chunks (``c % world == rank``); collective: every rank calls it."""
         mine = [c for c in range(len(self.plan.chunks)) if c % world == rank]
-        todo = todo_by_rank[rank]
-        padding_forwards = padding_forwards_per_rank(self.plan, todo_by_rank)[rank]
-        done_tokens = sum(int(self.replay.lengths[i]) for c in mine if c not in todo for i in self.plan.chunks[c])
-        total_tokens = sum(int(self.replay.lengths[i]) for c in mine for i in self.plan.chunks[c])
-        bar = tqdm(total=total_tokens, initial=done_tokens, unit="tok", unit_scale=True, disable=not self.progress,
-                   desc="Recording reference states")
+        to_record = [c for c in mine if not self._recorded(c)]
+        done_tokens = sum(self._tokens(c) for c in mine if c not in to_record)
+        bar = tqdm(total=sum(self._tokens(c) for c in mine), initial=done_tokens, unit="tok", unit_scale=True,
+                   disable=not self.progress, desc="Recording reference states")
         model = self.model
         was_training = model.training
         model.eval()
         captured: list[torch.Tensor] = []
         _, norm = find_final_norm(model)
         handle = norm.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
-        t0 = time.time()
         try:
-            with self._reference_context(), torch.no_grad():
-                for c in todo:
-                    self._run_chunk(c, captured, bar)
+            with self._disk_errors(), self._reference_context(), torch.no_grad():
+                budget = self._state_budget()
+                padding = _padding_to_max(sum(len(self.plan.batches(c)) for c in to_record))
+                t0 = time.time()
+                for c in to_record:
+                    self._record_chunk(c, captured, budget, bar)
                     bar.set_postfix(tok_per_s=f"{(bar.n - done_tokens) / max(time.time() - t0, 1e-9):.0f}")
-                for _ in range(padding_forwards):
-                    self._forward(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
-                    captured.clear()
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise self.disk_full() from e
-            raise
+                self._padding_forwards(padding, captured)
+                self.stats = self._reduce_statistics(mine, world)
+                to_label = [c for c in mine if not self._labelled(c)]
+                again = [c for c in to_label if c not in self.kept]
+                padding = _padding_to_max(sum(len(self.plan.batches(c)) for c in again))
+                if again:
+                    logger.info("Reference store: %d of %d chunks did not stay on the device (keep_states_bytes); "
+                                "forwarding them again for their labels.", len(again), len(to_label))
+                for c in to_label:
+                    self._label_chunk(c, captured)
+                self._padding_forwards(padding, captured)
         finally:
             handle.remove()
+            self.kept.clear()
             model.train(was_training)
             bar.close()
+
+    def _tokens(self, c: int) -> int:
+        return sum(int(self.replay.lengths[i]) for i in self.plan.chunks[c])
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _state_budget(self) -> int:
+        """Bytes of states that may wait on the device for their labels."""
+        if self.keep_states_bytes is not None:
+            return int(self.keep_states_bytes)
+        device = self._device()
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0]) // 4
+        return _available_host_memory() // 4
 
     def _reference_context(self):
         stack = contextlib.ExitStack()
         if self.reference == "base" and is_peft_model(self.model):
             peft_model = self.model if hasattr(self.model, "disable_adapter") else self.model.module
             stack.enter_context(peft_model.disable_adapter())
-        device = next(self.model.parameters()).device
-        if self.dtype is not None and precision_name(self.dtype) != model_precision(self.model):
+        device = self._device()
+        if self.dtype is not None and precision_name(self.dtype) != _compute_precision(self.model):
             stack.enter_context(torch.autocast(device.type, dtype=self.dtype))
         else:
             # The weights' own precision: an ambient autocast (the caller's) must not change what is recorded.
             stack.enter_context(torch.autocast(device.type, enabled=False))
+        for module in dict.fromkeys([self.forward_model, self.model]):
+            stack.enter_context(_without_accelerate_autocast(module))
         return stack
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        device = next(self.model.parameters()).device
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits: bool = False):
+        device = self._device()
         kwargs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), "use_cache": False}
-        if not self.topk:
+        if not logits:
             kwargs["logits_to_keep"] = 1  # the LM head is not needed: skip its cost where the model allows
-        # Inside train() accelerate has wrapped the model's forward in its mixed-precision autocast; the original
-        # forward runs at the precision this build was asked for (_reference_context), whatever the training's.
-        forward = getattr(self.forward_model, "_original_forward", None) or self.forward_model
+        # The module is called (not its forward), so its own hooks run: FSDP2 gathers parameters in them. Inside
+        # train() accelerate's autocast wrapper of forward is set aside (_reference_context): the forward runs at the
+        # precision this build was asked for, whatever the training's.
         try:
-            return forward(**kwargs)
+            return self.forward_model(**kwargs)
         except TypeError:
             kwargs.pop("logits_to_keep", None)
-            return forward(**kwargs)
+            return self.forward_model(**kwargs)
 
-    def _run_chunk(self, c: int, captured: list, bar) -> None:
+    def _forward_batch(self, batch: Sequence[int], captured: list, logits: bool = False):
+        """Forward one right-padded batch; returns (outputs, the final norm's output, the samples' lengths)."""
         pad_id = 0  # any id: padded positions are masked and never read back
-        raws, hiddens, tlps, tids = [], [], [], []
-        total = np.zeros(self.hidden_size, dtype=np.float64)
-        total_sq = np.zeros(self.hidden_size, dtype=np.float64)
-        count = 0
-        for batch in self.plan.batches(c):
-            lengths = [self.replay.lengths[i] for i in batch]
-            width = max(lengths)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : lengths[row]] = torch.tensor(self.replay.input_ids[i])
-                mask[row, : lengths[row]] = 1
+        lengths = [int(self.replay.lengths[i]) for i in batch]
+        ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : lengths[row]] = torch.tensor(self.replay.input_ids[i])
+            mask[row, : lengths[row]] = 1
+        captured.clear()
+        out = self._forward(ids, mask, logits=logits)
+        hidden = captured[-1].detach()
+        captured.clear()
+        return out, hidden, lengths
+
+    def _padding_forwards(self, count: int, captured: list) -> None:
+        for _ in range(count):
+            self._forward(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long))
             captured.clear()
-            out = self._forward(ids, mask)
-            hidden = captured[-1].detach().float().cpu()
-            logits = out.logits if self.topk else None
+        self.forwards["padding"] += count
+
+    def _record_chunk(self, c: int, captured: list, budget: int, bar) -> None:
+        """Pass 1 for chunk c: float64 sums on the device, the extras to the host, the states kept if they fit."""
+        h = self.hidden_size
+        total = total_sq = None
+        count = 0
+        keep = None
+        states, hiddens, tlps, tids = [], [], [], []
+        for batch in self.plan.batches(c):
+            out, hidden, lengths = self._forward_batch(batch, captured, logits=bool(self.topk))
+            self.forwards["statistics"] += 1
+            if total is None:
+                total = torch.zeros(h, dtype=torch.float64, device=hidden.device)
+                total_sq = torch.zeros(h, dtype=torch.float64, device=hidden.device)
+                need = self._tokens(c) * h * hidden.element_size()
+                keep = sum(s.numel() * s.element_size() for s in self.kept.values()) + need <= budget
+            rows = []
             for row, n in enumerate(lengths):
-                h = hidden[row, :n]
-                raws.append(h.numpy())
-                h64 = h.double()
-                total += h64.sum(0).numpy()
-                total_sq += (h64 * h64).sum(0).numpy()
+                x = hidden[row, :n]
+                # Row by row, in sample order: the summation order of every float64 sum is that of the CPU build.
+                x64 = x.double()
+                total += x64.sum(0)
+                total_sq += (x64 * x64).sum(0)
                 count += n
+                rows.append(x)
                 if "hidden" in self.extras:
-                    hiddens.append(h.half().numpy())
+                    hiddens.append(x.float().half())
                 if self.topk:
-                    lp = torch.log_softmax(logits[row, :n].float() / self.topk_temperature, dim=-1)
+                    lp = torch.log_softmax(out.logits[row, :n].float() / self.topk_temperature, dim=-1)
                     values, indices = lp.topk(self.topk, dim=-1)
-                    tlps.append(values.cpu().numpy())
-                    tids.append(indices.to(torch.int32).cpu().numpy())
+                    tlps.append(values)
+                    tids.append(indices.to(torch.int32))
+            if keep:
+                states.append(torch.cat(rows))  # a compact copy: the padded batch is freed
             bar.update(sum(lengths))
-        _atomic_write_bytes(self._chunk_path(c, "raw"), np.concatenate(raws).tobytes())
+        if keep:
+            self.kept[c] = torch.cat(states) if len(states) > 1 else states[0]
         if hiddens:
-            _atomic_write_bytes(self._chunk_path(c, "hidden"), np.concatenate(hiddens).tobytes())
+            _atomic_write_bytes(self._chunk_path(c, "hidden"), torch.cat(hiddens).cpu().numpy().tobytes())
         if tlps:
-            _atomic_write_bytes(self._chunk_path(c, "topk_lp"), np.concatenate(tlps).tobytes())
-            _atomic_write_bytes(self._chunk_path(c, "topk_ids"), np.concatenate(tids).tobytes())
-        # The stats file is the chunk's completion mark: written last.
-        _atomic_save_np({"sum": total, "sumsq": total_sq, "count": np.array([count], dtype=np.int64)},
-                        self._chunk_path(c, "stats.safetensors"))
+            _atomic_write_bytes(self._chunk_path(c, "topk_lp"), torch.cat(tlps).cpu().numpy().tobytes())
+            _atomic_write_bytes(self._chunk_path(c, "topk_ids"), torch.cat(tids).cpu().numpy().tobytes())
+        stats = {"sum": total.cpu().numpy(), "sumsq": total_sq.cpu().numpy(), "count": np.array([count], dtype=np.int64)}
+        # The stats file is the mark of pass 1: written last.
+        _atomic_save_np(stats, self._chunk_path(c, "stats.safetensors"))
+        self.chunk_stats[c] = stats
+
+    def _reduce_statistics(self, mine: Sequence[int], world: int) -> dict[str, np.ndarray]:
+        """Every chunk's sums, added in chunk order on every rank: the same thresholds, whatever the world size."""
+        h, n = self.hidden_size, len(self.plan.chunks)
+        rows = np.zeros((n, 2 * h + 1), dtype=np.float64)
+        for c in mine:
+            s = self.chunk_stats.get(c) or load_np(self._chunk_path(c, "stats.safetensors"))
+            rows[c] = np.concatenate([s["sum"], s["sumsq"], s["count"].astype(np.float64)])
+        if world > 1:  # each chunk's row from the rank that recorded it (no filesystem needs to be shared)
+            mine_rows = torch.from_numpy(rows).to(_comm_device())
+            gathered = [torch.empty_like(mine_rows) for _ in range(world)]
+            torch.distributed.all_gather(gathered, mine_rows)
+            rows = np.stack([gathered[c % world][c].cpu().numpy() for c in range(n)])
+        total = np.zeros(h, dtype=np.float64)
+        total_sq = np.zeros(h, dtype=np.float64)
+        count = 0
+        for c in range(n):
+            total += rows[c, :h]
+            total_sq += rows[c, h : 2 * h]
+            count += int(rows[c, 2 * h])
+        mean = total / count
+        var = np.maximum(total_sq / count - mean * mean, 0.0)  # population variance, E[x²] − mean², as the paper
+        std = np.sqrt(var)
+        return {"count": np.array([count], dtype=np.int64), "sum": total, "sumsq": total_sq, "mean": mean, "var": var,
+                "std": std, "lower": (mean - self.k * std).astype(np.float32),
+                "upper": (mean + self.k * std).astype(np.float32)}
+
+    def _chunk_states(self, c: int, captured: list) -> torch.Tensor:
+        """Chunk c's states: those kept since pass 1, else from a second forward of its batches."""
+        states = self.kept.pop(c, None)
+        if states is not None:
+            return states
+        parts = []
+        for batch in self.plan.batches(c):
+            _, hidden, lengths = self._forward_batch(batch, captured)
+            self.forwards["labels"] += 1
+            parts.append(torch.cat([hidden[row, :n] for row, n in enumerate(lengths)]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _label_chunk(self, c: int, captured: list) -> None:
+        """Pass 2 for chunk c: 2-bit labels computed and packed on the device; only the packed bytes leave it."""
+        states = self._chunk_states(c, captured)
+        h = self.hidden_size
+        lower = torch.from_numpy(self.stats["lower"]).to(states.device)
+        upper = torch.from_numpy(self.stats["upper"]).to(states.device)
+        if h % 4 == 0:  # every sample ends on a byte: the chunk packs in pieces of any number of tokens
+            step = max(1, _LABEL_PIECE_ELEMENTS // h)
+            pieces = [(a, min(a + step, states.shape[0])) for a in range(0, states.shape[0], step)]
+        else:  # each sample is packed on its own, from a byte boundary
+            ends = np.cumsum([int(self.replay.lengths[i]) for i in self.plan.chunks[c]])
+            pieces = list(zip([0, *ends[:-1].tolist()], ends.tolist()))
+        negative = positive = torch.zeros((), dtype=torch.int64, device=states.device)
+        packed = []
+        for a, b in pieces:
+            labels = threshold_labels(states[a:b], lower, upper)
+            negative = negative + (labels == -1).sum()
+            positive = positive + (labels == 1).sum()
+            packed.append(_pack_codes(labels))
+        del states
+        elements = self._tokens(c) * h
+        negative, positive = int(negative), int(positive)
+        counts = np.array([negative, elements - negative - positive, positive], dtype=np.int64)
+        # The labels file is the mark of pass 2: written last.
+        _atomic_save_np({"packed": torch.cat(packed).cpu().numpy(), "counts": counts},
+                        self._chunk_path(c, "labels.safetensors"))
+
+    def collect_chunks(self, rank: int, world: int) -> None:
+        """Rank 0 receives the chunk files it cannot see (another node's disk), from the rank that wrote them."""
+        if world == 1:
+            return
+        missing = _broadcast_json([c for c in range(len(self.plan.chunks)) if not self._labelled(c)]
+                                  if rank == 0 else None, 0)
+        with self._disk_errors():
+            for c in missing:
+                for kind in self._chunk_kinds():
+                    path = self._chunk_path(c, kind)
+                    _broadcast_file(c % world, path if rank == c % world else None, path if rank == 0 else None)
 
     # -- assembly (main process) --------------------------------------------------------------------------------------
 
     def assemble(self) -> None:
-        missing = [c for c in range(len(self.plan.chunks)) if not self._chunk_done(c)]
+        with self._disk_errors():
+            self._assemble()
+
+    def _assemble(self) -> None:
+        missing = [c for c in range(len(self.plan.chunks)) if not self._labelled(c)]
         if missing:
             raise ReferenceStatesError(f"Chunks {missing[:5]} of the build in {self.work} are missing; run it again.")
         h = self.hidden_size
-        total = np.zeros(h, dtype=np.float64)
-        total_sq = np.zeros(h, dtype=np.float64)
-        count = 0
-        for c in range(len(self.plan.chunks)):  # a fixed order: the same sums whatever the number of ranks
-            s = load_np(self._chunk_path(c, "stats.safetensors"))
-            total += s["sum"]
-            total_sq += s["sumsq"]
-            count += int(s["count"][0])
-        mean = total / count
-        var = np.maximum(total_sq / count - mean * mean, 0.0)  # population variance, E[x²] − mean², as the paper
-        std = np.sqrt(var)
-        lower = (mean - self.k * std).astype(np.float32)
-        upper = (mean + self.k * std).astype(np.float32)
-
+        stats = self.stats
         lengths = np.array(self.replay.lengths, dtype=np.int64)
         token_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         label_sizes = np.array([packed_size(int(n), h) for n in lengths], dtype=np.int64)
@@ -771,9 +985,7 @@ class _Builder:
         num_tokens = int(token_offsets[-1])
 
         # Existing finals are unlinked before anything is written so an interrupted rebuild is never "complete".
-        for name in (MANIFEST,) + STORE_FILES + sum(EXTRA_FILES.values(), ()):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(self.out_dir, name))
+        _remove_store_files(self.out_dir)
 
         def final_map(name, dtype, numel):
             path = os.path.join(self.work, name)
@@ -787,21 +999,21 @@ class _Builder:
         tlp = final_map("topk_logprobs.bin", np.float32, num_tokens * self.topk) if self.topk else None
         tid = final_map("topk_ids.bin", np.int32, num_tokens * self.topk) if self.topk else None
         label_counts = np.zeros(3, dtype=np.int64)
-        lower_t, upper_t = torch.from_numpy(lower), torch.from_numpy(upper)
         for i, ids in enumerate(self.replay.input_ids):
             tokens[token_offsets[i] : token_offsets[i + 1]] = np.asarray(ids, dtype=self.token_dtype)
         for c, samples in enumerate(self.plan.chunks):
-            raw = np.fromfile(self._chunk_path(c, "raw"), dtype=np.float32).reshape(-1, h)
+            chunk_labels = load_np(self._chunk_path(c, "labels.safetensors"))
+            packed = chunk_labels["packed"]
+            label_counts += chunk_labels["counts"]
             extra_h = np.fromfile(self._chunk_path(c, "hidden"), dtype=np.float16).reshape(-1, h) if hidden is not None else None
             if tlp is not None:
                 c_lp = np.fromfile(self._chunk_path(c, "topk_lp"), dtype=np.float32).reshape(-1, self.topk)
                 c_id = np.fromfile(self._chunk_path(c, "topk_ids"), dtype=np.int32).reshape(-1, self.topk)
-            row = 0
+            row = byte = 0
             for i in samples:
                 n = int(lengths[i])
-                lab = threshold_labels(torch.from_numpy(raw[row : row + n]), lower_t, upper_t)
-                label_counts += np.bincount((lab.reshape(-1).long() + 1).numpy(), minlength=3)
-                labels[label_offsets[i] : label_offsets[i + 1]] = pack_labels(lab)
+                labels[label_offsets[i] : label_offsets[i + 1]] = packed[byte : byte + label_sizes[i]]
+                byte += int(label_sizes[i])
                 a, b = token_offsets[i], token_offsets[i + 1]
                 if extra_h is not None:
                     hidden[a * h : b * h] = extra_h[row : row + n].reshape(-1)
@@ -813,11 +1025,7 @@ class _Builder:
             if m is not None:
                 m.flush()
         del tokens, labels, hidden, tlp, tid
-        _atomic_save_np(
-            {"count": np.array([count], dtype=np.int64), "sum": total, "sumsq": total_sq, "mean": mean, "var": var,
-             "std": std, "lower": lower, "upper": upper},
-            os.path.join(self.work, "stats.safetensors"),
-        )
+        _atomic_save_np(stats, os.path.join(self.work, "stats.safetensors"))
         _atomic_save_np({"lengths": lengths, "token_offsets": token_offsets, "label_offsets": label_offsets},
                         os.path.join(self.work, "index.safetensors"))
         names = list(STORE_FILES) + [n for e in self.extras for n in EXTRA_FILES[e]]
@@ -829,6 +1037,7 @@ class _Builder:
         bytes_on_disk = sum(f["bytes"] for f in files.values())
         label_bytes = files["labels.bin"]["bytes"]
         seconds = time.time() - self.started
+        total_labels = max(int(label_counts.sum()), 1)
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -848,10 +1057,13 @@ class _Builder:
             "bytes_on_disk": bytes_on_disk,
             "bits_per_element": 8 * label_bytes / max(num_tokens * h, 1),
             "official_fp32_bytes": num_tokens * h * 4,
-            "label_fractions": {"negative": float(label_counts[0] / max(label_counts.sum(), 1)),
-                                "neutral": float(label_counts[1] / max(label_counts.sum(), 1)),
-                                "positive": float(label_counts[2] / max(label_counts.sum(), 1))},
-            "build": {"seconds": round(seconds, 3), "tokens_per_second": round(num_tokens / max(seconds, 1e-9), 1)},
+            "label_fractions": {"negative": float(label_counts[0] / total_labels),
+                                "neutral": float(label_counts[1] / total_labels),
+                                "positive": float(label_counts[2] / total_labels)},
+            # Rank 0's batches forwarded for statistics (pass 1), again for labels (states that did not stay on the
+            # device, or a resumed build's), and as padding: what keep_states_bytes and an interruption cost.
+            "build": {"seconds": round(seconds, 3), "tokens_per_second": round(num_tokens / max(seconds, 1e-9), 1),
+                      "forwards": dict(self.forwards)},
         }
         _atomic_write_bytes(os.path.join(self.out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
         shutil.rmtree(self.work, ignore_errors=True)
@@ -863,20 +1075,274 @@ class _Builder:
         )
 
 
+def _compute_precision(model) -> str:
+    """The precision the model's forward computes in without autocast: FSDP2's mixed-precision policy casts the
+    sharded weights to its ``param_dtype`` when it gathers them (accelerate's FSDP2 trains that way, with no
+    autocast), else the weights' own dtype."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return model_precision(model)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            policy = getattr(module._get_fsdp_state(), "_mp_policy", None)  # no public accessor in torch 2.13
+            if policy is not None and policy.param_dtype is not None:
+                return precision_name(policy.param_dtype)
+            break
+    return model_precision(model)
+
+
 def _dir_bytes(path: str) -> int:
     if not os.path.isdir(path):
         return 0
     return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}" if n >= 0.1 * 2**20 else f"{n / 2**20:.3f}"
+
+
+def _available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), else 4 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def _read_manifest(path: str) -> dict | None:
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _remove_store_files(path: str) -> None:
+    """The manifest first, so that a store being replaced is never complete with a mix of old and new files."""
+    for name in (MANIFEST,) + STORE_FILES + sum(EXTRA_FILES.values(), ()):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, name))
+
+
+@contextlib.contextmanager
+def _without_accelerate_autocast(module):
+    """Inside ``train()`` accelerate replaces ``module.forward`` by its mixed-precision autocast wrapper and keeps the
+    original as ``_original_forward``. Restoring the original for the build, rather than calling
+    ``_original_forward`` itself, lets the build call the module, so that its own hooks run (FSDP2 gathers the
+    parameters in forward pre-hooks)."""
+    original = module.__dict__.get("_original_forward") if isinstance(module, torch.nn.Module) else None
+    if original is None:
+        yield
+        return
+    wrapped = module.__dict__.get("forward")
+    module.forward = original
+    try:
+        yield
+    finally:
+        if wrapped is not None:
+            module.forward = wrapped
+        else:
+            del module.forward
+
+
 def padding_forwards_per_rank(plan: _Plan, todo_by_rank: Sequence[Sequence[int]]) -> list[int]:
     """How many empty forwards each rank adds so that every rank runs the same number of forwards.
 
     Under ZeRO-3 and FSDP every forward of a sharded model gathers parameters collectively, and DDP's forward
-    broadcasts buffers: a rank that stopped early would leave the others waiting. The plan is known to every rank,
-    so each pads up to the largest count without communicating. One process needs none.
+    broadcasts buffers: a rank that stopped early would leave the others waiting. Each pass of the build pads this
+    way; a rank knows only its own chunks' state (another node's disk may not be visible), so the counts are
+    exchanged first. One process needs none.
     """
     counts = [sum(len(plan.batches(c)) for c in chunks) for chunks in todo_by_rank]
     if len(counts) <= 1:
         return [0] * len(counts)
     return [max(counts) - n for n in counts]
+
+
+def _padding_to_max(forwards: int) -> int:
+    """This rank's share of :func:`padding_forwards_per_rank`, from every rank's count of forwards (collective)."""
+    counts = _all_gather_json(int(forwards))
+    return max(counts) - int(forwards)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several processes, several nodes: what the ranks exchange over torch.distributed
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# No filesystem needs to be shared. Each rank writes its chunks where it sees ``out_dir``; the statistics are
+# all-gathered; rank 0 receives the chunk files it cannot see and assembles the store; every other directory that
+# does not show rank 0's files gets them, written by the lowest rank that sees that directory. Where a filesystem is
+# shared nothing is sent. The same calls run on gloo (CPU) and NCCL (GPU tensors).
+
+_PROBE_PREFIX = ".gere-probe-"
+_FILE_PIECE_BYTES = 64 << 20  # a file travels in pieces of this size: bounded memory on both sides
+
+
+def _comm_device() -> torch.device:
+    """Where tensors for the default process group live: the CPU under gloo (also accelerate's 'cuda:nccl,cpu:gloo'),
+    the current GPU under NCCL."""
+    backend = str(torch.distributed.get_backend())
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _all_gather_json(obj) -> list:
+    """Every rank's JSON-serialisable ``obj``, in rank order (collective)."""
+    rank, world = _dist_info()
+    if world == 1:
+        return [obj]
+    device = _comm_device()
+    data = json.dumps(obj).encode()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    buf = torch.zeros(max(sizes), dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
+    bufs = [torch.empty_like(buf) for _ in range(world)]
+    torch.distributed.all_gather(bufs, buf)
+    return [json.loads(b[:n].cpu().numpy().tobytes()) for b, n in zip(bufs, sizes)]
+
+
+def _broadcast_json(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (collective); in one process, ``obj``."""
+    rank, world = _dist_info()
+    if world == 1:
+        return obj
+    device = _comm_device()
+    data = json.dumps(obj).encode() if rank == src else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(size, src)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8)
+    if rank == src:
+        buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
+    torch.distributed.broadcast(buf, src)
+    return json.loads(buf.cpu().numpy().tobytes())
+
+
+def _broadcast_file(src: int, src_path: str | None, dst_path: str | None, blake2b: str | None = None) -> None:
+    """Send the file ``src_path`` of rank ``src`` to every rank; those given a ``dst_path`` write it there atomically,
+    checked against ``blake2b`` when given (collective)."""
+    rank, _ = _dist_info()
+    device = _comm_device()
+    size = torch.tensor([os.path.getsize(src_path) if rank == src else 0], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(size, src)
+    size = int(size.item())
+    reader = open(src_path, "rb") if rank == src else contextlib.nullcontext()
+    tmp = f"{dst_path}.tmp" if dst_path is not None else None
+    writer = open(tmp, "wb") if dst_path is not None else contextlib.nullcontext()
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with reader as f_in, writer as f_out:
+            done = 0
+            while done < size:
+                n = min(_FILE_PIECE_BYTES, size - done)
+                if rank == src:
+                    piece = torch.frombuffer(bytearray(f_in.read(n)), dtype=torch.uint8).to(device)
+                else:
+                    piece = torch.empty(n, dtype=torch.uint8, device=device)
+                torch.distributed.broadcast(piece, src)
+                if f_out is not None:
+                    data = piece.cpu().numpy().tobytes()
+                    f_out.write(data)
+                    digest.update(data)
+                done += n
+            if f_out is not None:
+                f_out.flush()
+                os.fsync(f_out.fileno())
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
+    if dst_path is None:
+        return
+    if blake2b is not None and digest.hexdigest() != blake2b:
+        os.remove(tmp)
+        raise ReferenceStatesError(f"{dst_path} arrived corrupted from rank {src} (checksum mismatch). Run again.")
+    os.replace(tmp, dst_path)
+
+
+def _agree(fn) -> None:
+    """Run ``fn`` on every rank; a :class:`ReferenceStatesError` on any rank is raised on all of them, so that no
+    rank goes on to a collective the others never reach (collective)."""
+    error = None
+    try:
+        fn()
+    except ReferenceStatesError as e:
+        error = e
+    messages = _all_gather_json(None if error is None else str(error))
+    if error is not None:
+        raise error
+    for r, message in enumerate(messages):
+        if message is not None:
+            raise ReferenceStatesError(f"Rank {r} stopped the reference store: {message}")
+
+
+def _directory_leaders(directory: str) -> list[int]:
+    """For every rank, the lowest rank that sees the same ``directory`` (the same path on the same filesystem).
+
+    Found by probing, not assumed from host names: the lowest rank not yet placed writes a probe file into its
+    ``directory``, every unplaced rank that finds it in its own is placed with it, and so on (collective; one round
+    per distinct directory). With a shared filesystem every rank is placed with rank 0 in one round.
+    """
+    rank, world = _dist_info()
+    if world == 1:
+        return [0]
+    token = _broadcast_json(secrets.token_hex(8) if rank == 0 else None, 0)
+    leaders = [-1] * world
+    while -1 in leaders:
+        leader = leaders.index(-1)
+        name = f"{_PROBE_PREFIX}{token}-{leader}"
+        if rank == leader:
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, name), "wb"):
+                pass
+        _barrier()
+        # Listing the directory (not a bare stat) makes network filesystems revalidate their cached entries.
+        sees = leaders[rank] == -1 and os.path.isdir(directory) and name in os.listdir(directory)
+        for r, seen in enumerate(_all_gather_json(sees)):
+            if seen or r == leader:
+                leaders[r] = leader
+        if rank == leader:
+            os.remove(os.path.join(directory, name))
+    return leaders
+
+
+def _sync_store(path: str, manifest: dict) -> None:
+    """Give every directory that does not hold rank 0's store (``manifest``) a copy of it (collective)."""
+    rank, _ = _dist_info()
+    local = _read_manifest(path)
+    same = local is not None and local.get("files") == manifest["files"]
+    everywhere = _all_gather_json(same)
+    if all(everywhere):
+        return
+    leaders = _directory_leaders(path)
+    receivers = sorted({leaders[r] for r, has in enumerate(everywhere) if not has} - {0})
+    _send_store(path, manifest, receivers)
+
+
+def _send_store(path: str, manifest: dict, receivers: Sequence[int]) -> None:
+    """Rank 0's store files, the manifest last, written into ``path`` by the ``receivers`` (collective)."""
+    rank, _ = _dist_info()
+    if not receivers:
+        return
+    receiving = rank in receivers
+    if receiving:
+        logger.info("Reference store: writing rank 0's store into %s (this node does not see rank 0's files).", path)
+        os.makedirs(path, exist_ok=True)
+        _remove_store_files(path)
+    for name, info in manifest["files"].items():
+        _broadcast_file(0, os.path.join(path, name) if rank == 0 else None,
+                        os.path.join(path, name) if receiving else None, info["blake2b"])
+    _broadcast_file(0, os.path.join(path, MANIFEST) if rank == 0 else None,
+                    os.path.join(path, MANIFEST) if receiving else None)
+    _barrier()

@@ -227,19 +227,18 @@ class GeReMixin:
         precision = self._gere_reference_precision()
         fingerprint = compute_fingerprint(self.model, replay, cfg.threshold_k, precision=precision)
         rebuild = cfg.rebuild_store or (cfg.reference == "stage_start" and not self._gere_resuming)
-        if ReferenceStates.is_store(store_dir) and not rebuild:
-            # 'base' stores outlive the base weights; precision and extras are checked by _gere_check_store.
-            fields = [f for f in FINGERPRINT_FIELDS if f not in ("model_weights", "precision")]
-            store = ReferenceStates.open(store_dir, fingerprint, fields=fields)
-            self._gere_check_base_weights(store, fingerprint["model_weights"])
-            return store
+        # An existing store is opened by build() (rank 0's copy decides; nodes without it get one), checked on these
+        # fields: 'base' stores outlive the base weights; precision and extras are checked by _gere_check_store.
+        fields = [f for f in FINGERPRINT_FIELDS if f not in ("model_weights", "precision")]
         zero3 = getattr(self, "is_deepspeed_enabled", False) and _zero3()
-        return ReferenceStates.build(
+        store = ReferenceStates.build(
             self.model, replay, store_dir, k=cfg.threshold_k, batch_size=cfg.store_batch_size, dtype=precision,
             extras=cfg.store_extras, topk=cfg.topk, topk_temperature=cfg.kl_temperature,
             reference="base" if cfg.reference == "base" else "current", rebuild=rebuild,
-            forward_model=self.model_wrapped if zero3 else None,
+            forward_model=self.model_wrapped if zero3 else None, open_fields=fields,
         )
+        self._gere_check_base_weights(store, fingerprint["model_weights"])
+        return store
 
     def _gere_check_base_weights(self, store: ReferenceStates, weights: str) -> None:
         """A 'base' store is reused by later stages. Under PEFT the adapter-free weights never change in a continual

@@ -38,7 +38,9 @@ def build_filling_up(mount, replay, out, when):
     """Build into ``out``; fill the disk at the chosen moment. Returns (the error, whether the disk was filled)."""
     model = _model()
     calls = []
-    at = 3 if when == "chunks" else 1  # assembly: before any label page of the mapped file is touched
+    # "assembly": when the first chunk is labelled (after every forward), so the label files and the assembled
+    # files meet the full disk.
+    at = 3 if when == "chunks" else 1
 
     def trigger():
         calls.append(1)

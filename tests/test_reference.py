@@ -275,10 +275,16 @@ def test_build_killed_midway_resumes_byte_identical(tiny_model, replay, tmp_path
     with pytest.raises(ReferenceStatesError, match="incomplete"):
         ReferenceStates.open(str(out))
 
-    # Resume in-process: only the missing chunks are forwarded.
+    # No hidden states ever reach the disk: the recorded chunks left their statistics, nothing else.
+    names = sorted(p.name for p in work.iterdir() if not p.name.endswith(".tmp"))
+    assert names == [f"chunk-{c:05d}.stats.safetensors" for c in range(done)] + ["plan.json"]
+
+    # Resume in-process: the missing chunks are forwarded for their statistics (and keep their states), the chunks
+    # recorded before the kill once more for their labels (their states were on the device only). One batch each.
     calls = count_forwards(tiny_model)
     resumed = build(tiny_model, replay, out, batch_size=2, chunk_size=2)
-    assert len(calls) == num_chunks - done  # one batch per chunk here
+    assert resumed.manifest["build"]["forwards"] == {"statistics": num_chunks - done, "labels": done, "padding": 0}
+    assert len(calls) == num_chunks
     assert not (out / BUILDING).exists()
 
     fresh = build(make_tiny_model(), replay, tmp_path / "fresh", batch_size=2, chunk_size=2)
@@ -307,7 +313,9 @@ def test_build_failure_after_some_chunks_then_resume(tiny_model, replay, tmp_pat
 
     calls = count_forwards(tiny_model)
     resumed = build(tiny_model, replay, out, batch_size=4, chunk_size=4)
-    assert len(calls) == len(replay) // 4 - 3
+    num_chunks = len(replay) // 4
+    assert resumed.manifest["build"]["forwards"] == {"statistics": num_chunks - 3, "labels": 3, "padding": 0}
+    assert len(calls) == num_chunks
     fresh = build(make_tiny_model(), replay, tmp_path / "fresh", batch_size=4, chunk_size=4)
     assert data_files(resumed.path) == data_files(fresh.path)
     assert manifest_without_build(resumed.path) == manifest_without_build(fresh.path)

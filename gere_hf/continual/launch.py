@@ -141,6 +141,18 @@ def zero3_config(value: Any) -> bool:
 
 
 
+def check_fsdp_saves_full_weights(accelerator_state) -> None:
+    """Under FSDP every stage must be saved as a loadable folder (the next stage and the evaluation load it), and the
+    Trainer's save_model writes weights only with a full state dict: with SHARDED_STATE_DICT it writes none."""
+    plugin = getattr(accelerator_state, "fsdp_plugin", None)
+    if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        raise RecipeError(
+            f"FSDP saves with {plugin.state_dict_type}, with which the Trainer writes no weights for a stage; the next "
+            "stage and the evaluation load each stage's folder. Set fsdp_state_dict_type: FULL_STATE_DICT in the "
+            "accelerate config (recipes/accelerate/fsdp2.yaml does) or state_dict_type in training.fsdp_config."
+        )
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -319,7 +319,7 @@ class RecipeRunner:
 
         if index == 1 or not self.recipe.gere.replay_enabled or self.recipe.gere.reference != "base":
             return None
-        return ReferenceStates.open(self.store_dir, verify=False)
+        return ReferenceStates.open_distributed(self.store_dir, verify=False)  # nodes that lack it get rank 0's copy
 
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
@@ -358,6 +358,7 @@ class RecipeRunner:
         if args.fsdp and entry["distributed_type"] != "FSDP":
             logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on GPUs/accelerators.",
                            entry["distributed_type"])
+        launch.check_fsdp_saves_full_weights(trainer.accelerator.state)
         start = time.time()
         output = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(stage_dir)  # every rank: ZeRO-3 gathers the weights; the main process writes
