@@ -17,11 +17,15 @@ import pytest
 import yaml
 from benchmark_utils import make_rows, source_rows, write_all, write_local_copy
 
+from gere_hf.cli import main
 from gere_hf.continual.benchmarks import (
     LONG_SEQUENCE_TASKS,
+    TASK_ORDERS,
     BenchmarkDataError,
     build_long_sequence,
+    stage_entries,
 )
+from gere_hf.continual.recipe import apply_overrides, load_recipe
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_ROWS, EVAL_ROWS = 30, 12
@@ -326,6 +330,32 @@ def test_hub_path_reads_the_registry_ids(monkeypatch, tmp_path):
     row = _read_jsonl(tmp_path / "agnews" / "train.jsonl")[0]
     assert row["prompt"].endswith("\nText: agnews train 0 text\n\nAnswer:")
 
+
+def test_cli_prints_stages_that_a_recipe_reads(local_copies, tmp_path, capsys):
+    out = str(tmp_path / "ls")
+    assert main(["data", "long-sequence", "--from", local_copies, "--out", out, "--tasks", "yelp,copa",
+                 "--order", "6", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    stages = yaml.safe_load(printed)["stages"]
+    assert [s["name"] for s in stages] == ["yelp", "copa"]  # order 6 puts yelp first; only the tasks built
+    assert stages == stage_entries(out, "6", ["yelp", "copa"])
+    # The stages of an order replace a recipe's with --set, and the recipe reads the tasks as written.
+    with open(os.path.join(out, "stages_order6.yaml"), encoding="utf-8") as f:
+        text = f.read()
+    recipe_data = apply_overrides(yaml.safe_load(open(os.path.join(REPO_ROOT, "recipes", "tiny_cpu.yaml"))),
+                                  [f"stages={text}", f"output_dir={tmp_path / 'run'}"])
+    assert [s["name"] for s in recipe_data["stages"]] == list(TASK_ORDERS["6"])
+    recipe_data["stages"] = [s for s in recipe_data["stages"] if s["name"] in ("yelp", "copa")]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_data), encoding="utf-8")
+    from gere_hf.continual import data as run_data
+
+    tasks = run_data.load_stage_tasks(load_recipe(str(path)), None)
+    assert tasks[0].choices == sorted(" " + w for w in STARS) and len(tasks[0].train) == TRAIN_ROWS
+    assert tasks[1].eval[0]["prompt"].startswith('Which sentence is the effect of "copa test 0 premise"')
+    # A bad option is an error with exit status 2, not a traceback.
+    assert main(["data", "long-sequence", "--out", out, "--order", "7"]) == 2
+    assert "Unknown --order '7'" in capsys.readouterr().err
 
 
 

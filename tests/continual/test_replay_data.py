@@ -15,6 +15,7 @@ from collections import Counter
 import datasets
 import pytest
 
+from gere_hf.cli import main
 from gere_hf.continual.replay_data import ReplayBuildError, build_replay_data, texts_hash
 from gere_hf.replay import ExcludedTexts, load_replay_texts, select_heldout_texts
 
@@ -158,3 +159,16 @@ def test_bad_sources_stop_before_anything_is_written(tmp_path):
     with pytest.raises(ReplayBuildError, match="were not written by this builder"):
         build_replay_data(str(source), str(out), num=2, heldout=1, progress=False)
     assert (out / "replay.jsonl").read_text(encoding="utf-8") == '{"text": "mine"}\n'
+
+
+def test_cli(tmp_path, capsys):
+    source = tmp_path / "s.jsonl"
+    _write_jsonl(source, slimpajama_rows(30))
+    out = tmp_path / "slim"
+    assert main(["data", "replay", "--source", str(source), "--num", "5", "--heldout", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"gere.replay_source: {out}/replay.jsonl" in printed and f"general_source: {out}/heldout.jsonl" in printed
+    assert len(_texts(out / "replay.jsonl")) == 5
+    assert main(["data", "replay", "--source", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
+    assert "gere-hf data: error: --source" in capsys.readouterr().err
