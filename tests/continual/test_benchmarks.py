@@ -15,7 +15,7 @@ import shutil
 import datasets
 import pytest
 import yaml
-from benchmark_utils import make_rows, source_rows, write_all, write_local_copy
+from benchmark_utils import LAYOUTS, make_rows, source_rows, write_all, write_local_copy
 
 from gere_hf.cli import main
 from gere_hf.continual.benchmarks import (
@@ -357,6 +357,20 @@ def test_cli_prints_stages_that_a_recipe_reads(local_copies, tmp_path, capsys):
     assert main(["data", "long-sequence", "--out", out, "--order", "7"]) == 2
     assert "Unknown --order '7'" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("recipe", ["paper_llama31_8b_lora.yaml", "paper_llama31_8b_full_zero2.yaml"])
+def test_paper_recipes_read_the_builders_files(recipe):
+    """The paper recipes run on what the two `gere-hf data` commands write, with no conversion by hand."""
+    path = os.path.join(REPO_ROOT, "recipes", recipe)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    data = yaml.safe_load(text)
+    assert data["stages"] == stage_entries("data/long_sequence", "4")
+    assert data["gere"]["replay_source"] == "data/slimpajama/replay.jsonl"
+    assert data["evaluation"]["general_source"] == "data/slimpajama/heldout.jsonl"
+    assert "gere-hf data long-sequence --out data/long_sequence" in text
+    assert "gere-hf data replay --source DKYoon/SlimPajama-6B --num 1000 --heldout 200 --out data/slimpajama" in text
+    assert set(LAYOUTS) == set(LONG_SEQUENCE_TASKS)
 
 
 def test_amazon_local_then_the_rest_from_the_hub(local_copies, tmp_path, monkeypatch):
