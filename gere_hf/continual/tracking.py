@@ -78,6 +78,22 @@ def reporting_to(args) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
+def check_integrations(stage_args: list) -> None:
+    """Refuse, before any work, a ``report_to`` integration that is not installed: its callback would fail only when
+    stage 1's Trainer is built, after the base model's evaluation."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    wanted = sorted({name for args in stage_args for name in reporting_to(args)})
+    available = set(get_available_reporting_integrations()) | {"kubeflow"}  # kubeflow: added by transformers itself
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise TrackingError(
+            f"training.report_to asks for {missing}, but {'it is' if len(missing) == 1 else 'they are'} not installed "
+            f"here (installed: {sorted(available - {'kubeflow'}) or 'none'}). Install {' and '.join(missing)} "
+            "(`pip install gere_hf[tracking]` gives tensorboard and wandb), or remove it from report_to."
+        )
+
+
 def _wandb_run_id(run: str, index: int, stage: str) -> str:
     """A new W&B run id: readable, unique (W&B ids are letters, digits, '-' and '_', unique in a project)."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{run}-{index}-{stage}")[:48]
@@ -147,4 +163,4 @@ def _finish_wandb(record: dict, exit_code: int = 0) -> None:
     wandb.teardown()
 
 
-__all__ = ["TrackingConfig", "TrackingError", "stage_tracking"]
+__all__ = ["TrackingConfig", "TrackingError", "check_integrations", "stage_tracking"]
