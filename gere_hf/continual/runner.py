@@ -27,7 +27,7 @@ from .hub import HubTarget, hub_preflight, model_card, push_stage
 from .launch import barrier
 from .recipe import TINY_MODEL, Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from .state import BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_STATE_FILE, STAGES_DIR
-from .tracking import stage_tracking
+from .tracking import TrackingError, check_integrations, stage_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ class RecipeRunner:
             raise RecipeError("evaluation.lm_eval_tasks is not supported under ZeRO-3 (lm-eval runs on the main "
                               "process only); drop it or use ZeRO-2.")
         self.build_training_args()
+        try:
+            check_integrations(self.stage_args)
+        except TrackingError as err:
+            raise RecipeError(str(err)) from None
         # The replay texts first: the tasks' eval examples and then the held-out general texts are chosen disjoint
         # from them (and the general texts from the tasks), all before anything is written.
         self.check_replay()
