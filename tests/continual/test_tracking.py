@@ -194,3 +194,15 @@ def test_recipe_tracking_fields(tmp_path):
         parse_recipe(tiny_recipe(tmp_path, "tracking.run_name='{run}'"))
     with pytest.raises(RecipeError, match=r"unknown placeholder\(s\) \['name'\]"):
         parse_recipe(tiny_recipe(tmp_path, "tracking.run_name={name}-{stage}"))
+
+
+def test_an_integration_that_is_not_installed_is_refused_before_any_work(tmp_path):
+    """report_to with a logger not installed here (MLflow is not a dependency) fails in the checks, not when stage 1's
+    Trainer is built after the base model's evaluation."""
+    pytest.importorskip("tensorboard")
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    out = tmp_path / "run"
+    with pytest.raises(RecipeError, match=r"training.report_to asks for \['mlflow'\], but it is not installed"):
+        run_recipe(tiny_recipe(out, "training.report_to=[tensorboard, mlflow]"))
+    assert not (out / "run_state.json").exists() and not (out / "stages").exists()
