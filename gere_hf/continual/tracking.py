@@ -115,7 +115,13 @@ def stage_tracking(config: TrackingConfig, *, run: str, index: int, stage: str, 
         base = config.tensorboard_dir or os.path.join(output_dir, TENSORBOARD_DIR)
         record["tensorboard_dir"] = os.path.join(os.path.abspath(base), f"{index}-{stage}")
         env["TENSORBOARD_LOGGING_DIR"] = record["tensorboard_dir"]
-    if "wandb" in report_to:
+    users_run = _active_wandb_run()
+    if "wandb" in report_to and users_run is not None:
+        # A run the caller started (wandb.init before run_recipe): the callback logs into it, and it is not ours to end.
+        logger.warning("A W&B run (%s) is active: stage %d (%s) logs into it rather than into a run of its own, and it "
+                       "is left open.", getattr(users_run, "id", "?"), index, stage)
+        report_to = [name for name in report_to if name != "wandb"]
+    elif "wandb" in report_to:
         record.setdefault("wandb_run_id", _wandb_run_id(run, index, stage))
         record["wandb_group"] = config.group or run
         env.update(WANDB_RUN_ID=record["wandb_run_id"], WANDB_RUN_GROUP=record["wandb_group"], WANDB_RESUME="allow")
@@ -123,9 +129,9 @@ def stage_tracking(config: TrackingConfig, *, run: str, index: int, stage: str, 
             env["WANDB_PROJECT"] = config.project
         if not os.environ.get("WANDB_DIR"):
             env["WANDB_DIR"] = output_dir
-    if report_to:
+    if reporting_to(args):
         record["run_name"] = config.stage_run_name(run, index, stage)
-        record["report_to"] = report_to
+        record["report_to"] = reporting_to(args)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     failed = False
@@ -144,6 +150,13 @@ def stage_tracking(config: TrackingConfig, *, run: str, index: int, stage: str, 
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def _active_wandb_run():
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    return None if wandb is None else getattr(wandb, "run", None)
 
 
 def _finish_wandb(record: dict, exit_code: int = 0) -> None:

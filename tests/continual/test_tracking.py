@@ -206,3 +206,23 @@ def test_an_integration_that_is_not_installed_is_refused_before_any_work(tmp_pat
     with pytest.raises(RecipeError, match=r"training.report_to asks for \['mlflow'\], but it is not installed"):
         run_recipe(tiny_recipe(out, "training.report_to=[tensorboard, mlflow]"))
     assert not (out / "run_state.json").exists() and not (out / "stages").exists()
+
+
+@pytest.mark.skipif(not HAS_WANDB, reason="wandb is not installed")
+def test_a_wandb_run_the_caller_started_is_left_alone(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    class Args:
+        report_to = ["wandb"]
+
+    users = wandb.init(project="mine", dir=str(tmp_path))
+    try:
+        record: dict = {}
+        with stage_tracking(TrackingConfig(), run="r", index=1, stage="a", args=Args(), record=record,
+                            output_dir=str(tmp_path)):
+            assert "WANDB_RUN_ID" not in os.environ  # the callback logs into the caller's run
+        assert wandb.run is users and "wandb_run_id" not in record  # not ended, no run of ours recorded
+    finally:
+        wandb.finish()
