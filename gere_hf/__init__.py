@@ -44,6 +44,8 @@ _LAZY = {
     "Recipe": ".continual",
     "RecipeError": ".continual",
     "RecipeRunner": ".continual",
+    "build_long_sequence": ".continual",
+    "build_replay_data": ".continual",
     "load_recipe": ".continual",
     "load_stage_model": ".continual",
     "run_recipe": ".continual",

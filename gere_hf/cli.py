@@ -1,4 +1,4 @@
-"""The `gere-hf` command: cache, inspect, run, report, demo."""
+"""The `gere-hf` command: cache, inspect, data, run, report, demo."""
 
 from __future__ import annotations
 
@@ -51,6 +51,45 @@ def _inspect(args) -> int:
     return 0
 
 
+def _data_long_sequence(args) -> int:
+    from .continual.benchmarks import TASK_ORDERS, build_long_sequence, stages_yaml
+
+    tasks = [t for item in (args.tasks or []) for t in item.split(",") if t]
+    if args.order not in TASK_ORDERS:
+        raise ValueError(f"Unknown --order {args.order!r}; the orders are {', '.join(TASK_ORDERS)}.")
+    results = build_long_sequence(
+        args.out, from_dir=args.from_dir, tasks=tasks or None, protocol=args.protocol, prompt_style=args.prompt,
+        seed=args.seed, hub_datasets=args.hub_dataset or [], overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    for name, manifest in results.items():
+        files = manifest.get("files") or {}
+        state = "already complete" if manifest.get("status") == "skipped" else "written"
+        print(f"{name}: {files.get('train', {}).get('rows')} train / {files.get('test', {}).get('rows')} test ({state})",
+              file=sys.stderr)
+    built = list(results)
+    print(f"# Order {args.order}: {' -> '.join(TASK_ORDERS[args.order])}. Put these under `stages:` in the recipe, or "
+          f"pass --set \"stages=$(cat {args.out}/stages_order{args.order}.yaml)\" (orders 4, 5, 6 are in "
+          f"{args.out}/orders.json).")
+    print("stages:")
+    print("".join("  " + line + "\n" for line in stages_yaml(args.out, args.order, built).splitlines()), end="")
+    return 0
+
+
+def _data_replay(args) -> int:
+    from .continual.replay_data import build_replay_data
+
+    manifest = build_replay_data(
+        args.source, args.out, num=args.num, heldout=args.heldout, name=args.config, split=args.split,
+        text_column=args.text_column, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    files = manifest["files"]
+    state = "already complete" if manifest.get("skipped") else "written"
+    print(f"{args.out}/replay.jsonl: {files['replay.jsonl']['rows']} documents; {args.out}/heldout.jsonl: "
+          f"{files['heldout.jsonl']['rows']} documents ({state}). In a recipe:\n"
+          f"  gere.replay_source: {args.out}/replay.jsonl\n  evaluation.general_source: {args.out}/heldout.jsonl")
+    return 0
+
+
 def _run(args) -> int:
     from .continual.runner import run_recipe
 
@@ -100,6 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--no-verify", action="store_true", help="Skip checksum verification.")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("data", help="Build benchmark and replay data files for recipes (docs/paper.md).")
+    data = p.add_subparsers(dest="data_command", required=True)
+    q = data.add_parser("long-sequence", help="The 15-task long-sequence benchmark (O-LoRA / Progressive Prompts): "
+                                              "train.jsonl and test.jsonl per task, the task orders 4-6.")
+    q.add_argument("--out", required=True, help="Output folder (one folder per task, orders.json, stages_order*.yaml).")
+    q.add_argument("--from", dest="from_dir", default=None,
+                   help="Read local copies instead of the Hub: FROM/<task>/ holding a save_to_disk() DatasetDict or "
+                        "<split>.{parquet,jsonl,json,csv} files in the Hub dataset's schema (docs/paper.md).")
+    q.add_argument("--tasks", action="append", metavar="TASK[,TASK...]", help="Build only these tasks (default: all 15).")
+    q.add_argument("--protocol", default="o-lora", help="Sampling protocol: o-lora (default) or progressive-prompts.")
+    q.add_argument("--prompt", default="gere", help="Prompt style: gere (the official GeRe demo's; default) or o-lora.")
+    q.add_argument("--seed", type=int, default=0, help="Seed of the row sampling.")
+    q.add_argument("--order", default="4", help="The task order whose recipe stages are printed: 4 (default), 5 or 6.")
+    q.add_argument("--hub-dataset", action="append", metavar="TASK=ID[:CONFIG]",
+                   help="Read TASK from another Hub dataset in its schema (e.g. a copy of Amazon Review Full).")
+    q.add_argument("--overwrite", action="store_true", help="Rebuild tasks built with other settings.")
+    q.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    q.set_defaults(func=_data_long_sequence)
+    q = data.add_parser("replay", help="Replay texts (the first N documents of a source, streamed) and a held-out "
+                                       "slice disjoint from them.")
+    q.add_argument("--source", required=True, help="A Hub dataset id (e.g. DKYoon/SlimPajama-6B) or a local "
+                                                   "jsonl/json/parquet/csv/txt file or folder.")
+    q.add_argument("--out", required=True, help="Output folder: replay.jsonl, heldout.jsonl, manifest.json.")
+    q.add_argument("--num", type=int, default=1000, help="Replay documents (default 1000, as the paper).")
+    q.add_argument("--heldout", type=int, default=200, help="Held-out documents after them (default 200).")
+    q.add_argument("--config", default=None, help="The Hub dataset's config name.")
+    q.add_argument("--split", default="train", help="The Hub dataset's split (default train).")
+    q.add_argument("--text-column", default="text")
+    q.add_argument("--overwrite", action="store_true", help="Replace files built from other settings.")
+    q.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    q.set_defaults(func=_data_replay)
 
     p = sub.add_parser("run", help="Run a continual-learning recipe (YAML).")
     p.add_argument("recipe")

@@ -327,6 +327,14 @@ def select_heldout_texts(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether a name that is no existing file or folder was meant as one (and is reported missing) rather than as a
+    Hub id: absolute, relative with ``.``/``~``, more than one ``/`` (Hub ids are ``name`` or ``org/name``), or a data
+    file's suffix."""
+    return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+            or os.path.splitext(text)[1].lower() in _LOCAL_SUFFIXES)
+
+
 def _load_dataset_source(source: Any, split: str):
     import datasets
 
@@ -362,7 +370,7 @@ def _load_dataset_source(source: Any, split: str):
         if len(kinds) > 1:
             raise ReplayDataError(f"The folder {path!r} mixes file kinds {sorted(kinds)}; keep one kind per folder.")
         return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
-    if os.path.sep in path or path.startswith("."):
+    if looks_like_path(path):
         raise ReplayDataError(f"The replay source {path!r} does not exist. Give an existing file or folder.")
     return datasets.load_dataset(path, split=split)
 

@@ -38,6 +38,7 @@ from .collator import GeReCollator, split_replay_inputs
 from .config import GeReConfig, GeReConfigError
 from .losses import dynamic_weight, token_nll
 from .models import check_causal_lm, find_final_norm, is_peft_model
+from .paper import GERE_ARXIV_ID, GERE_PAPER, GERE_TAGS, citation_markdown, method_sentence
 from .reference import (
     FINGERPRINT_FIELDS,
     ReferenceStates,
@@ -537,7 +538,35 @@ def _zero3() -> bool:
 
 
 class GeReTrainer(GeReMixin, Trainer):
-    """`transformers.Trainer` with GeRe replay: the same arguments plus ``gere_config=GeReConfig(...)``."""
+    """`transformers.Trainer` with GeRe replay: the same arguments plus ``gere_config=GeReConfig(...)``.
+
+    With replay on, the model carries the ``gere`` tag (``push_to_hub`` puts it on the card) and the model card
+    ``create_model_card`` writes names the method and cites the paper (:mod:`gere_hf.paper`); a ``loss='none'``
+    baseline gets the plain Trainer card.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.gere_config.replay_enabled and hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags([GERE_TAGS[0]])
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, **kwargs):
+        if not self.gere_config.replay_enabled:
+            return super().create_model_card(language=language, license=license, tags=tags, model_name=model_name,
+                                             **kwargs)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [t for t in GERE_TAGS if t not in tags]
+        super().create_model_card(language=language, license=license, tags=tags, model_name=model_name, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        # Trainer's card (TrainingSummary) has no place for a method or a paper: add TRL's two parts after it.
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        if GERE_ARXIV_ID not in card:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"\n## Method\n\n{method_sentence()}\n\n{citation_markdown()}")
+        return None
 
 
 try:
@@ -548,7 +577,22 @@ except ImportError:  # pragma: no cover - trl is a dependency
 if SFTTrainer is not None:
 
     class GeReSFTTrainer(GeReMixin, SFTTrainer):
-        """`trl.SFTTrainer` with GeRe replay: the same arguments plus ``gere_config=GeReConfig(...)``."""
+        """`trl.SFTTrainer` with GeRe replay: the same arguments plus ``gere_config=GeReConfig(...)``.
+
+        Every model card TRL writes for it (at each checkpoint, on ``push_to_hub``, ``create_model_card()``) says it
+        was trained with GeRe, links the paper and gives its BibTeX: TRL's ``_BaseTrainer`` reads ``_tag_names``,
+        ``_name`` and ``_paper``. A ``loss='none'`` baseline keeps SFTTrainer's card (plain SFT, no GeRe claim).
+        """
+
+        _tag_names = [*SFTTrainer._tag_names, GERE_TAGS[0]]
+        _name = "GeRe"
+        _paper = GERE_PAPER
+
+        def __init__(self, *args, gere_config: GeReConfig | None = None, **kwargs):
+            if isinstance(gere_config, GeReConfig) and not gere_config.replay_enabled:
+                # Before SFTTrainer.__init__, which tags the model with _tag_names.
+                self._tag_names, self._name, self._paper = list(SFTTrainer._tag_names), SFTTrainer._name, {}
+            super().__init__(*args, gere_config=gere_config, **kwargs)
 
 
 __all__ = ["GeReMixin", "GeReTrainer", "GeReSFTTrainer", "GeReTrainingError"]

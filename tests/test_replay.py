@@ -340,3 +340,23 @@ def test_bad_replay_sets(tokenizer):
     for max_length in (1, 0, -5):
         with pytest.raises(ReplayDataError, match="max_length must be at least 2"):
             ReplaySet.from_texts(REPLAY_TEXTS, tokenizer, max_length=max_length)
+
+
+def test_hub_ids_are_loaded_and_missing_paths_reported(monkeypatch, tmp_path):
+    """'org/name' is a Hub id (given to datasets.load_dataset), not a missing file; the Hub cannot be reached here,
+    so a stand-in for load_dataset records the call and returns local rows."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, split=None, **kwargs):
+        calls.append((path, split))
+        return datasets.Dataset.from_dict({"text": ["a general text", "another general text"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert load_replay_texts("DKYoon/SlimPajama-6B", 2) == ["a general text", "another general text"]
+    assert calls == [("DKYoon/SlimPajama-6B", "train")]
+    for missing in ("data/replay/texts", "./replay", str(tmp_path / "none"), "replay.jsonl"):
+        with pytest.raises(ReplayDataError, match="does not exist"):
+            load_replay_texts(missing, 1)
+    assert len(calls) == 1

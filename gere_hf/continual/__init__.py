@@ -4,17 +4,24 @@ Modules: :mod:`~gere_hf.continual.recipe` (the YAML schema, loading, ``--set`` o
 :mod:`~gere_hf.continual.runner` (the stage loop), :mod:`~gere_hf.continual.state` (the run folder and
 ``--resume``), :mod:`~gere_hf.continual.data` (each stage's task, the replay and held-out texts, kept disjoint),
 :mod:`~gere_hf.continual.launch` (training arguments, DeepSpeed checks, barriers), :mod:`~gere_hf.continual.adapters`
-(how each stage's model is put together) and :mod:`~gere_hf.continual.hub` (pushing stages, model cards).
+(how each stage's model is put together), :mod:`~gere_hf.continual.hub` (pushing stages, model cards) and
+:mod:`~gere_hf.continual.tracking` (one tracked run a stage). :mod:`~gere_hf.continual.benchmarks` and
+:mod:`~gere_hf.continual.replay_data` build the files recipes read (``gere-hf data``: the long-sequence benchmark,
+the replay and held-out texts).
 """
 
 from .adapters import AdapterConfig, AdapterError, load_stage_model
+from .benchmarks import BenchmarkDataError, build_long_sequence
 from .hub import HubConfig, HubError
 from .recipe import EvaluationConfig, ModelConfig, Recipe, RecipeError, StageConfig, load_recipe, parse_recipe
+from .replay_data import ReplayBuildError, build_replay_data
 from .runner import RecipeRunner, run_recipe
+from .tracking import TrackingConfig
 
 __all__ = [
     "AdapterConfig",
     "AdapterError",
+    "BenchmarkDataError",
     "EvaluationConfig",
     "HubConfig",
     "HubError",
@@ -22,7 +29,11 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RecipeRunner",
+    "ReplayBuildError",
     "StageConfig",
+    "TrackingConfig",
+    "build_long_sequence",
+    "build_replay_data",
     "load_recipe",
     "load_stage_model",
     "parse_recipe",

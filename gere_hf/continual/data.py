@@ -48,6 +48,7 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
     import datasets
 
     from ..evaluation.tasks import BUILTIN_TASKS
+    from ..replay import looks_like_path
 
     if isinstance(spec, str):
         local = resolve_recipe_path(spec, recipe)
@@ -61,7 +62,7 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
             kwargs = {"path": _DATA_SUFFIXES[suffix], "data_files": local}
         elif local is not None:
             kwargs = {"path": local}
-        elif os.sep in spec or spec.startswith(".") or os.path.splitext(spec)[1].lower() in _DATA_SUFFIXES:
+        elif looks_like_path(spec) or os.path.splitext(spec)[1].lower() in _DATA_SUFFIXES:
             raise RecipeError(f"{where}: the dataset file {spec!r} does not exist (looked in the working directory "
                               "and next to the recipe).")
         else:

@@ -17,6 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..paper import GERE_TAGS, citation_markdown, method_sentence
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("repos", "revisions")
@@ -239,8 +241,10 @@ def model_card(
     gere: dict,
     method: str,
     metrics: dict,
+    tracking: dict | None = None,
 ) -> str:
-    """The README.md of a stage: base model, stage and task, GeRe settings and the stage's metrics.
+    """The README.md of a stage: base model, stage and task, GeRe settings, the stage's metrics (its row of the
+    accuracy matrix) and, as TRL's cards do, the method with a link to its paper and its BibTeX.
 
     Args:
         base_model: the recipe's model (name, path or Hub id), shown as is.
@@ -249,22 +253,29 @@ def model_card(
         task: ``Task.describe()`` of the stage's task.
         method: 'LoRA (continue)', 'LoRA (stack)' or 'full fine-tuning'.
         metrics: ``{"train": {...}, "accuracy": {...}, "general": {...}}`` of the stage.
+        tracking: the stage's tracking record (``run_state.json``: W&B run id and URL, TensorBoard folder), if any.
     """
     library = "peft" if method.startswith("LoRA") else "transformers"
+    replay = gere.get("loss", "tm") != "none"
+    tags = [*(GERE_TAGS if replay else ("continual-learning",)), "trl", "sft"]
+    if library == "peft":
+        tags.append("lora")
     meta = ["---"]
     if base_model_hub_id:
         meta.append(f"base_model: {base_model_hub_id}")
-    meta += [f"library_name: {library}", "tags:", "- gere", "- continual-learning", "- general-sample-replay"]
-    if library == "peft":
-        meta.append("- lora")
-    meta.append("---")
+    meta += [f"library_name: {library}", "tags:", *(f"- {t}" for t in tags), "---"]
+    if replay:
+        intro = (f"Stage {index} of a continual fine-tuning run with GeRe (General Sample Replay), made with gere_hf "
+                 f"(`gere-hf run`). {method_sentence()}")
+    else:
+        intro = (f"Stage {index} of a continual fine-tuning run without replay (`gere.loss: none`: the baseline GeRe "
+                 "is compared with), made with gere_hf (`gere-hf run`).")
     lines = [
         "\n".join(meta),
         "",
         f"# {run}: stage {index}/{num_stages}, `{stage}`",
         "",
-        f"Stage {index} of a continual fine-tuning run with GeRe (General Sample Replay, arXiv 2508.04676), made with "
-        "gere_hf (`gere-hf run`).",
+        intro,
         "",
         f"- **Base model:** `{base_model}`",
         f"- **Method:** {method}",
@@ -277,7 +288,7 @@ def model_card(
         lines.append(f"- **Data:** {source}")
     lines += ["", "## GeRe settings", "", "| setting | value |", "|---|---|"]
     for key in ("loss", "weight", "threshold_k", "replay_source", "replay_num_samples", "replay_max_length",
-                "replay_per_step", "reference"):
+                "replay_per_step", "replay_share", "replay_seed", "reference"):
         if key in gere:
             lines.append(f"| {key} | {_fmt(gere[key])} |")
     lines += ["", "## Metrics", ""]
@@ -296,6 +307,11 @@ def model_card(
     if general:
         lines.append(f"Held-out general text: NLL {_fmt(general.get('nll'))}, perplexity {_fmt(general.get('ppl'))}.")
         lines.append("")
+    links = [f"[W&B run]({tracking['wandb_url']})" if (tracking or {}).get("wandb_url") else None,
+             f"W&B run id `{tracking['wandb_run_id']}`" if (tracking or {}).get("wandb_run_id") else None,
+             f"TensorBoard logs in `{tracking['tensorboard_dir']}`" if (tracking or {}).get("tensorboard_dir") else None]
+    if any(links):
+        lines += ["Training logs: " + ", ".join(x for x in links if x) + ".", ""]
     lines += ["## Loading", ""]
     if method == "LoRA (stack)" and index > 1:
         lines += [f"This adapter was trained on the base model with the adapters of stages 1..{index - 1} merged into "
@@ -307,4 +323,6 @@ def model_card(
     else:
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
                   "model = AutoModelForCausalLM.from_pretrained('<this repository or folder>')", "```", ""]
+    if replay:
+        lines.append(citation_markdown())
     return "\n".join(lines)

@@ -19,9 +19,9 @@ from .recipe import Recipe, RecipeError, StageConfig
 logger = logging.getLogger(__name__)
 
 
-def stage_training_kwargs(recipe: Recipe, stage: StageConfig) -> dict:
-    """The SFTConfig arguments of one stage: the runner's defaults, then the recipe's training section, then the
-    stage's own (``training:`` and its shortcuts)."""
+def stage_training_kwargs(recipe: Recipe, stage: StageConfig, index: int = 1) -> dict:
+    """The SFTConfig arguments of stage ``index`` (1-based): the runner's defaults, then the recipe's training section,
+    then the stage's own (``training:`` and its shortcuts); the stage's tracked-run name from ``tracking``."""
     import torch
 
     kwargs: dict[str, Any] = {
@@ -35,6 +35,9 @@ def stage_training_kwargs(recipe: Recipe, stage: StageConfig) -> dict:
     }
     kwargs.update(recipe.training)
     kwargs.update(stage.training)
+    kwargs["run_name"] = recipe.tracking.stage_run_name(recipe.run_name, index, stage.name)
+    if recipe.tracking.project and "project" not in kwargs:
+        kwargs["project"] = recipe.tracking.project
     if "gradient_checkpointing" in kwargs:
         kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
     for key in ("num_train_epochs", "learning_rate", "max_steps"):
@@ -52,7 +55,7 @@ def build_stage_args(recipe: Recipe, checkpoint_dirs: list[str]) -> list:
         _disable_deepspeed_shm_op()
     stage_args = []
     for i, (stage, checkpoints) in enumerate(zip(recipe.stages, checkpoint_dirs), start=1):
-        kwargs = stage_training_kwargs(recipe, stage)
+        kwargs = stage_training_kwargs(recipe, stage, i)
         kwargs["output_dir"] = checkpoints
         try:
             args = SFTConfig(**kwargs)

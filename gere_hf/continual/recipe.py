@@ -24,10 +24,11 @@ from ..config import GeReConfig, GeReConfigError
 from . import adapters as adapters_mod
 from .adapters import AdapterConfig, AdapterError
 from .hub import HubConfig, HubError
+from .tracking import TrackingConfig
 
 TINY_MODEL = "tiny-random-llama"
 # Sections that change neither the training nor the evaluation: a resumed run may change them.
-UNHASHED_KEYS = ("hub", "overwrite_output_dir", "keep_checkpoints")
+UNHASHED_KEYS = ("hub", "tracking", "overwrite_output_dir", "keep_checkpoints")
 # Training arguments the recipe sets elsewhere, and where.
 RESERVED_TRAINING_KEYS = {
     "output_dir": "the top-level output_dir (each stage trains in output_dir/stages/<t>-<name>/checkpoints)",
@@ -35,6 +36,7 @@ RESERVED_TRAINING_KEYS = {
     "push_to_hub": "the hub section (hub.push: true)",
     "hub_model_id": "hub.repo_id",
     "hub_token": "the environment variable named by hub.token_env (never a recipe)",
+    "run_name": "tracking.run_name (a template: every stage is its own tracked run)",
 }
 # Training arguments one launch cannot change between stages.
 TOP_LEVEL_ONLY_TRAINING_KEYS = ("deepspeed", "fsdp", "fsdp_config", "ddp_backend", "use_cpu")
@@ -140,6 +142,9 @@ class Recipe:
     training: dict = field(default_factory=dict, metadata={"help": "trl.SFTConfig / TrainingArguments fields."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "What is measured."})
     hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "Pushing finished stages to the Hub."})
+    tracking: TrackingConfig = field(
+        default_factory=TrackingConfig, metadata={"help": "Run names and group of the stages' tracked runs."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over in an output_dir that already holds a run (without --resume)."}
     )
@@ -445,12 +450,14 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
     training = _check_training_keys(data.get("training"), "training")
     evaluation = build_dataclass(EvaluationConfig, data.get("evaluation"), "evaluation")
     hub = build_dataclass(HubConfig, data.get("hub"), "hub")
+    tracking = build_dataclass(TrackingConfig, data.get("tracking"), "tracking")
     rest = {k: data[k] for k in ("name", "seed", "overwrite_output_dir", "keep_checkpoints") if k in data}
     for key, value in rest.items():
         f = next(f for f in dataclasses.fields(Recipe) if f.name == key)
         _check_type(value, f.type, key)
     recipe = Recipe(model=model, stages=stages, output_dir=data["output_dir"], peft=peft, adapters=adapters,
-                    gere=gere, training=training, evaluation=evaluation, hub=hub, raw=data, path=path, **rest)
+                    gere=gere, training=training, evaluation=evaluation, hub=hub, tracking=tracking, raw=data,
+                    path=path, **rest)
     if recipe.name is not None:
         _check_name(recipe.name, "name")
     return recipe

@@ -27,6 +27,7 @@ from .hub import HubTarget, hub_preflight, model_card, push_stage
 from .launch import barrier
 from .recipe import TINY_MODEL, Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from .state import BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_STATE_FILE, STAGES_DIR
+from .tracking import TrackingError, check_integrations, stage_tracking
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class RecipeRunner:
             raise RecipeError("evaluation.lm_eval_tasks is not supported under ZeRO-3 (lm-eval runs on the main "
                               "process only); drop it or use ZeRO-2.")
         self.build_training_args()
+        try:
+            check_integrations(self.stage_args)
+        except TrackingError as err:
+            raise RecipeError(str(err)) from None
         # The replay texts first: the tasks' eval examples and then the held-out general texts are chosen disjoint
         # from them (and the general texts from the tasks), all before anything is written.
         self.check_replay()
@@ -264,7 +269,7 @@ class RecipeRunner:
             "method": adapters_mod.method_name(self.recipe.peft, self.recipe.strategy),
             "gere": self.recipe.gere.to_dict(),
             "world_size": self.world_size,
-            "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "hub")}
+            "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "hub", "tracking")}
                        for s in self.state["stages"]],
         }
         results["data_overlap"] = self.data_overlap()
@@ -345,22 +350,26 @@ class RecipeRunner:
         if index == 1:
             self._check_store_base(model)
         entry["status"] = "running"
-        self.save_state()
         # rebuild_store asks for a fresh store from the base model: at stage 1 only, never from a fine-tuned model.
         gere_config = dataclasses.replace(r.gere, store_dir=self.store_dir,
                                           rebuild_store=r.gere.rebuild_store and index == 1 and checkpoint is None)
-        trainer = GeReSFTTrainer(
-            model=model, args=args, train_dataset=task.train, processing_class=self.tokenizer,
-            gere_config=gere_config, replay_set=self.replay, reference_states=self._base_store(index),
-        )
-        entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
-                                                trainer.accelerator.distributed_type))
-        if args.fsdp and entry["distributed_type"] != "FSDP":
-            logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on GPUs/accelerators.",
-                           entry["distributed_type"])
-        launch.check_fsdp_saves_full_weights(trainer.accelerator.state)
-        start = time.time()
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        # The stage's tracked run (report_to): its name, group and folder; a W&B run id made now is kept in
+        # run_state.json (saved before training), so --resume logs into the same run.
+        with stage_tracking(r.tracking, run=r.run_name, index=index, stage=stage.name, args=args,
+                            record=entry.setdefault("tracking", {}), output_dir=self.output_dir):
+            self.save_state()
+            trainer = GeReSFTTrainer(
+                model=model, args=args, train_dataset=task.train, processing_class=self.tokenizer,
+                gere_config=gere_config, replay_set=self.replay, reference_states=self._base_store(index),
+            )
+            entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
+                                                    trainer.accelerator.distributed_type))
+            if args.fsdp and entry["distributed_type"] != "FSDP":
+                logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on "
+                               "GPUs/accelerators.", entry["distributed_type"])
+            launch.check_fsdp_saves_full_weights(trainer.accelerator.state)
+            start = time.time()
+            output = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model(stage_dir)  # every rank: ZeRO-3 gathers the weights; the main process writes
         if self.is_main:
             trainer.state.save_to_json(os.path.join(stage_dir, "trainer_state.json"))
@@ -392,7 +401,7 @@ class RecipeRunner:
             }
             run_state.write_json(os.path.join(stage_dir, METRICS_FILE), metrics)
             with open(os.path.join(stage_dir, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self._model_card(index, record, entry.get("train") or {}))
+                f.write(self._model_card(index, record, entry.get("train") or {}, entry.get("tracking")))
             entry["status"] = "finished"
             if record is not None:
                 entry["accuracy"] = record.get("accuracy")
@@ -403,7 +412,7 @@ class RecipeRunner:
                 shutil.rmtree(checkpoints)  # the stage's result is saved; its optimizer states are not needed
         barrier()
 
-    def _model_card(self, index: int, record: dict | None, train: dict) -> str:
+    def _model_card(self, index: int, record: dict | None, train: dict, tracking: dict | None = None) -> str:
         r = self.recipe
         name = r.model.name_or_path
         hub_id = BUILTIN_HUB_IDS.get(name)
@@ -416,6 +425,7 @@ class RecipeRunner:
             gere=r.gere.to_dict(), method=adapters_mod.method_name(r.peft, r.strategy),
             metrics={"train": {k: v for k, v in train.items() if k in keep},
                      "accuracy": (record or {}).get("accuracy"), "general": (record or {}).get("general")},
+            tracking=tracking,
         )
 
     def push_pending(self) -> None:

@@ -170,4 +170,15 @@ def test_model_card_names_base_model_stage_task_settings_and_metrics():
     assert "stage 2/3, `polarity`" in card and "wiki_topic → **polarity** → trivia" in card
     assert "| replay_num_samples | 1000 |" in card and "| polarity | 0.9 |" in card and "NLL 2.5" in card
     assert "apply the adapters of stages 1..2 in order" in card
+    # As TRL's cards: the method, a link to its paper, the BibTeX; the Hub tags.
+    assert "This model was trained with GeRe, a method introduced in [GeRe: Towards Efficient Anti-Forgetting" in card
+    assert "(https://huggingface.co/papers/2508.04676)" in card and "@misc{zhang2025gereantiforget," in card
+    assert "tags:\n- gere\n- continual-learning\n- general-sample-replay\n- trl\n- sft\n- lora\n---" in card
+    baseline = model_card(
+        run="demo", base_model="x", base_model_hub_id=None, index=1, num_stages=1, stage="polarity",
+        task={"name": "polarity"}, stages=["polarity"], gere={"loss": "none"}, method="full fine-tuning",
+        metrics={}, tracking={"wandb_run_id": "demo-1-polarity-ab12", "tensorboard_dir": "/runs/tb/1-polarity"},
+    )
+    assert "without replay" in baseline and "2508.04676" not in baseline and "- gere" not in baseline
+    assert "W&B run id `demo-1-polarity-ab12`, TensorBoard logs in `/runs/tb/1-polarity`." in baseline
     assert isinstance(HubTarget, type)
