@@ -423,7 +423,7 @@ def run_demo(
           "0: general capability lost).")
     if eos_table:
         print()
-        print(eos_table, end="")
+        print(eos_table)
         print(EOS_NOTE)
     print(f"Reports: {os.path.join(output_dir, '<run>', 'report.md')}; comparison: "
           f"{os.path.join(output_dir, 'comparison.md')}. Took {seconds / 60:.1f} min.")
