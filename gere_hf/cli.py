@@ -100,7 +100,7 @@ def _run(args) -> int:
 def _report(args) -> int:
     from .evaluation.report import compare_runs
 
-    print(compare_runs(args.runs, out_dir=args.out))
+    print(compare_runs(args.runs, out_dir=args.out, allow_mixed_scoring=args.allow_mixed_scoring))
     return 0
 
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="Compare runs side by side.")
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", default=None, help="Write comparison.md and compare.png here.")
+    p.add_argument("--allow-mixed-scoring", action="store_true",
+                   help="Compare runs whose tasks were scored differently (refused by default).")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("demo", help="The offline demo: SmolLM2 on a 3-task sequence with loss none, ce and tm.")

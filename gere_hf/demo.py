@@ -48,6 +48,9 @@ LOSS_LABELS = {
     "l1": "l1 (replay CE + L1 features)",
     "l2": "l2 (replay CE + L2 features)",
 }
+EOS_NOTE = ("Closed tasks rank their choices by log-likelihood with the end-of-sequence token TRL trains after "
+            "the label (the matrix above); without it, the score no longer asks the model to stop after the label. "
+            "Both come from the same forward passes.")
 BASE_ROW_FILE = "base_row.json"
 DEMO_FILE = "demo.json"
 PAPER_REPLAY_SAMPLES = 1000
@@ -189,6 +192,33 @@ class DemoResult:
                 "delta_nll": general.get("delta_nll_vs_base"), "ppl": general.get("ppl"),
             }
         return out
+
+
+def choice_eos_table(results: dict[str, dict], labels: dict[str, str] | None = None) -> str | None:
+    """The log-likelihood tasks' accuracy with / without the eos term, for the base model and each run's final model,
+    where the two variants differ (``None`` when they never do). Both come from the same forwards of each evaluation:
+    the difference is what the stop token alone does."""
+    labels = labels or {}
+    rows, tasks = [], []
+    for loss, res in results.items():
+        entries = {e["stage"]: e["accuracy"] for e in (res or {}).get("choice_eos_accuracy") or []}
+        for name in (res or {}).get("tasks", []):
+            if name not in tasks and any(name in acc and acc[name]["with_eos"] != acc[name]["without_eos"]
+                                         for acc in entries.values()):
+                tasks.append(name)
+        if not rows and 0 in entries:
+            rows.append(("base model", entries[0]))
+        final = max(entries) if entries else None
+        if final:
+            rows.append((f"{labels.get(loss, loss)}, after stage {final}", entries[final]))
+    if not tasks or not rows:
+        return None
+    header = ["Model", *(f"{t} with / without eos" for t in tasks)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, acc in rows:
+        cells = [f"{acc[t]['with_eos']:.2f} / {acc[t]['without_eos']:.2f}" if t in acc else "–" for t in tasks]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _say(message: str) -> None:
@@ -372,8 +402,12 @@ def run_demo(
 
     labels = [LOSS_LABELS.get(loss, loss) for loss in losses]
     table = compare_runs([run_dirs[x] for x in losses], out_dir=output_dir, labels=labels)
+    eos_table = choice_eos_table(results, dict(zip(losses, labels)))
+    if eos_table:
+        with open(os.path.join(output_dir, "comparison.md"), "a", encoding="utf-8") as f:
+            f.write(f"\n## Choice scores with and without the end-of-sequence token\n\n{EOS_NOTE}\n\n{eos_table}")
     seconds = time.time() - start
-    demo_state.update({"seconds_this_call": round(seconds, 1), "table": table})
+    demo_state.update({"seconds_this_call": round(seconds, 1), "table": table, "choice_eos_table": eos_table})
     result = DemoResult(output_dir, table, run_dirs, results, seconds, settings.to_dict())
     demo_state["rows"] = result.rows()
     write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
@@ -387,9 +421,13 @@ def run_demo(
           "since they were learned (below 0: forgotten). FWT: accuracy on a task before training it, minus the base "
           "model's. ΔNLL: held-out Wikipedia NLL of the final model minus the base model's, in nats per token (above "
           "0: general capability lost).")
+    if eos_table:
+        print()
+        print(eos_table)
+        print(EOS_NOTE)
     print(f"Reports: {os.path.join(output_dir, '<run>', 'report.md')}; comparison: "
           f"{os.path.join(output_dir, 'comparison.md')}. Took {seconds / 60:.1f} min.")
     return result
 
 
-__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "run_demo"]
+__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "choice_eos_table", "run_demo"]

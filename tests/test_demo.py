@@ -88,6 +88,10 @@ def test_demo_runs_three_losses_shares_the_store_and_writes_the_report(tmp_path,
     assert (out / "comparison.md").is_file() and (out / "compare.png").is_file()
     saved = json.loads((out / "demo.json").read_text())
     assert saved["table"] == result.table and set(saved["rows"]) == {"none", "ce", "tm"}
+    eos_table = demo_mod.choice_eos_table(result.results, demo_mod.LOSS_LABELS)
+    assert saved["choice_eos_table"] == eos_table
+    if eos_table:  # printed and in comparison.md where the two variants differ
+        assert eos_table in printed and eos_table in (out / "comparison.md").read_text()
     assert set(result.rows()["tm"]) == {"ap", "bwt", "fwt", "mean_forgetting", "delta_nll", "ppl"}
 
     # A second demo in the same folder must not overwrite it; --resume keeps the finished runs.
@@ -150,3 +154,20 @@ def test_presets_build_valid_recipes(tmp_path):
             assert [s.dataset for s in recipe.stages] == ["polarity", "wiki_topic", "trivia"]
     assert demo_mod.PRESETS["full"].max_steps > demo_mod.PRESETS["default"].max_steps
     assert isinstance(demo_mod.PRESETS["default"], DemoSettings)
+
+
+def test_choice_eos_table_shows_where_the_stop_token_changes_the_accuracy():
+    def results(final):
+        return {"tasks": ["polarity", "wiki_topic", "trivia"], "choice_eos_accuracy": [
+            {"stage": 0, "accuracy": {"polarity": {"with_eos": 0.77, "without_eos": 0.87},
+                                      "wiki_topic": {"with_eos": 0.4, "without_eos": 0.4}}},
+            {"stage": 3, "accuracy": {"polarity": {"with_eos": final, "without_eos": 0.5},
+                                      "wiki_topic": {"with_eos": 0.6, "without_eos": 0.6}}}]}
+
+    table = demo_mod.choice_eos_table({"none": results(0.9), "tm": results(0.95)}, {"tm": "tm (GeRe)"})
+    assert table.splitlines() == [
+        "| Model | polarity with / without eos |", "|---|---|", "| base model | 0.77 / 0.87 |",
+        "| none, after stage 3 | 0.90 / 0.50 |", "| tm (GeRe), after stage 3 | 0.95 / 0.50 |"]
+    same = {"tasks": ["wiki_topic"], "choice_eos_accuracy": [
+        {"stage": 0, "accuracy": {"wiki_topic": {"with_eos": 0.4, "without_eos": 0.4}}}]}
+    assert demo_mod.choice_eos_table({"none": same}) is None

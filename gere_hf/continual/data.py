@@ -8,6 +8,7 @@ texts and every task's texts (:class:`~gere_hf.replay.ExcludedTexts`). All of it
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -121,6 +122,10 @@ def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any
                 num_train=stage.num_train, num_eval=stage.num_eval, eval_split=stage.eval_split, seed=recipe.seed,
                 exclude=exclude,
             )
+        # The stage's scoring, else the evaluation's for a closed task; a free-form task generates (a stage asking it
+        # to rank choices is refused by the Task).
+        scoring = stage.scoring or (recipe.evaluation.scoring if task.choices is not None else "generate")
+        task = dataclasses.replace(task, scoring=scoring, choice_eos=recipe.evaluation.choice_eos)
     except TaskDataError as err:
         raise RecipeError(f"{where}: {err}") from None
     if len(task.train) == 0:

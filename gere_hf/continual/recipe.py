@@ -51,6 +51,18 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def check_scoring(value: Any, where: str) -> None:
+    """A scoring mode of :data:`gere_hf.evaluation.scoring.TASK_SCORERS`, or a ValueError naming the valid ones."""
+    from ..evaluation.scoring import TASK_SCORERS
+
+    if value not in TASK_SCORERS:
+        close = difflib.get_close_matches(str(value), list(TASK_SCORERS), n=1)
+        raise ValueError(
+            f"{where} must be one of {', '.join(TASK_SCORERS)}, got {value!r}."
+            + (f" Did you mean {close[0]!r}?" if close else "")
+        )
+
+
 @dataclass
 class ModelConfig:
     """The ``model`` section: a string (the name or path) or a mapping with these keys."""
@@ -94,10 +106,20 @@ class StageConfig:
         default=None,
         metadata={"help": "The split to evaluate on (a DatasetDict), or the fraction of rows held out (a Dataset)."},
     )
+    scoring: str | None = field(
+        default=None,
+        metadata={"help": "How the task's eval examples are scored: 'loglik' (rank the choices by summed "
+                  "log-likelihood), 'loglik_norm' (per token), 'generate' (greedy generation, exact match of the label: "
+                  "the O-LoRA / GeRe paper protocol). Default: evaluation.scoring; free-form tasks always generate."},
+    )
     num_train_epochs: float | None = field(default=None, metadata={"help": "Overrides training.num_train_epochs."})
     learning_rate: float | None = field(default=None, metadata={"help": "Overrides training.learning_rate."})
     max_steps: int | None = field(default=None, metadata={"help": "Overrides training.max_steps."})
     training: dict = field(default_factory=dict, metadata={"help": "Any other training argument for this stage."})
+
+    def __post_init__(self) -> None:
+        if self.scoring is not None:
+            check_scoring(self.scoring, "scoring")
 
 
 @dataclass
@@ -117,11 +139,28 @@ class EvaluationConfig:
     general_max_length: int = field(default=563, metadata={"help": "General texts are cut to this many tokens."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per forward when scoring task choices."})
     general_batch_size: int = field(default=8, metadata={"help": "Texts per forward for the general perplexity."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Generation length of free-form tasks."})
+    max_new_tokens: int = field(
+        default=16, metadata={"help": "Generation length (tokens) of generated answers; a closed task's is raised to "
+                              "one more than its longest label."}
+    )
+    scoring: str = field(
+        default="loglik",
+        metadata={"help": "Scoring of closed tasks whose stage sets none: 'loglik', 'loglik_norm' or 'generate' (see "
+                  "stages[].scoring). Free-form tasks always generate."},
+    )
+    choice_eos: bool = field(
+        default=True,
+        metadata={"help": "Whether a choice's log-likelihood includes the end-of-sequence token TRL trains after the "
+                  "completion (true: the score also requires stopping after the label, as generation + exact match "
+                  "does). Both variants are recorded either way."},
+    )
     lm_eval_tasks: list = field(
         default_factory=list, metadata={"help": "lm-evaluation-harness tasks also run at every row (optional)."}
     )
     lm_eval_limit: float | None = field(default=None, metadata={"help": "Examples per lm-eval task (None: all)."})
+
+    def __post_init__(self) -> None:
+        check_scoring(self.scoring, "scoring")
 
 
 @dataclass

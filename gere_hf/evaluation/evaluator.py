@@ -12,7 +12,7 @@ from typing import Any
 
 from .metrics import continual_metrics
 from .retention import DEFAULT_GENERAL_MAX_LENGTH, general_perplexity, lm_eval_tasks, texts_fingerprint
-from .scoring import evaluate_tasks
+from .scoring import score_tasks
 from .tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class ContinualEvaluator:
     def evaluate(self, model, tokenizer, row: int) -> dict:
         """Evaluate every task (and the general texts) and store them as row ``row`` (0 = base, t = after stage t).
 
-        Returns ``{"row", "stage", "accuracy": {task: acc}, "general": {...} or None, "lm_eval": ..., "seconds"}``.
-        Evaluating a row again overwrites it.
+        Returns ``{"row", "stage", "accuracy": {task: acc}, "choice_eos_accuracy": {task: {"with_eos", "without_eos"}}
+        (log-likelihood tasks only), "general": {...} or None, "lm_eval": ..., "seconds"}``. Evaluating a row again
+        overwrites it.
         """
         if isinstance(row, bool) or not isinstance(row, numbers.Integral) or not 0 <= row <= self.num_stages:
             raise ValueError(
@@ -100,13 +101,19 @@ class ContinualEvaluator:
             )
         row = int(row)
         start = time.perf_counter()
-        accuracy = evaluate_tasks(model, tokenizer, self.tasks, self.batch_size, self.max_new_tokens, self.progress)
+        scores = score_tasks(model, tokenizer, self.tasks, self.batch_size, self.max_new_tokens, self.progress)
+        accuracy = {name: s.accuracy for name, s in scores.items()}
         general = None
         if self.general_texts is not None:
             general = general_perplexity(
                 model, tokenizer, self.general_texts, self.general_max_length, self.general_batch_size, self.progress
             )
         record: dict[str, Any] = {"row": row, "stage": self.stage_names[row], "accuracy": accuracy, "general": general}
+        # Both eos variants of the log-likelihood tasks come from the same forwards: recorded to show what the stop
+        # token alone does to the accuracy.
+        eos_variants = {name: s.eos_variants for name, s in scores.items() if s.eos_variants is not None}
+        if eos_variants:
+            record["choice_eos_accuracy"] = eos_variants
         if self.lm_eval_task_names:
             record["lm_eval"] = lm_eval_tasks(model, tokenizer, self.lm_eval_task_names, self.lm_eval_limit)
         record["seconds"] = time.perf_counter() - start
@@ -170,6 +177,10 @@ class ContinualEvaluator:
             },
             "eval_seconds": [{"stage": r, "seconds": self._rows[r]["seconds"]} for r in sorted(self._rows)],
         }
+        eos_rows = [r for r in sorted(self._rows) if self._rows[r].get("choice_eos_accuracy")]
+        if eos_rows:
+            out["choice_eos_accuracy"] = [{"stage": r, "accuracy": self._rows[r]["choice_eos_accuracy"]}
+                                          for r in eos_rows]
         if self.lm_eval_task_names:
             out["lm_eval"] = [{"stage": r, "results": self._rows[r].get("lm_eval")} for r in sorted(self._rows)]
         return out

@@ -82,6 +82,37 @@ def _seen_ap(row: Sequence[float] | None, t: int) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Task scoring
+# ----------------------------------------------------------------------------------------------------------------------
+
+_SCORING_NAMES = {
+    "loglik": "log-likelihood ranking",
+    "loglik_norm": "log-likelihood per token ranking",
+    "generate": "generation, exact match",
+}
+
+
+def task_scoring(info: dict) -> tuple[str | None, bool | None]:
+    """``(mode, choice_eos)`` of a ``task_info`` entry. Results written before the modes existed said
+    ``exact_match`` for generation and always scored the eos token of a choice."""
+    mode = info.get("scoring")
+    mode = "generate" if mode == "exact_match" else mode
+    eos = info.get("choice_eos", True if mode == "loglik" else None)
+    return mode, (eos if mode in ("loglik", "loglik_norm") else None)
+
+
+def scoring_description(info: dict) -> str:
+    """E.g. ``log-likelihood ranking, eos scored``."""
+    mode, eos = task_scoring(info)
+    text = _SCORING_NAMES.get(mode, str(mode))
+    return text if eos is None else f"{text}, eos {'scored' if eos else 'not scored'}"
+
+
+class MixedScoringError(ValueError):
+    """Runs whose tasks were scored differently, compared without ``allow_mixed_scoring``."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -198,8 +229,7 @@ def _markdown_report(results: dict) -> str:
         t = info.get(name, {})
         details = ", ".join(
             s for s in (
-                t.get("scoring") and {"loglik": "log-likelihood ranking", "exact_match": "exact match"}.get(
-                    t["scoring"], t["scoring"]),
+                t.get("scoring") and scoring_description(t),
                 t.get("num_eval") is not None and f"{t['num_eval']} eval / {t.get('num_train', '?')} train examples",
                 t.get("choices") and f"{len(t['choices'])} choices",
             ) if s
@@ -218,6 +248,7 @@ def _markdown_report(results: dict) -> str:
         cells.append(_fmt(_seen_ap(row, r)))
         rows.append(cells)
     out.append(_table(["Stage", *tasks, "AP (seen)"], rows))
+    out += _choice_eos_lines(results)
 
     metrics = results.get("metrics")
     out += ["", "## Continual-learning metrics", ""]
@@ -283,6 +314,40 @@ def _markdown_report(results: dict) -> str:
     if versions:
         out += ["", "## Environment", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
     return "\n".join(out) + "\n"
+
+
+def _choice_eos_lines(results: dict) -> list[str]:
+    """The log-likelihood tasks' accuracy with and without the eos term, where the two differ."""
+    entries = results.get("choice_eos_accuracy") or []
+    tasks = [name for name in results.get("tasks", [])
+             if any(name in e["accuracy"] and e["accuracy"][name]["with_eos"] != e["accuracy"][name]["without_eos"]
+                    for e in entries)]
+    if not entries:
+        return []
+    lines = ["", "## Choice scores with and without the end-of-sequence token", ""]
+    if not tasks:
+        return lines + ["The log-likelihood tasks rank their choices the same with and without the eos term."]
+    labels = _stage_labels(results)
+    used = {t.get("name"): t.get("choice_eos") for t in results.get("task_info", [])}
+    lines += ["Accuracy when the eos token TRL trains after the completion is part of a choice's score / when it is "
+              "not (both from the same forward passes). Bold: the variant this run's matrix uses. The difference is "
+              "what the stop token alone does.", ""]
+    rows = []
+    for e in entries:
+        cells = [labels[e["stage"]] if e["stage"] < len(labels) else str(e["stage"])]
+        for name in tasks:
+            acc = e["accuracy"].get(name)
+            if acc is None:
+                cells.append("–")
+                continue
+            with_eos, without = _fmt(acc["with_eos"]), _fmt(acc["without_eos"])
+            if used.get(name) is True:
+                with_eos = f"**{with_eos}**"
+            elif used.get(name) is False:
+                without = f"**{without}**"
+            cells.append(f"{with_eos} / {without}")
+        rows.append(cells)
+    return lines + [_table(["Stage", *(f"{n} (with / without eos)" for n in tasks)], rows)]
 
 
 def _data_overlap_lines(overlap: Any) -> list[str]:
@@ -376,14 +441,19 @@ _METRIC_COLUMNS = (("AP", "ap", False), ("BWT", "bwt", True), ("FWT", "fwt", Tru
 
 
 def compare_runs(
-    run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, labels: Sequence[str] | None = None
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    labels: Sequence[str] | None = None,
+    allow_mixed_scoring: bool = False,
 ) -> str:
     """A Markdown table comparing runs: one row per run, columns AP, BWT, FWT, mean forgetting, final ΔNLL (general
     text, vs base) and final PPL. Each run is labelled by ``results["label"]`` or its folder name (or ``labels``).
 
     Runs over different task sequences are compared on what they share: a warning says what differs and the task
-    metrics are left out (general retention is still compared when the held-out texts match). With ``out_dir`` the
-    table is written to ``comparison.md`` and the bar chart ``compare.png`` next to it.
+    metrics are left out (general retention is still compared when the held-out texts match). Runs over the same tasks
+    scored differently (mode, or whether a choice's eos token counts) raise :class:`MixedScoringError` naming the runs
+    and the modes, unless ``allow_mixed_scoring`` (then a note says so). With ``out_dir`` the table is written to
+    ``comparison.md`` and the bar chart ``compare.png`` next to it.
     """
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run folder.")
@@ -406,6 +476,16 @@ def compare_runs(
                    "comparable and are left out.")
         logger.warning(message)
         notes.append(message)
+    if same_tasks:
+        mixed = _mixed_scoring(names, runs)
+        if mixed:
+            message = "The runs scored tasks differently, so their accuracies are not comparable: " + "; ".join(mixed)
+            if not allow_mixed_scoring:
+                raise MixedScoringError(message + ". Evaluate them alike, or pass allow_mixed_scoring=True "
+                                        "(`gere-hf report --allow-mixed-scoring`) to compare them anyway.")
+            message += " (compared anyway: allow_mixed_scoring)."
+            logger.warning(message)
+            notes.append(message)
     stages_done = [(r.get("metrics") or {}).get("num_stages", 0) for r in runs]
     if same_tasks and len(set(stages_done)) > 1:
         message = (f"The runs evaluated different numbers of stages ({dict(zip(names, stages_done))}); their metrics "
@@ -455,6 +535,17 @@ def compare_runs(
             panels.append(("Final PPL", [_final_general(r).get("ppl") for r in runs]))
         _plot_comparison(names, panels, os.path.join(out_dir, "compare.png"))
     return text
+
+
+def _mixed_scoring(names: list[str], runs: list[dict]) -> list[str]:
+    """Per task scored differently across runs: ``task: run (mode), run (mode)``."""
+    per_run = [{t.get("name"): scoring_description(t) for t in r.get("task_info") or []} for r in runs]
+    out = []
+    for task in runs[0].get("tasks", []):
+        described = [p.get(task, "not recorded") for p in per_run]
+        if len(set(described)) > 1:
+            out.append(f"`{task}`: " + ", ".join(f"{n} ({d})" for n, d in zip(names, described)))
+    return out
 
 
 def _plot_comparison(names: list[str], panels: list[tuple[str, list]], path: str) -> None:

@@ -9,17 +9,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .utils import eval_mode, forward_kwargs, model_device, pad_token_id, tokenize_text
+from .utils import (
+    eval_mode,
+    forward_kwargs,
+    head_matches_logits,
+    model_device,
+    output_head_inputs,
+    pad_token_id,
+    tokenize_text,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GENERAL_MAX_LENGTH = 563  # as replay texts (gere_hf.replay.DEFAULT_MAX_LENGTH)
+LOGITS_CHUNK_ELEMENTS = 1 << 25
+"""Logits computed (and upcast to float32) at once by :func:`general_perplexity`: 32 Mi elements, 128 MiB in float32
+(e.g. batch 8 × 32 positions × Llama-3's 128,256 tokens)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -62,17 +73,42 @@ def general_perplexity(
                 input_ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[r, : len(encoded[i])] = 1
             input_ids, mask = input_ids.to(device), mask.to(device)
-            logits = model(input_ids=input_ids, attention_mask=mask, **forward_kwargs(model)).logits
             labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                reduction="sum",
-            )
-            total_nll += float(nll)
+            total_nll += _batch_nll(model, input_ids, mask, labels)
             total_tokens += int((labels != -100).sum())
     mean = total_nll / total_tokens
     return {"nll": mean, "ppl": math.exp(mean) if mean < 700 else float("inf"), "tokens": total_tokens,
             "num_texts": len(encoded)}
+
+
+def _chunked_nll(logits_of: Callable[[int, int], torch.Tensor], labels: torch.Tensor, vocab_size: int) -> float:
+    """Summed NLL of ``labels`` [B, T-1], the logits of positions [a, b) given by ``logits_of(a, b)``, a few positions
+    at a time so that at most ``LOGITS_CHUNK_ELEMENTS`` logits exist in float32."""
+    batch, width = labels.shape
+    step = max(1, LOGITS_CHUNK_ELEMENTS // max(1, batch * vocab_size))
+    total = 0.0
+    for a in range(0, width, step):
+        b = min(width, a + step)
+        chunk = logits_of(a, b).float()
+        total += float(F.cross_entropy(chunk.reshape(-1, chunk.shape[-1]), labels[:, a:b].reshape(-1),
+                                       ignore_index=-100, reduction="sum"))
+    return total
+
+
+def _batch_nll(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed NLL of a batch. Models with an output head (transformers causal LMs) run the head on a few positions at
+    a time, from the hidden states that feed it: no [batch, length, vocab] logits exist; others (plain modules) give
+    their logits, upcast a few positions at a time."""
+    with output_head_inputs(model) as captured:
+        out = model(input_ids=input_ids, attention_mask=mask, **forward_kwargs(model))
+    if captured.hidden is not None:
+        if head_matches_logits(captured, out.logits):
+            hidden, head = captured.hidden, captured.head
+            return _chunked_nll(lambda a, b: head(hidden[:, a:b]), labels, captured.vocab_size)
+        logger.info("%s changes its logits after the output head; computing them in full.", type(model).__name__)
+        out = model(input_ids=input_ids, attention_mask=mask, **forward_kwargs(model))
+    logits = out.logits
+    return _chunked_nll(lambda a, b: logits[:, a:b], labels, logits.shape[-1])
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:

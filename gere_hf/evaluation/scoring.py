@@ -1,28 +1,50 @@
 """Task scoring: what a model answers to a task's eval examples, and whether it is right.
 
-Scoring follows common practice (lm-evaluation-harness, the GeRe paper):
+A task is scored in one of the modes of :data:`TASK_SCORERS` (``Task.scoring``):
 
-* closed tasks (``task.choices`` set): every candidate completion is scored by the model's summed log-likelihood of
-  its tokens given the prompt; the argmax is the prediction. Prompt and completion are tokenized exactly as TRL's
-  ``SFTTrainer`` tokenizes non-conversational prompt-completion data (see :func:`tokenize_prompt_completion`), so the
-  score of the gold completion is minus its completion-only training loss;
-* free-form tasks (``task.choices is None``): greedy generation, stopped at a newline or eos, scored by normalised
-  exact match (:func:`normalize_answer`).
+* ``loglik`` (closed tasks): every candidate completion is scored by the model's summed log-likelihood of its tokens
+  given the prompt; the argmax is the prediction (lm-evaluation-harness's ``acc``). Prompt and completion are
+  tokenized exactly as TRL's ``SFTTrainer`` tokenizes non-conversational prompt-completion data (see
+  :func:`tokenize_prompt_completion`), so the score of the gold completion is minus its completion-only training
+  loss. ``Task.choice_eos`` says whether the end-of-sequence token TRL appends to the completion is part of the
+  score;
+* ``loglik_norm`` (closed tasks): the same log-likelihood divided by the number of tokens scored (per token);
+* ``generate``: greedy generation, cut at the first newline, compared with the label after normalisation; the
+  O-LoRA / GeRe paper protocol for closed tasks (:func:`normalize_label`: a generation that matches no label is
+  wrong) and the only mode of free-form tasks (:func:`normalize_answer`, SQuAD-style).
+
+Choice scoring shares each prompt across its candidates: one forward of the prompt fills a KV cache, and the
+candidates continue from it (:func:`choice_logprobs`), so an example with C candidates costs one prompt forward, not
+C; models that cannot continue from a cache take the plain path (one right-padded forward per candidate). Either way
+log-probabilities are computed only at the positions scored.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .tasks import Task
-from .utils import eval_mode, forward_kwargs, model_device, pad_token_id, tokenize_text
+from .utils import (
+    accepts_logits_to_keep,
+    cache_argument,
+    eval_mode,
+    forward_kwargs,
+    model_device,
+    output_cache,
+    pad_token_id,
+    token_logprobs,
+    tokenize_text,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -63,32 +85,237 @@ def prompt_context_ids(tokenizer, prompt: str) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Closed tasks: log-likelihood ranking
+# Closed tasks: log-likelihood of each choice
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _sequence_logprobs(model, batch: list[tuple[list[int], int]], pad_id: int) -> list[float]:
-    """Summed log-probabilities of ``ids[start:]`` given ``ids[:start]`` for each (ids, start), one right-padded forward."""
+@dataclass
+class ChoiceLogprobs:
+    """The log-likelihood of every candidate completion of every prompt, split so that each scoring variant is a sum
+    of its parts (no second forward): ``[example][candidate]``.
+
+    Attributes:
+        completion: summed log-probability of the completion's tokens, the end-of-sequence token excluded.
+        eos: log-probability of the eos token that ends the completion (TRL's training target), or ``None`` when the
+            tokenizer has none or the sequence does not end with it.
+        num_tokens: the completion's tokens, the eos token excluded.
+    """
+
+    completion: list[list[float]]
+    eos: list[list[float | None]]
+    num_tokens: list[list[int]]
+
+    def scores(self, choice_eos: bool = True, length_normalized: bool = False) -> list[list[float]]:
+        """Per candidate: the summed log-likelihood, with the eos term when ``choice_eos``; divided by the number of
+        tokens scored (eos counted when included) when ``length_normalized``."""
+        out = []
+        for comp_row, eos_row, n_row in zip(self.completion, self.eos, self.num_tokens):
+            row = []
+            for comp, eos, n in zip(comp_row, eos_row, n_row):
+                score, count = comp, n
+                if choice_eos and eos is not None:
+                    score, count = score + eos, count + 1
+                row.append(score / count if length_normalized and count else score)
+            out.append(row)
+        return out
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    start: int  # first completion token (at least 1: the first token has no context to be predicted from)
+    has_eos: bool  # the sequence ends with the eos token, which belongs to the completion
+
+
+def _encode_choice(tokenizer, prompt: str, completion: str) -> _Encoded:
+    ids, start = tokenize_prompt_completion(tokenizer, prompt, completion)
+    start = max(start, 1)  # TRL's shifted loss skips the first token too
+    eos_id = tokenizer.eos_token_id
+    has_eos = eos_id is not None and len(ids) > start and ids[-1] == eos_id
+    return _Encoded(ids, start, has_eos)
+
+
+def _scored_positions(enc: _Encoded) -> range:
+    """Positions whose logits predict the completion's tokens."""
+    return range(enc.start - 1, len(enc.ids) - 1)
+
+
+def _plain_logprobs(model, batch: list[_Encoded], pad_id: int) -> list[torch.Tensor]:
+    """Per sequence, the log-probabilities of its completion tokens: one right-padded forward of whole sequences.
+
+    A model that takes ``logits_to_keep`` computes logits only at the positions some sequence scores; the float32
+    upcast is of the scored rows only."""
     device = model_device(model)
-    width = max(len(ids) for ids, _ in batch)
+    width = max(len(e.ids) for e in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, _) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, : len(ids)] = 1
-    logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **forward_kwargs(model)
-    ).logits
-    scores = []
-    for i, (ids, start) in enumerate(batch):
-        start = max(start, 1)  # the first token has no context to be predicted from (TRL's shifted loss skips it too)
-        if start >= len(ids):
-            scores.append(0.0)
+    for i, e in enumerate(batch):
+        input_ids[i, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        attention_mask[i, : len(e.ids)] = 1
+    kwargs = dict(forward_kwargs(model))
+    kept = sorted({p for e in batch for p in _scored_positions(e)})
+    if not kept:
+        return [torch.zeros(0) for _ in batch]
+    column = {p: k for k, p in enumerate(kept)}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = torch.tensor(kept, dtype=torch.long, device=device)
+    else:
+        column = {p: p for p in kept}
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs).logits
+    rows = [i for i, e in enumerate(batch) for _ in _scored_positions(e)]
+    cols = [column[p] for e in batch for p in _scored_positions(e)]
+    targets = torch.tensor([t for e in batch for t in e.ids[e.start :]], dtype=torch.long)
+    flat = token_logprobs(logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)],
+                          targets) if rows else torch.zeros(0)
+    return list(flat.cpu().split([len(e.ids) - e.start for e in batch]))
+
+
+def _shares_prompt(cands: list[_Encoded]) -> bool:
+    """Whether the candidates share their first ``min(start)`` tokens (not so when a prompt without BOS is empty and
+    the candidates' first tokens, which are context only, differ)."""
+    s = min(c.start for c in cands)
+    return all(c.ids[:s] == cands[0].ids[:s] and len(c.ids) >= s for c in cands)
+
+
+class _NoSharedPrompt(Exception):
+    """The model's forward cannot continue the candidates from a shared prompt's cache."""
+
+
+def _shared_prompt_logprobs(model, examples: list[list[_Encoded]], pad_id: int, cache_arg: str) -> list[torch.Tensor]:
+    """Per candidate (examples flattened), the log-probabilities of its completion tokens: one forward of the prompts,
+    left-padded, filling a KV cache; the cache repeated over each example's candidates; one forward of the candidates'
+    own tokens, right-padded, continuing from it.
+
+    Example ``e`` shares its first ``S_e`` tokens (its candidates' shortest prompt part). The prompt forward keeps
+    the logits of its last position only (they predict token ``S_e``); the candidate forward takes tokens
+    ``S_e .. len - 2`` (the last token predicts nothing) at positions ``S_e ..``, its attention mask covering the
+    prompt's padding too."""
+    device = model_device(model)
+    shared = [min(c.start for c in cands) for cands in examples]
+    width = max(shared)
+    prompt_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for e, (cands, s) in enumerate(zip(examples, shared)):
+        prompt_ids[e, width - s :] = torch.tensor(cands[0].ids[:s], dtype=torch.long)
+        prompt_mask[e, width - s :] = 1
+    prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                position_ids=prompt_pos.to(device), use_cache=True, logits_to_keep=1)
+    cache = output_cache(out)
+    if cache is None or not callable(getattr(cache, "batch_select_indices", None)) or any(
+        getattr(cache, "is_sliding", None) or []
+    ):  # a sliding-window cache forgets what the candidate mask still covers
+        raise _NoSharedPrompt(type(cache).__name__)
+    last = out.logits[:, -1]  # [E, V]
+
+    owner = [e for e, cands in enumerate(examples) for _ in cands]
+    flat = [(c, shared[e]) for e, cands in enumerate(examples) for c in cands]
+    inputs = [c.ids[s : len(c.ids) - 1] for c, s in flat]
+    cand_width = max(len(x) for x in inputs)
+    # Token t of a candidate (t >= S) is predicted by the prompt's last logits (t == S) or by candidate column t-S-1.
+    first_rows, first_targets, rows, cols, targets = [], [], [], [], []
+    for r, ((c, s), e) in enumerate(zip(flat, owner)):
+        for t in range(c.start, len(c.ids)):
+            if t == s:
+                first_rows.append(e)
+                first_targets.append(c.ids[t])
+            else:
+                rows.append(r)
+                cols.append(t - s - 1)
+                targets.append(c.ids[t])
+    first = token_logprobs(last[torch.tensor(first_rows, device=last.device)],
+                           torch.tensor(first_targets, dtype=torch.long)) if first_rows else torch.zeros(0)
+    rest = torch.zeros(0)
+    if cand_width > 0 and rows:
+        cand_ids = torch.full((len(flat), cand_width), pad_id, dtype=torch.long)
+        cand_mask = torch.zeros((len(flat), cand_width), dtype=torch.long)
+        for r, x in enumerate(inputs):
+            cand_ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+            cand_mask[r, : len(x)] = 1
+        index = torch.tensor(owner, dtype=torch.long)
+        cache.batch_select_indices(index.to(device))
+        positions = torch.tensor([s for _, s in flat], dtype=torch.long)[:, None] + torch.arange(cand_width)[None, :]
+        mask = torch.cat([prompt_mask[index], cand_mask], dim=1)
+        logits = model(input_ids=cand_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       use_cache=True, logits_to_keep=0, **{cache_arg: cache}).logits
+        rest = token_logprobs(logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)],
+                              torch.tensor(targets, dtype=torch.long))
+    first, rest = first.cpu(), rest.cpu()
+    result, i_first, i_rest = [], 0, 0
+    for c, s in flat:
+        parts = []
+        if c.start == s:
+            parts.append(first[i_first : i_first + 1])
+            i_first += 1
+        n_rest = len(c.ids) - max(c.start, s + 1)
+        parts.append(rest[i_rest : i_rest + n_rest])
+        i_rest += n_rest
+        result.append(torch.cat(parts))
+    return result
+
+
+def choice_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "scoring choices",
+    shared_prompt: bool | None = None,
+) -> ChoiceLogprobs:
+    """The log-likelihood of each candidate completion of each prompt, in parts (:class:`ChoiceLogprobs`), from one
+    pass over the data whatever variant is wanted.
+
+    ``batch_size`` is the number of candidate sequences per forward; whole examples (all their candidates) go into one
+    forward, at least one example per forward; examples are batched longest first. ``shared_prompt``: ``None``
+    (default) continues the candidates from one forward of their prompt where the model can (transformers causal LMs
+    with a full-attention ``DynamicCache``) and falls back to one forward per candidate otherwise; ``True`` insists
+    (``ValueError`` where the model cannot); ``False`` always takes the plain path.
+    """
+    if len(prompts) != len(choices):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(choices)} candidate lists.")
+    encoded = [[_encode_choice(tokenizer, p, c) for c in cands] for p, cands in zip(prompts, choices)]
+    cache_arg = cache_argument(model) if shared_prompt is not False else None
+    if shared_prompt and cache_arg is None:
+        raise ValueError(f"{type(model).__name__} cannot continue candidates from a prompt's KV cache (it needs a "
+                         "transformers causal LM forward with cache, position_ids and logits_to_keep).")
+    order = sorted(range(len(encoded)), key=lambda i: -max((len(e.ids) for e in encoded[i]), default=0))
+    pad_id = pad_token_id(tokenizer)
+    logprobs: list[list[torch.Tensor]] = [[] for _ in encoded]
+    batches: list[list[int]] = []
+    for i in order:
+        if not encoded[i]:
             continue
-        logp = F.log_softmax(logits[i, start - 1 : len(ids) - 1].float(), dim=-1)
-        target = input_ids[i, start : len(ids)].to(logp.device)
-        scores.append(float(logp.gather(-1, target[:, None]).sum()))
-    return scores
+        if batches and sum(len(encoded[j]) for j in batches[-1]) + len(encoded[i]) <= batch_size:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    with eval_mode(model):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            out = None
+            if cache_arg is not None and all(_shares_prompt(encoded[i]) for i in batch):
+                try:
+                    out = _shared_prompt_logprobs(model, [encoded[i] for i in batch], pad_id, cache_arg)
+                except _NoSharedPrompt as err:
+                    if shared_prompt:
+                        raise ValueError(f"{type(model).__name__} returned a {err} cache, which candidates cannot "
+                                         "continue from (a full-attention DynamicCache is needed).") from None
+                    logger.info("%s returned a %s cache; scoring each candidate in a forward of its own.",
+                                type(model).__name__, err)
+                    cache_arg = None
+            if out is None:
+                out = _plain_logprobs(model, [e for i in batch for e in encoded[i]], pad_id)
+            k = 0
+            for i in batch:
+                logprobs[i] = out[k : k + len(encoded[i])]
+                k += len(encoded[i])
+    completion, eos, counts = [], [], []
+    for enc_row, lp_row in zip(encoded, logprobs):
+        completion.append([float(lp[:-1].sum() if e.has_eos else lp.sum()) for e, lp in zip(enc_row, lp_row)])
+        eos.append([float(lp[-1]) if e.has_eos else None for e, lp in zip(enc_row, lp_row)])
+        counts.append([len(lp) - int(e.has_eos) for e, lp in zip(enc_row, lp_row)])
+    return ChoiceLogprobs(completion, eos, counts)
 
 
 def score_choices(
@@ -99,37 +326,21 @@ def score_choices(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "scoring choices",
+    *,
+    choice_eos: bool = True,
+    length_normalized: bool = False,
 ) -> list[list[float]]:
-    """For each prompt, the summed log-likelihood of each of its candidate completions (eos included, as TRL trains).
+    """For each prompt, the summed log-likelihood of each of its candidate completions: with the eos token TRL
+    appends (``choice_eos``, default) or without it; per token when ``length_normalized``.
 
-    ``batch_size`` is the number of sequences per forward pass; whole examples (all their candidates) go into one
-    forward, at least one example per forward. Examples are batched longest first to waste little padding.
+    ``batch_size`` is the number of sequences per forward pass (see :func:`choice_logprobs`).
     """
-    if len(prompts) != len(choices):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(choices)} candidate lists.")
-    encoded = [[tokenize_prompt_completion(tokenizer, p, c) for c in cands] for p, cands in zip(prompts, choices)]
-    order = sorted(range(len(encoded)), key=lambda i: -max((len(ids) for ids, _ in encoded[i]), default=0))
-    pad_id = pad_token_id(tokenizer)
-    scores: list[list[float]] = [[] for _ in encoded]
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and sum(len(encoded[j]) for j in batches[-1]) + len(encoded[i]) <= batch_size:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    with eval_mode(model):
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            flat = [seq for i in batch for seq in encoded[i]]
-            out = _sequence_logprobs(model, flat, pad_id) if flat else []
-            k = 0
-            for i in batch:
-                scores[i] = out[k : k + len(encoded[i])]
-                k += len(encoded[i])
-    return scores
+    logprobs = choice_logprobs(model, tokenizer, prompts, choices, batch_size, progress, desc)
+    return logprobs.scores(choice_eos=choice_eos, length_normalized=length_normalized)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Free-form tasks: greedy generation and exact match
+# Greedy generation and exact match
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -247,44 +458,168 @@ def generate_answers(
     return answers
 
 
+
 # ----------------------------------------------------------------------------------------------------------------------
-# Tasks
+# Tasks: the scoring modes
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskScore:
+    """What :func:`score_task` measured on a task's eval examples.
+
+    Attributes:
+        predictions: the model's answer per example (the best-ranked choice, or the generated text; a generation that
+            matches a label after normalisation is reported as that label).
+        correct: whether each answer counts as right.
+        eos_variants: for the log-likelihood modes, the accuracy with and without the eos term
+            (``{"with_eos": a, "without_eos": b}``), both from the same forward passes; ``None`` otherwise.
+    """
+
+    task: str
+    scoring: str
+    choice_eos: bool | None
+    predictions: list[str]
+    references: list[str]
+    correct: list[bool]
+    eos_variants: dict[str, float] | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+
+@dataclass(frozen=True)
+class TaskScorer:
+    """One scoring mode: how a task's answers are obtained and judged (an entry of :data:`TASK_SCORERS`)."""
+
+    name: str
+    description: str
+    needs_choices: bool  # closed tasks only
+    uses_choice_eos: bool  # the eos option (Task.choice_eos) changes the score
+    score: Callable[..., TaskScore]  # (model, tokenizer, task, *, batch_size, max_new_tokens, progress)
+
+
+def _argmax(row: Sequence[float]) -> int:
+    return max(range(len(row)), key=row.__getitem__)  # ties go to the earlier choice
+
+
+def _loglik_scorer(length_normalized: bool) -> Callable[..., TaskScore]:
+    def score(model, tokenizer, task: Task, *, batch_size: int, max_new_tokens: int, progress: bool) -> TaskScore:
+        prompts = list(task.eval["prompt"])
+        references = list(task.eval["completion"])
+        logprobs = choice_logprobs(model, tokenizer, prompts, [task.choices] * len(prompts), batch_size, progress,
+                                   desc=f"eval {task.name}")
+        accuracy, predictions = {}, {}
+        for eos in (True, False):
+            ranked = [task.choices[_argmax(row)] for row in logprobs.scores(eos, length_normalized)]
+            predictions[eos] = ranked
+            accuracy[eos] = sum(p == r for p, r in zip(ranked, references)) / len(references)
+        chosen = predictions[task.choice_eos]
+        return TaskScore(task.name, task.scoring, task.choice_eos, chosen, references,
+                         [p == r for p, r in zip(chosen, references)],
+                         {"with_eos": accuracy[True], "without_eos": accuracy[False]})
+
+    return score
+
+
+def normalize_label(text: str) -> str:
+    """How a generated answer is compared with a closed task's label (O-LoRA's ``compute_metrics``): lowercase, drop
+    punctuation (any Unicode P* character too), collapse whitespace. Articles are kept: labels such as COPA's "A"
+    and "B" are words here."""
+    text = text.lower()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P") and ch not in string.punctuation)
+    return " ".join(text.split())
+
+
+def generation_budget(tokenizer, task: Task, max_new_tokens: int) -> int:
+    """New tokens a task's answers may take: ``max_new_tokens``, and for a closed task at least one more than its
+    longest label, so that what the model writes after the label (a newline, eos, or more words) is seen."""
+    if task.choices is None:
+        return max_new_tokens
+    prompt = task.eval[0]["prompt"]
+    context = prompt_context_ids(tokenizer, prompt)
+    longest = 0
+    for choice in task.choices:  # as a continuation of a prompt (merges across the boundary count), and alone
+        ids = prompt_context_ids(tokenizer, prompt + choice)
+        longest = max(longest, len(ids) - _common_prefix_length(context, ids),
+                      len(tokenize_text(tokenizer, choice, add_special_tokens=False)))
+    return max(max_new_tokens, longest + 1)
+
+
+def _generate_score(model, tokenizer, task: Task, *, batch_size: int, max_new_tokens: int, progress: bool) -> TaskScore:
+    prompts = list(task.eval["prompt"])
+    references = list(task.eval["completion"])
+    budget = generation_budget(tokenizer, task, max_new_tokens)
+    if budget > max_new_tokens:
+        logger.info("Task %s: generating up to %d new tokens (its longest label takes %d).", task.name, budget,
+                    budget - 1)
+    answers = generate_answers(model, tokenizer, prompts, budget, batch_size, progress, desc=f"eval {task.name}")
+    if task.choices is None:
+        return TaskScore(task.name, task.scoring, None, answers, references,
+                         [exact_match(a, r) for a, r in zip(answers, references)])
+    labels = {normalize_label(c): c for c in task.choices}
+    predictions = [labels.get(normalize_label(a), a) for a in answers]
+    correct = [normalize_label(a) == normalize_label(r) for a, r in zip(answers, references)]
+    return TaskScore(task.name, task.scoring, None, predictions, references, correct)
+
+
+TASK_SCORERS: dict[str, TaskScorer] = {
+    s.name: s
+    for s in (
+        TaskScorer("loglik", "rank the choices by their summed log-likelihood (lm-eval's acc)", True, True,
+                   _loglik_scorer(length_normalized=False)),
+        TaskScorer("loglik_norm", "rank the choices by their log-likelihood per token scored", True, True,
+                   _loglik_scorer(length_normalized=True)),
+        TaskScorer("generate", "greedy generation, first line, exact match of the label (O-LoRA / the GeRe paper)",
+                   False, False, _generate_score),
+    )
+}
+"""The scoring modes a task can be evaluated in (``Task.scoring``, a recipe stage's ``scoring``)."""
+
+
+def score_task(
+    model, tokenizer, task: Task, batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True
+) -> TaskScore:
+    """Score ``task.eval`` in the task's mode (``task.scoring``, :data:`TASK_SCORERS`)."""
+    scorer = TASK_SCORERS[task.scoring]
+    return scorer.score(model, tokenizer, task, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                        progress=progress)
 
 
 def predict_task(
     model, tokenizer, task: Task, batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True
 ) -> list[str]:
-    """The model's answer to every eval example: the best-scoring choice (ties go to the earlier choice) or the
-    greedy generation."""
-    prompts = list(task.eval["prompt"])
-    if task.choices is not None:
-        scores = score_choices(
-            model, tokenizer, prompts, [task.choices] * len(prompts), batch_size, progress, desc=f"eval {task.name}"
-        )
-        return [task.choices[max(range(len(s)), key=s.__getitem__)] for s in scores]
-    return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc=f"eval {task.name}")
+    """The model's answer to every eval example, in the task's scoring mode: the best-scoring choice (ties go to the
+    earlier choice) or the greedy generation."""
+    return score_task(model, tokenizer, task, batch_size, max_new_tokens, progress).predictions
 
 
 def evaluate_task(
     model, tokenizer, task: Task, batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True
 ) -> float:
-    """Accuracy on ``task.eval``: log-likelihood ranking of the choices, or exact match of greedy generations."""
-    predictions = predict_task(model, tokenizer, task, batch_size, max_new_tokens, progress)
-    references = list(task.eval["completion"])
-    if task.choices is not None:
-        hits = [p == r for p, r in zip(predictions, references)]
-    else:
-        hits = [exact_match(p, r) for p, r in zip(predictions, references)]
-    return sum(hits) / len(hits)
+    """Accuracy on ``task.eval`` in the task's scoring mode (``task.scoring``)."""
+    return score_task(model, tokenizer, task, batch_size, max_new_tokens, progress).accuracy
+
+
+def _check_unique_names(tasks: Sequence[Task]) -> None:
+    names = [t.name for t in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Task names must be unique; {duplicates} occur more than once. Rename the tasks.")
+
+
+def score_tasks(
+    model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True
+) -> dict[str, TaskScore]:
+    """``{task.name: TaskScore}`` for each task, in order."""
+    _check_unique_names(tasks)
+    return {t.name: score_task(model, tokenizer, t, batch_size, max_new_tokens, progress) for t in tasks}
 
 
 def evaluate_tasks(
     model, tokenizer, tasks: Sequence[Task], batch_size: int = 16, max_new_tokens: int = 16, progress: bool = True
 ) -> dict[str, float]:
     """``{task.name: accuracy}`` for each task, in order."""
-    names = [t.name for t in tasks]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"Task names must be unique; {duplicates} occur more than once. Rename the tasks.")
-    return {t.name: evaluate_task(model, tokenizer, t, batch_size, max_new_tokens, progress) for t in tasks}
+    return {name: s.accuracy for name, s in score_tasks(model, tokenizer, tasks, batch_size, max_new_tokens,
+                                                          progress).items()}

@@ -64,6 +64,12 @@ class Task:
         source_texts: the texts the examples were built from, per split (``{"train": [...], "eval": [...]}``): the
             article of a ``wiki_topic`` prompt, the review, the dataset fields a template reads. With the prompts and
             completions they are what held-out general text must not overlap (:meth:`texts`).
+        scoring: how the eval examples are scored, a mode of :data:`gere_hf.evaluation.scoring.TASK_SCORERS`:
+            ``"loglik"`` (closed tasks: rank the choices by summed log-likelihood), ``"loglik_norm"`` (per token) or
+            ``"generate"`` (greedy generation, exact match of the label). ``None``: ``"loglik"`` for a closed task,
+            ``"generate"`` for a free-form one (always).
+        choice_eos: whether a choice's log-likelihood includes the end-of-sequence token TRL appends to the
+            completion (it then also rewards having learnt to stop after the label, as ``generate`` requires).
     """
 
     name: str
@@ -72,6 +78,8 @@ class Task:
     choices: list[str] | None = None
     meta: dict = field(default_factory=dict)
     source_texts: dict = field(default_factory=dict, repr=False)
+    scoring: str | None = None
+    choice_eos: bool = True
 
     def __post_init__(self) -> None:
         for split, ds in (("train", self.train), ("eval", self.eval)):
@@ -97,6 +105,40 @@ class Task:
                     "Add them to choices (mind the leading space completions usually carry), or pass choices=None "
                     "for a free-form task."
                 )
+        self._check_scoring()
+
+    def _check_scoring(self) -> None:
+        from .scoring import TASK_SCORERS, normalize_label
+
+        if self.scoring is None:
+            self.scoring = "loglik" if self.choices is not None else "generate"
+        if self.scoring not in TASK_SCORERS:
+            raise TaskDataError(
+                f"Task {self.name!r}: unknown scoring {self.scoring!r}; choose one of {', '.join(TASK_SCORERS)}."
+            )
+        if not isinstance(self.choice_eos, bool):
+            raise TaskDataError(f"Task {self.name!r}: choice_eos must be true or false, got {self.choice_eos!r}.")
+        if self.choices is None and TASK_SCORERS[self.scoring].needs_choices:
+            raise TaskDataError(
+                f"Task {self.name!r} is free-form (no choices), but scoring {self.scoring!r} ranks choices. Use "
+                "scoring 'generate', or give the candidate answers (choices)."
+            )
+        if self.choices is not None and self.scoring == "generate":
+            seen: dict[str, str] = {}
+            for choice in self.choices:
+                key = normalize_label(choice)
+                if not key:
+                    raise TaskDataError(
+                        f"Task {self.name!r}: the label {choice!r} is empty once normalised (lowercase, no punctuation, "
+                        "whitespace collapsed), so no generation can be told to match it. Use a label with a letter or "
+                        "digit, or a log-likelihood scoring."
+                    )
+                if key in seen and seen[key] != choice:
+                    raise TaskDataError(
+                        f"Task {self.name!r}: the labels {seen[key]!r} and {choice!r} are the same once normalised "
+                        f"({key!r}), so a generation cannot tell them apart. Rename one, or use a log-likelihood scoring."
+                    )
+                seen[key] = choice
 
     def texts(self) -> list[str]:
         """Every text of the task: the prompts and completions of both splits and the texts they were built from."""
@@ -107,18 +149,17 @@ class Task:
             out += list(self.source_texts.get(split, []))
         return out
 
-    @property
-    def scoring(self) -> str:
-        """``"loglik"`` (rank the choices by log-likelihood) or ``"exact_match"`` (greedy generation)."""
-        return "loglik" if self.choices is not None else "exact_match"
-
     def describe(self) -> dict:
-        """A JSON-ready summary (sizes, scoring, choices and the scalar entries of ``meta``)."""
+        """A JSON-ready summary (sizes, scoring, the eos option where it applies, choices and the scalar entries of
+        ``meta``)."""
+        from .scoring import TASK_SCORERS
+
         return {
             "name": self.name,
             "num_train": len(self.train),
             "num_eval": len(self.eval),
             "scoring": self.scoring,
+            "choice_eos": self.choice_eos if TASK_SCORERS[self.scoring].uses_choice_eos else None,
             "choices": self.choices,
             "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
         }

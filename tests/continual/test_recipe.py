@@ -40,6 +40,7 @@ def test_shipped_recipes_parse():
     assert paper.training["deepspeed"] == "recipes/deepspeed/zero2.json"
     lora = load_recipe(os.path.join(RECIPES, "paper_llama31_8b_lora.yaml"))
     assert lora.peft is not None and [s.name for s in lora.stages] == [s.name for s in paper.stages]
+    assert paper.evaluation.scoring == lora.evaluation.scoring == "generate"  # the O-LoRA / paper protocol
     demo = load_recipe(os.path.join(RECIPES, "demo_smollm2.yaml"))
     assert [s.dataset for s in demo.stages] == ["wiki_topic", "polarity", "trivia"] and demo.gere.loss == "tm"
     for path in glob.glob(os.path.join(RECIPES, "deepspeed", "*.json")):
@@ -101,6 +102,31 @@ def test_bad_values_and_reserved_keys(tmp_path):
         parse_recipe({k: v for k, v in tiny_recipe(tmp_path).items() if k != "model"})
     with pytest.raises(RecipeError, match=r"stages\[0\].name 'a/b' cannot name a folder"):
         parse_recipe(tiny_recipe(tmp_path, "stages.0.name=a/b"))
+
+
+def test_scoring_per_stage_and_its_errors(tmp_path):
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(polarity\): scoring must be one of loglik, loglik_norm, "
+                       r"generate, got 'generat'. Did you mean 'generate'\?"):
+        parse_recipe(tiny_recipe(tmp_path, "stages.0.scoring=generat"))
+    with pytest.raises(RecipeError, match=r"evaluation: scoring must be one of .*'loglik_nrm'. Did you mean"):
+        parse_recipe(tiny_recipe(tmp_path, "evaluation.scoring=loglik_nrm"))
+    with pytest.raises(RecipeError, match=r"evaluation.choice_eos must be bool, got 'maybe'"):
+        parse_recipe(tiny_recipe(tmp_path, "evaluation.choice_eos=maybe"))
+    # A free-form stage asked to rank choices: refused when the data is read, before anything is written.
+    recipe = parse_recipe(tiny_recipe(tmp_path / "free", "stages.1.scoring=loglik"))
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(trivia\): Task 'trivia' is free-form .* Use scoring "
+                       "'generate'"):
+        run_recipe(recipe)
+    assert _nothing_written(tmp_path / "free")
+    runner = RecipeRunner(parse_recipe(tiny_recipe(tmp_path, "evaluation.scoring=generate", "evaluation.choice_eos=false",
+                                                   "stages.0.scoring=loglik_norm")))
+    runner.load_tasks()
+    polarity, trivia = runner.tasks
+    assert (polarity.scoring, polarity.choice_eos, trivia.scoring) == ("loglik_norm", False, "generate")
+    assert polarity.describe()["choice_eos"] is False and trivia.describe()["choice_eos"] is None
+    runner = RecipeRunner(parse_recipe(tiny_recipe(tmp_path, "evaluation.scoring=loglik_norm")))
+    runner.load_tasks()  # the evaluation's default applies to closed tasks; free-form ones generate
+    assert [t.scoring for t in runner.tasks] == ["loglik_norm", "generate"]
 
 
 def test_stage_without_dataset(tmp_path):
@@ -351,6 +377,8 @@ def test_tiny_recipe_writes_stages_run_state_and_report(uninterrupted):
     assert results["tasks"] == ["polarity", "trivia"] and len(results["matrix"]) == 3
     assert all(row is not None for row in results["matrix"]) and results["metrics"]["ap"] is not None
     assert results["run"]["method"] == "LoRA (continue)" and results["general"][0]["stage"] == 0
+    assert [(t["scoring"], t["choice_eos"]) for t in results["task_info"]] == [("loglik", True), ("generate", None)]
+    assert [sorted(e["accuracy"]) for e in results["choice_eos_accuracy"]] == [["polarity"]] * 3
     for name in ("report.md", "accuracy_matrix.png", "ap_per_stage.png", "general_ppl.png"):
         assert (out / name).is_file()
     # Running again without --resume refuses to overwrite; --resume has nothing left to do.

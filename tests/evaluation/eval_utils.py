@@ -46,9 +46,24 @@ def chain_model(chain: str, after: str = ":") -> BigramLM:
     return BigramLM(table)
 
 
-def make_task(name, prompts, completions, choices):
+def stop_model() -> BigramLM:
+    """After ':' and a space, prefers ' yes' to ' no', but never stops after 'yes' (eos is unlikely after 's') and
+    stops at once after 'no'. Per token, ' no' (3 bytes) beats ' yes' (4 bytes) only through its shorter length."""
+    table = torch.zeros(VOCAB, VOCAB)
+    table[byte_id(":"), byte_id(" ")] = 10.0
+    table[byte_id(" "), byte_id("y")] = 6.0
+    table[byte_id(" "), byte_id("n")] = 5.0
+    table[byte_id("y"), byte_id("e")] = 10.0
+    table[byte_id("e"), byte_id("s")] = 10.0
+    table[byte_id("s"), byte_id("!")] = 10.0  # after "yes" it goes on: "yes!"
+    table[byte_id("n"), byte_id("o")] = 10.0
+    table[byte_id("o"), 1] = 10.0  # after "no": eos
+    return BigramLM(table)
+
+
+def make_task(name, prompts, completions, choices, **options):
     ds = datasets.Dataset.from_dict({"prompt": list(prompts), "completion": list(completions)})
-    return Task(name, ds, ds, choices=choices)
+    return Task(name, ds, ds, choices=choices, **options)
 
 
 YES_NO_PROMPTS = [f"Question {i}: is it so?\nAnswer:" for i in range(7)]

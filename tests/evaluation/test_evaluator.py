@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_utils import YES_NO_PROMPTS, make_task, unigram_model
+from eval_utils import YES_NO_PROMPTS, make_task, stop_model, unigram_model
 from transformers import ByT5Tokenizer
 
 from gere_hf.evaluation import ContinualEvaluator
@@ -46,3 +46,19 @@ def test_continual_evaluator(tok):
     assert results["general_texts"]["num_texts"] == 2 and results["label"] == "demo"
     with pytest.raises(ValueError, match="row must be"):
         evaluator.evaluate(yes, tok, 3)
+
+
+def test_evaluator_records_scoring_and_both_eos_variants(tok):
+    loglik = make_task("loglik_task", YES_NO_PROMPTS[:3], [" no"] * 3, [" yes", " no"])
+    no_eos = make_task("no_eos_task", YES_NO_PROMPTS[:3], [" no"] * 3, [" yes", " no"], choice_eos=False)
+    generated = make_task("generated", YES_NO_PROMPTS[:3], [" no"] * 3, [" yes", " no"], scoring="generate")
+    evaluator = ContinualEvaluator([loglik, no_eos, generated], progress=False)
+    record = evaluator.evaluate(stop_model(), tok, 0)
+    # The model prefers " yes" but stops only after " no"; it generates " yes!..." (no label: wrong).
+    assert record["accuracy"] == {"loglik_task": 1.0, "no_eos_task": 0.0, "generated": 0.0}
+    both = {"with_eos": 1.0, "without_eos": 0.0}
+    assert record["choice_eos_accuracy"] == {"loglik_task": both, "no_eos_task": both}
+    results = json.loads(json.dumps(evaluator.results()))
+    assert results["choice_eos_accuracy"] == [{"stage": 0, "accuracy": {"loglik_task": both, "no_eos_task": both}}]
+    info = {t["name"]: (t["scoring"], t["choice_eos"]) for t in results["task_info"]}
+    assert info == {"loglik_task": ("loglik", True), "no_eos_task": ("loglik", False), "generated": ("generate", None)}

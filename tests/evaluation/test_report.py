@@ -143,3 +143,57 @@ def test_report_says_what_was_passed_over_to_keep_evaluation_apart_from_replay()
     assert "held-out texts: 10 taken from data/general.jsonl; of the 18 candidates examined, 8 overlapped the replay " \
            "texts and 0 the tasks' texts (passed over)." in report
     assert "Task eval examples passed over as overlapping the replay texts: `polarity` 3." in report
+
+
+def _with_scoring(results, scoring, choice_eos):
+    for t in results["task_info"]:
+        t["scoring"], t["choice_eos"] = scoring, choice_eos
+    return results
+
+
+def test_compare_runs_refuses_tasks_scored_differently(tmp_path, caplog):
+    from gere_hf.cli import main
+    from gere_hf.evaluation.report import MixedScoringError
+
+    loglik = _write_run(tmp_path, "loglik", _with_scoring(make_results("a", MATRIX, NLLS), "loglik", True))
+    no_eos = _write_run(tmp_path, "no_eos", _with_scoring(make_results("b", MATRIX, NLLS), "loglik", False))
+    generate = _write_run(tmp_path, "gen", _with_scoring(make_results("c", MATRIX, NLLS), "generate", None))
+    with pytest.raises(MixedScoringError) as err:
+        compare_runs([loglik, generate], out_dir=tmp_path / "cmp")
+    message = str(err.value)
+    assert "`polarity`: a (log-likelihood ranking, eos scored), c (generation, exact match)" in message
+    assert "allow_mixed_scoring" in message and not (tmp_path / "cmp").exists()  # nothing written
+    with pytest.raises(MixedScoringError, match=r"a \(log-likelihood ranking, eos scored\), b \(log-likelihood "
+                       r"ranking, eos not scored\)"):
+        compare_runs([loglik, no_eos])
+    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.report"):
+        table = compare_runs([loglik, generate], allow_mixed_scoring=True)
+    assert "scored tasks differently" in caplog.text and "compared anyway" in table and "| a | 3/3 |" in table
+    assert main(["report", str(loglik), str(generate)]) == 2
+    assert main(["report", str(loglik), str(generate), "--allow-mixed-scoring"]) == 0
+    # Results written before the scoring modes: 'exact_match' is generation, a loglik choice always scored eos.
+    old = make_results("old", MATRIX, NLLS)
+    for t in old["task_info"]:
+        t.pop("choice_eos", None)
+    assert "Note" not in compare_runs([_write_run(tmp_path, "old", old), loglik])
+    old_gen = _with_scoring(make_results("old_gen", MATRIX, NLLS), "exact_match", None)
+    del old_gen["task_info"][0]["choice_eos"]
+    assert "Note" not in compare_runs([_write_run(tmp_path, "old_gen", old_gen), generate])
+
+
+def test_report_shows_scoring_and_both_eos_variants(tmp_path):
+    results = _with_scoring(make_results("gere", MATRIX, NLLS), "loglik", False)
+    results["task_info"][1].update(scoring="generate", choice_eos=None)
+    results["choice_eos_accuracy"] = [
+        {"stage": 0, "accuracy": {"polarity": {"with_eos": 0.77, "without_eos": 0.87},
+                                  "wiki_topic": {"with_eos": 0.2, "without_eos": 0.2}}},
+        {"stage": 1, "accuracy": {"polarity": {"with_eos": 0.9, "without_eos": 0.85},
+                                  "wiki_topic": {"with_eos": 0.25, "without_eos": 0.25}}},
+    ]
+    write_report(tmp_path, results)
+    report = (tmp_path / "report.md").read_text()
+    assert "1. `polarity` (log-likelihood ranking, eos not scored, 50 eval / 100 train examples" in report
+    assert "2. `trivia` (generation, exact match, 50 eval" in report
+    assert "## Choice scores with and without the end-of-sequence token" in report
+    assert "| Stage | polarity (with / without eos) |" in report  # wiki_topic: the same either way, left out
+    assert "| base | 0.7700 / **0.8700** |" in report and "| 1: polarity | 0.9000 / **0.8500** |" in report

@@ -47,6 +47,60 @@ def test_general_perplexity_equals_direct(tok):
         general_perplexity(model, tok, ["", "y"], progress=False)
 
 
+def _direct_nll(model_logits, tok, texts, max_length):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = tok(text, add_special_tokens=False)["input_ids"][:max_length]
+            if len(ids) >= 2:
+                logp = torch.log_softmax(model_logits(torch.tensor([ids]))[0].float(), -1)
+                total -= sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)))
+                count += len(ids) - 1
+    return total / count
+
+
+GENERAL_TEXTS = ["A short text.", "A longer text about the history of science " * 3, "Mid-length text here.", "ok"]
+
+
+def test_general_perplexity_computes_logits_a_few_positions_at_a_time(tok, monkeypatch):
+    from gere_hf.evaluation import retention
+
+    model = tiny_llama(seed=4).eval()
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))  # logits
+    full = general_perplexity(model, tok, GENERAL_TEXTS, max_length=40, batch_size=3, progress=False)
+    assert max(shape[1] for shape in seen) == 39  # a [batch, 39, vocab] slice is 128 MiB of float32 at most
+    monkeypatch.setattr(retention, "LOGITS_CHUNK_ELEMENTS", 4 * 384 * 5)  # 5 positions of a batch of 4
+    seen.clear()
+    chunked = general_perplexity(model, tok, GENERAL_TEXTS, max_length=40, batch_size=4, progress=False)
+    # The model's last position and its check against the head, then 39 positions 5 at a time.
+    assert max(shape[1] for shape in seen) == 5 and len(seen) == 2 + 8
+    assert chunked["nll"] == pytest.approx(full["nll"], rel=1e-6) and chunked["tokens"] == full["tokens"]
+    assert chunked["nll"] == pytest.approx(_direct_nll(lambda x: model(input_ids=x).logits, tok, GENERAL_TEXTS, 40),
+                                           rel=1e-5)
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A causal LM that scales its logits after the head (as Cohere's logit_scale or Gemma's soft-capping do)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        return SimpleNamespace(logits=torch.tanh(out.logits / 2.0) * 2.0)
+
+
+def test_general_perplexity_of_a_model_that_changes_its_logits_after_the_head(tok):
+    model = _ScaledLogits(tiny_llama(seed=4).eval())
+    result = general_perplexity(model, tok, GENERAL_TEXTS, max_length=40, batch_size=3, progress=False)
+    assert result["nll"] == pytest.approx(_direct_nll(lambda x: model(x).logits, tok, GENERAL_TEXTS, 40), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # lm-evaluation-harness
 # ----------------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def test_builtin_formats():
     assert any("é" in p for p in list(polarity.train["prompt"]) + list(polarity.eval["prompt"]))  # read as Windows-1252
 
     trivia = load_builtin_task("trivia", num_train=5, num_eval=5)
-    assert trivia.choices is None and trivia.scoring == "exact_match"
+    assert trivia.choices is None and trivia.scoring == "generate"
     pairs = trivia_pairs()
     assert len(pairs) >= 250
     assert ("Who was the 37th President of the United States?", "Richard Nixon") in pairs
