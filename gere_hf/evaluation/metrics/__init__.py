@@ -1,64 +1,69 @@
-"""Continual-learning metrics of an accuracy matrix: AP, BWT, FWT and forgetting (definitions in docs/evaluation.md)."""
+"""Metrics of continual runs and their tasks, shipped as Hugging Face ``evaluate`` modules (docs/evaluation.md).
+
+Each module is a folder beside this file holding a script of the same name (what ``evaluate.load`` by path needs):
+
+* ``continual_metrics`` — AP, BWT, FWT and forgetting of an accuracy matrix. The implementation lives in that file
+  (it needs nothing from gere_hf, so the folder works anywhere); :func:`continual_metrics` here calls it.
+* ``task_accuracy`` — accuracy of task answers as gere_hf judges them: the chosen option equal to the gold one
+  (closed tasks) or normalised exact match (free-form); it calls :mod:`gere_hf.evaluation.scoring`.
+* ``mmlu_accuracy`` — MMLU accuracy per subject, category and overall with standard errors; it calls
+  :func:`gere_hf.evaluation.mmlu.mmlu_summary`.
+
+``evaluate.load(metric_path(name))`` loads one offline (:func:`load_metric` does it with ``keep_in_memory=True``).
+"""
 
 from __future__ import annotations
 
-import math
+import importlib.util
+import os
+import sys
 from collections.abc import Sequence
 
+METRIC_MODULES = ("continual_metrics", "task_accuracy", "mmlu_accuracy")
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+
+def metric_path(name: str) -> str:
+    """The folder of a shipped ``evaluate`` module, for ``evaluate.load(metric_path(name))``."""
+    if name not in METRIC_MODULES:
+        raise ValueError(f"Unknown gere_hf metric {name!r}; the shipped evaluate modules are {', '.join(METRIC_MODULES)}.")
+    return os.path.join(_HERE, name)
+
+
+def load_metric(name: str, **kwargs):
+    """``evaluate.load`` of a shipped module by path: offline, nothing fetched from the Hub. ``keep_in_memory``
+    defaults to True (no Arrow cache file); other ``kwargs`` go to ``evaluate.load``."""
+    import evaluate
+
+    kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(metric_path(name), **kwargs)
+
+
+def _module(name: str):
+    """The module's script, executed once as a private module: the code ``evaluate.load`` runs, without copying it
+    into ``HF_MODULES_CACHE`` or sending the inputs through Arrow. Loaded from its file rather than imported as
+    ``metrics.<name>.<name>``: that import would set the attribute ``metrics.<name>`` to the folder, hiding the
+    function of the same name. Done on first use: the script imports ``evaluate`` (seconds: it imports
+    transformers.pipelines)."""
+    key = f"{__name__}._{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(metric_path(name), f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
 
 
 def continual_metrics(R: Sequence[Sequence[float] | None]) -> dict:
-    """AP, BWT, FWT and forgetting of an accuracy matrix.
+    """AP, BWT, FWT and forgetting of an accuracy matrix ``R`` (``T + 1`` rows of ``T`` accuracies; row 0, the base
+    model, may be ``None``). Computed by the shipped ``continual_metrics`` evaluate module's
+    :func:`continual_metrics` (definitions there and in docs/evaluation.md); raises ``ValueError`` on a malformed
+    matrix."""
+    return _module("continual_metrics").continual_metrics(R)
 
-    ``R`` has ``T + 1`` rows of ``T`` accuracies: row 0 is the base model before any stage (it may be ``None`` when the
-    base model was not evaluated), row ``t`` is after stage ``t`` (1..T); column ``j`` (0-based) is task ``j``,
-    trained in stage ``j + 1``. So ``R[j + 1][j]`` is task ``j`` just after it was learned and ``R[j][j]`` just before.
 
-    * ``ap``  = mean_j R[T][j]                                  (all T tasks, final model)
-    * ``bwt`` = mean_{j=0..T-2} (R[T][j] - R[j+1][j])          (T-1 tasks; None when T = 1)
-    * ``fwt`` = mean_{j=1..T-1} (R[j][j] - R[0][j])            (T-1 tasks; None when T = 1 or without row 0)
-    * ``forgetting[j]`` = max_{t=j+1..T-1} R[t][j] - R[T][j]   (j = 0..T-2); ``mean_forgetting`` their mean
-
-    In the 1-based notation of the literature (task i trained in stage i, R_{t,i}): BWT = 1/(T-1) Σ_{i<T} R_{T,i} -
-    R_{i,i}; FWT = 1/(T-1) Σ_{i>1} R_{i-1,i} - R_{0,i}; f_i = max_{t∈[i,T-1]} R_{t,i} - R_{T,i}.
-
-    Also returned: ``learned`` (R[j+1][j]), ``final`` (R[T]), ``ap_per_stage`` (mean of R[t][:t], the seen tasks,
-    for t = 1..T) and ``num_stages`` (T).
-    """
-    rows = [None if row is None else list(row) for row in R]
-    if len(rows) < 2:
-        raise ValueError(
-            f"The accuracy matrix needs T + 1 >= 2 rows (row 0: base model, row t: after stage t); got {len(rows)}."
-        )
-    T = len(rows) - 1
-    for t, row in enumerate(rows):
-        if row is None:
-            if t == 0:
-                continue
-            raise ValueError(f"Row {t} (after stage {t}) of the accuracy matrix is missing; evaluate after every stage.")
-        if len(row) != T:
-            raise ValueError(
-                f"Row {t} of the accuracy matrix has {len(row)} entries but there are T = {T} stages: each row needs "
-                f"one accuracy per task (T columns)."
-            )
-        bad = [x for x in row if not isinstance(x, (int, float)) or isinstance(x, bool) or math.isnan(x)]
-        if bad:
-            raise ValueError(f"Row {t} of the accuracy matrix holds non-numbers {bad}; every entry must be a number.")
-    base = rows[0]
-    final = rows[T]
-    learned = [rows[j + 1][j] for j in range(T)]
-    forgetting = [max(rows[t][j] for t in range(j + 1, T)) - final[j] for j in range(T - 1)]
-    return {
-        "num_stages": T,
-        "ap": _mean(final),
-        "bwt": _mean([final[j] - rows[j + 1][j] for j in range(T - 1)]),
-        "fwt": None if base is None else _mean([rows[j][j] - base[j] for j in range(1, T)]),
-        "mean_forgetting": _mean(forgetting),
-        "forgetting": forgetting,
-        "learned": learned,
-        "final": final,
-        "ap_per_stage": [_mean(rows[t][:t]) for t in range(1, T + 1)],
-    }
+__all__ = ["METRIC_MODULES", "continual_metrics", "load_metric", "metric_path"]
