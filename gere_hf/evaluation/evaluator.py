@@ -34,6 +34,7 @@ class ContinualEvaluator:
         stage_names: names of rows 0..T (default ``"base"`` and the task names).
         label: the run's label in comparisons (e.g. ``"gere"``, ``"none"``).
         lm_eval_task_names: lm-evaluation-harness tasks also run at every row (optional, see :func:`lm_eval_tasks`).
+        mmlu: an :class:`~gere_hf.evaluation.mmlu.MMLUEvaluator` also run at every row (general knowledge retention).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class ContinualEvaluator:
         general_batch_size: int = 8,
         lm_eval_task_names: Sequence[str] | None = None,
         lm_eval_limit: int | float | None = None,
+        mmlu=None,
         progress: bool = True,
     ):
         self.tasks = list(tasks)
@@ -73,6 +75,7 @@ class ContinualEvaluator:
         self.general_batch_size = general_batch_size
         self.lm_eval_task_names = list(lm_eval_task_names) if lm_eval_task_names else None
         self.lm_eval_limit = lm_eval_limit
+        self.mmlu = mmlu
         self.progress = progress
         self._rows: dict[int, dict] = {}
 
@@ -91,7 +94,8 @@ class ContinualEvaluator:
     def evaluate(self, model, tokenizer, row: int) -> dict:
         """Evaluate every task (and the general texts) and store them as row ``row`` (0 = base, t = after stage t).
 
-        Returns ``{"row", "stage", "accuracy": {task: acc}, "general": {...} or None, "lm_eval": ..., "seconds"}``.
+        Returns ``{"row", "stage", "accuracy": {task: acc}, "general": {...} or None, "mmlu": ..., "lm_eval": ...,
+        "seconds"}`` (``mmlu`` and ``lm_eval`` only when measured).
         Evaluating a row again overwrites it.
         """
         if isinstance(row, bool) or not isinstance(row, numbers.Integral) or not 0 <= row <= self.num_stages:
@@ -107,6 +111,8 @@ class ContinualEvaluator:
                 model, tokenizer, self.general_texts, self.general_max_length, self.general_batch_size, self.progress
             )
         record: dict[str, Any] = {"row": row, "stage": self.stage_names[row], "accuracy": accuracy, "general": general}
+        if self.mmlu is not None:
+            record["mmlu"] = self.mmlu.evaluate(model, tokenizer)
         if self.lm_eval_task_names:
             record["lm_eval"] = lm_eval_tasks(model, tokenizer, self.lm_eval_task_names, self.lm_eval_limit)
         record["seconds"] = time.perf_counter() - start
@@ -116,6 +122,10 @@ class ContinualEvaluator:
             ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()),
             f", general NLL={general['nll']:.4f}" if general else "",
         )
+        if "mmlu" in record:
+            m = record["mmlu"]
+            logger.info("MMLU (%s, %d-shot) after %s: %.4f ± %.4f over %d questions", m["formulation"], m["shots"],
+                        self.stage_names[row], m["accuracy"], m["se"], m["num_questions"])
         return record
 
     def restore_row(self, record: dict) -> None:
@@ -131,6 +141,16 @@ class ContinualEvaluator:
         while t + 1 in self._rows:
             t += 1
         return t
+
+    def _mmlu_rows(self) -> list[dict]:
+        base = self._rows.get(0, {}).get("mmlu")
+        rows = []
+        for r in sorted(self._rows):
+            m = self._rows[r].get("mmlu")
+            if m is not None:
+                delta = None if base is None else m["accuracy"] - base["accuracy"]
+                rows.append({"stage": r, "name": self.stage_names[r], **m, "delta_vs_base": delta})
+        return rows
 
     def results(self) -> dict:
         """The JSON-ready results (schema in docs/evaluation.md)."""
@@ -170,6 +190,9 @@ class ContinualEvaluator:
             },
             "eval_seconds": [{"stage": r, "seconds": self._rows[r]["seconds"]} for r in sorted(self._rows)],
         }
+        if self.mmlu is not None:
+            out["mmlu"] = self._mmlu_rows()
+            out["mmlu_questions"] = self.mmlu.describe()
         if self.lm_eval_task_names:
             out["lm_eval"] = [{"stage": r, "results": self._rows[r].get("lm_eval")} for r in sorted(self._rows)]
         return out
