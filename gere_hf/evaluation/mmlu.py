@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .scoring import prompt_context_ids, score_choices
 from .utils import eval_mode, model_device, pad_token_id, tokenize_text
 
 logger = logging.getLogger(__name__)
@@ -461,16 +462,6 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
     return list(first[:k])
 
 
-def _context_ids(tokenizer, text: str) -> list[int]:
-    """``text``'s ids with leading special tokens (BOS) but without those appended to a lone text (ByT5's ``</s>``)."""
-    with_special = tokenize_text(tokenizer, text)
-    plain = tokenize_text(tokenizer, text, add_special_tokens=False)
-    for k in range(len(with_special) - len(plain) + 1):
-        if with_special[k : k + len(plain)] == plain:
-            return with_special[: k + len(plain)]
-    return with_special
-
-
 def letter_context(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
     """``(context ids, the four letter token ids)`` such that ``prompt + " " + L`` tokenizes as context + [letter L].
 
@@ -478,7 +469,7 @@ def letter_context(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
     those tokens; byte-level ones (ByT5) give the prompt plus the space and the bare letters. A tokenizer that
     splits a letter over several tokens cannot score this form in one forward: use ``formulation: cloze``.
     """
-    seqs = [_context_ids(tokenizer, f"{prompt} {L}") for L in LETTERS]
+    seqs = [prompt_context_ids(tokenizer, f"{prompt} {L}") for L in LETTERS]  # BOS kept, a trailing </s> not
     context = _common_prefix(seqs)
     tails = [s[len(context) :] for s in seqs]
     if any(len(t) != 1 for t in tails) or len({t[0] for t in tails}) != 4:
@@ -549,8 +540,6 @@ def score_cloze(
 ) -> list[list[float]]:
     """For each prompt, the summed log-likelihood of each answer text (``" " + text``, eos included as TRL trains),
     through :func:`gere_hf.evaluation.scoring.score_choices`; ``batch_size`` counts questions (4 sequences each)."""
-    from .scoring import score_choices
-
     candidates = [[f" {c}" for c in cs] for cs in choices]
     return score_choices(model, tokenizer, list(prompts), candidates, batch_size=4 * batch_size, progress=progress,
                          desc="MMLU (cloze)")
