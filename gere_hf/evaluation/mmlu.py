@@ -716,7 +716,8 @@ class MMLUEvaluator:
     def describe(self) -> dict:
         """The settings and the question sample (``results.json`` → ``mmlu_questions``)."""
         s = self.selection
-        return {**self.config.to_dict(), "seed": self.seed, "num_questions": len(s.questions), "pool": s.pool,
+        return {**self.config.to_dict(), "scoring": MMLU_FORMULATIONS[self.config.formulation].description,
+                "seed": self.seed, "num_questions": len(s.questions), "pool": s.pool,
                 "shots_from": s.shots_from, "dropped_overlap": dict(s.dropped_overlap),
                 "fingerprint": s.fingerprint()}
 
