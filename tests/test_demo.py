@@ -148,6 +148,10 @@ def test_presets_build_valid_recipes(tmp_path):
             assert recipe.gere.loss == loss
             assert [s.dataset for s in recipe.stages] == ["polarity", "wiki_topic", "trivia"]
     assert demo_mod.PRESETS["full"].max_steps > demo_mod.PRESETS["default"].max_steps
+    # MMLU only in --full (docs/demo.md: the default's 15 minutes leave room for ~16 cloze questions a row)
+    assert demo_mod.PRESETS["default"].mmlu_questions == 0
+    full = parse_recipe(demo_mod.PRESETS["full"].recipe("tm", str(tmp_path / "f"), str(tmp_path / "store")))
+    assert full.evaluation.mmlu.formulation == "cloze" and full.evaluation.mmlu.num_questions == 300
     assert isinstance(demo_mod.PRESETS["default"], DemoSettings)
 
 
