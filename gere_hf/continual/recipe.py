@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,6 +25,9 @@ from . import adapters as adapters_mod
 from .adapters import AdapterConfig, AdapterError
 from .hub import HubConfig, HubError
 from .tracking import TrackingConfig
+
+if TYPE_CHECKING:
+    from ..evaluation.mmlu import MMLUConfig
 
 TINY_MODEL = "tiny-random-llama"
 # Sections that change neither the training nor the evaluation: a resumed run may change them.
@@ -158,6 +161,11 @@ class EvaluationConfig:
         default_factory=list, metadata={"help": "lm-evaluation-harness tasks also run at every row (optional)."}
     )
     lm_eval_limit: float | None = field(default=None, metadata={"help": "Examples per lm-eval task (None: all)."})
+    mmlu: MMLUConfig | None = field(
+        default=None,
+        metadata={"help": "MMLU at every row: a mapping of MMLUConfig fields (num_questions, shots, formulation, "
+                  "source, seed, batch_size, max_length); {} for the defaults, null (default) for none."},
+    )
 
     def __post_init__(self) -> None:
         check_scoring(self.scoring, "scoring")
@@ -488,6 +496,11 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
 
     training = _check_training_keys(data.get("training"), "training")
     evaluation = build_dataclass(EvaluationConfig, data.get("evaluation"), "evaluation")
+    if evaluation.mmlu is not None:
+        from ..evaluation.mmlu import MMLUConfig
+
+        evaluation.mmlu = build_dataclass(MMLUConfig, evaluation.mmlu, "evaluation.mmlu",
+                                          " See docs/recipes.md (evaluation.mmlu).")
     hub = build_dataclass(HubConfig, data.get("hub"), "hub")
     tracking = build_dataclass(TrackingConfig, data.get("tracking"), "tracking")
     rest = {k: data[k] for k in ("name", "seed", "overwrite_output_dir", "keep_checkpoints") if k in data}

@@ -59,6 +59,7 @@ class RecipeRunner:
         self.replay = None
         self.replay_texts: list[str] | None = None
         self.general_selection = None
+        self.mmlu = None
         self.base_path: str = ""
         self._log_history: dict[int, list] = {}
         self.overwrite = False
@@ -108,6 +109,7 @@ class RecipeRunner:
         self.check_replay()
         self.load_tasks()
         self.select_general_texts()
+        self.select_mmlu()
 
     def prepare(self) -> None:
         """The run folder, the base model and tokenizer, the replay set, run_state.json and row 0."""
@@ -180,9 +182,14 @@ class RecipeRunner:
         self.general_selection = data.select_general_texts(self.recipe, self.replay_texts, self.tasks)
         return self.general_selection
 
+    def select_mmlu(self):
+        self.mmlu = data.select_mmlu(self.recipe, self.replay_texts, self.tasks)
+        return self.mmlu
+
     def data_overlap(self) -> dict:
         """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
-        return data.describe_data_overlap(self.recipe, self.replay_texts, self.tasks, self.general_selection)
+        return data.describe_data_overlap(self.recipe, self.replay_texts, self.tasks, self.general_selection,
+                                          self.mmlu)
 
     # -- models ---------------------------------------------------------------------------------------------------------
 
@@ -241,7 +248,7 @@ class RecipeRunner:
             label=self.recipe.run_name, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
             general_max_length=ev.general_max_length, general_batch_size=ev.general_batch_size,
             lm_eval_task_names=ev.lm_eval_tasks or None, lm_eval_limit=ev.lm_eval_limit,
-            progress=sys.stderr.isatty(),
+            mmlu=self.mmlu if self.mmlu is not None else self.select_mmlu(), progress=sys.stderr.isatty(),
         )
 
     def evaluate_row(self, row: int) -> dict | None:

@@ -27,7 +27,7 @@ STAGES_DIR = "stages"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 BASE_MODEL_DIR = "base_model"
-REPORT_FILES = ("results.json", "report.md", "accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png")
+REPORT_FILES = ("results.json", "report.md", "accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png", "mmlu.png")
 
 
 def write_json(path: str, data: Any) -> None:

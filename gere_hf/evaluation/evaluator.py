@@ -34,6 +34,7 @@ class ContinualEvaluator:
         stage_names: names of rows 0..T (default ``"base"`` and the task names).
         label: the run's label in comparisons (e.g. ``"gere"``, ``"none"``).
         lm_eval_task_names: lm-evaluation-harness tasks also run at every row (optional, see :func:`lm_eval_tasks`).
+        mmlu: an :class:`~gere_hf.evaluation.mmlu.MMLUEvaluator` also run at every row (general knowledge retention).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class ContinualEvaluator:
         general_batch_size: int = 8,
         lm_eval_task_names: Sequence[str] | None = None,
         lm_eval_limit: int | float | None = None,
+        mmlu=None,
         progress: bool = True,
     ):
         self.tasks = list(tasks)
@@ -73,6 +75,7 @@ class ContinualEvaluator:
         self.general_batch_size = general_batch_size
         self.lm_eval_task_names = list(lm_eval_task_names) if lm_eval_task_names else None
         self.lm_eval_limit = lm_eval_limit
+        self.mmlu = mmlu
         self.progress = progress
         self._rows: dict[int, dict] = {}
 
@@ -92,8 +95,8 @@ class ContinualEvaluator:
         """Evaluate every task (and the general texts) and store them as row ``row`` (0 = base, t = after stage t).
 
         Returns ``{"row", "stage", "accuracy": {task: acc}, "choice_eos_accuracy": {task: {"with_eos", "without_eos"}}
-        (log-likelihood tasks only), "general": {...} or None, "lm_eval": ..., "seconds"}``. Evaluating a row again
-        overwrites it.
+        (log-likelihood tasks only), "general": {...} or None, "mmlu": ..., "lm_eval": ..., "seconds"}`` (``mmlu`` and
+        ``lm_eval`` only when measured). Evaluating a row again overwrites it.
         """
         if isinstance(row, bool) or not isinstance(row, numbers.Integral) or not 0 <= row <= self.num_stages:
             raise ValueError(
@@ -114,6 +117,8 @@ class ContinualEvaluator:
         eos_variants = {name: s.eos_variants for name, s in scores.items() if s.eos_variants is not None}
         if eos_variants:
             record["choice_eos_accuracy"] = eos_variants
+        if self.mmlu is not None:
+            record["mmlu"] = self.mmlu.evaluate(model, tokenizer)
         if self.lm_eval_task_names:
             record["lm_eval"] = lm_eval_tasks(model, tokenizer, self.lm_eval_task_names, self.lm_eval_limit)
         record["seconds"] = time.perf_counter() - start
@@ -123,6 +128,10 @@ class ContinualEvaluator:
             ", ".join(f"{k}={v:.3f}" for k, v in accuracy.items()),
             f", general NLL={general['nll']:.4f}" if general else "",
         )
+        if "mmlu" in record:
+            m = record["mmlu"]
+            logger.info("MMLU (%s, %d-shot) after %s: %.4f ± %.4f over %d questions", m["formulation"], m["shots"],
+                        self.stage_names[row], m["accuracy"], m["se"], m["num_questions"])
         return record
 
     def restore_row(self, record: dict) -> None:
@@ -138,6 +147,16 @@ class ContinualEvaluator:
         while t + 1 in self._rows:
             t += 1
         return t
+
+    def _mmlu_rows(self) -> list[dict]:
+        base = self._rows.get(0, {}).get("mmlu")
+        rows = []
+        for r in sorted(self._rows):
+            m = self._rows[r].get("mmlu")
+            if m is not None:
+                delta = None if base is None else m["accuracy"] - base["accuracy"]
+                rows.append({"stage": r, "name": self.stage_names[r], **m, "delta_vs_base": delta})
+        return rows
 
     def results(self) -> dict:
         """The JSON-ready results (schema in docs/evaluation.md)."""
@@ -181,6 +200,9 @@ class ContinualEvaluator:
         if eos_rows:
             out["choice_eos_accuracy"] = [{"stage": r, "accuracy": self._rows[r]["choice_eos_accuracy"]}
                                           for r in eos_rows]
+        if self.mmlu is not None:
+            out["mmlu"] = self._mmlu_rows()
+            out["mmlu_questions"] = self.mmlu.describe()
         if self.lm_eval_task_names:
             out["lm_eval"] = [{"stage": r, "results": self._rows[r].get("lm_eval")} for r in sorted(self._rows)]
         return out

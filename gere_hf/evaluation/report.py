@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 COMPARISON_FILE = "comparison.md"
-FIGURES = ("accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png")
+FIGURES = ("accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png", "mmlu.png")
+MMLU_CATEGORY_ORDER = ("Humanities", "STEM", "Social Sciences", "Other")
 _VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "gere_hf")
 
 
@@ -195,6 +196,31 @@ def _plot_ap(results: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _plot_mmlu(results: dict, path: str) -> None:
+    rows = results["mmlu"]
+    labels = _stage_labels(results)
+    xs = [m["stage"] for m in rows]
+    fig = _new_figure(max(5.0, 1.0 + 0.9 * len(xs)), 3.6)
+    ax = fig.add_subplot()
+    for name in MMLU_CATEGORY_ORDER:
+        pts = [(m["stage"], m["categories"][name]["accuracy"]) for m in rows if name in (m.get("categories") or {})]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", linewidth=1, alpha=0.5, label=name)
+    ax.errorbar(xs, [m["accuracy"] for m in rows], yerr=[m["se"] for m in rows], marker="o", linewidth=2.5,
+                color="black", capsize=3, label="overall (± 1 SE)")
+    chance = rows[0].get("chance")
+    if _num(chance):
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=0.8, label="chance")
+    ax.set_xticks(xs, [labels[x] if x < len(labels) else str(x) for x in xs], rotation=20, ha="right")
+    ax.set_ylabel("MMLU accuracy")
+    q = results.get("mmlu_questions") or {}
+    ax.set_title(f"MMLU ({q.get('formulation', '?')}, {q.get('shots', '?')}-shot, {q.get('num_questions', '?')} "
+                 f"questions){_title_suffix(results)}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path, dpi=110)
+
+
 def _title_suffix(results: dict) -> str:
     return f" — {results['label']}" if results.get("label") else ""
 
@@ -289,6 +315,7 @@ def _markdown_report(results: dict) -> str:
         ))
     else:
         out.append("Not measured (no held-out general texts were given).")
+    out += _mmlu_lines(results)
     out += _data_overlap_lines(results.get("data_overlap"))
 
     lm_eval = [e for e in results.get("lm_eval") or [] if e.get("results")]
@@ -350,6 +377,39 @@ def _choice_eos_lines(results: dict) -> list[str]:
     return lines + [_table(["Stage", *(f"{n} (with / without eos)" for n in tasks)], rows)]
 
 
+def _acc_se(entry: dict | None, digits: int = 4) -> str:
+    if not entry or not _num(entry.get("accuracy")):
+        return "–"
+    return f"{entry['accuracy']:.{digits}f} ± {entry['se']:.{digits}f}" if _num(entry.get("se")) else _fmt(
+        entry["accuracy"], digits)
+
+
+def _mmlu_lines(results: dict) -> list[str]:
+    rows = results.get("mmlu") or []
+    if not rows:
+        return []
+    labels = _stage_labels(results)
+    q = results.get("mmlu_questions") or {}
+    shots_from = {"dev": " (exemplars from the dev split)",
+                  "test": " (exemplars: the first of each subject's test questions, not scored)"}.get(
+        q.get("shots_from"), "")
+    out = ["", "## MMLU (general knowledge)", "",
+           f"{q.get('num_questions', '?')} MMLU test questions from `{q.get('source', '?')}`, stratified by subject "
+           f"(seed {q.get('seed', '?')}, fingerprint `{q.get('fingerprint', '?')}`), {q.get('shots', 0)}-shot"
+           f"{shots_from}, {q.get('formulation', '?')} form. Accuracy over questions ± its binomial standard error; "
+           f"chance is {_fmt(rows[0].get('chance'), 2)}. Macro: the mean over subjects.", ""]
+    header = ["Stage", "Accuracy", "Δ vs base", "Macro", *MMLU_CATEGORY_ORDER]
+    table = []
+    for m in rows:
+        cats = m.get("categories") or {}
+        table.append([labels[m["stage"]] if m["stage"] < len(labels) else str(m["stage"]), _acc_se(m),
+                      _fmt(m.get("delta_vs_base"), signed=True),
+                      _acc_se({"accuracy": m.get("macro_accuracy"), "se": m.get("macro_se")}),
+                      *[_acc_se(cats.get(c), 3) for c in MMLU_CATEGORY_ORDER]])
+    out.append(_table(header, table))
+    return out
+
+
 def _data_overlap_lines(overlap: Any) -> list[str]:
     """What the recipe runner passed over to keep the evaluation data apart from the replay texts."""
     if not isinstance(overlap, dict):
@@ -364,6 +424,12 @@ def _data_overlap_lines(overlap: Any) -> list[str]:
         lines.append(f"held-out texts: {general.get('num_texts')} taken from {general.get('source')}; of the "
                      f"{general.get('examined')} candidates examined, {dropped.get('replay', 0)} overlapped the replay "
                      f"texts and {dropped.get('tasks', 0)} the tasks' texts (passed over).")
+    mmlu = overlap.get("mmlu")
+    if isinstance(mmlu, dict):
+        dropped = mmlu.get("dropped") or {}
+        lines.append(f"MMLU: {mmlu.get('num_questions')} questions of {mmlu.get('pool')}; "
+                     f"{dropped.get('replay', 0)} overlapping the replay texts and {dropped.get('tasks', 0)} the tasks' "
+                     "texts passed over.")
     tasks = overlap.get("tasks") or {}
     if tasks:
         lines.append("Task eval examples passed over as overlapping the replay texts: "
@@ -388,7 +454,8 @@ def write_report(run_dir: str | os.PathLike, results: dict) -> dict[str, str]:
     ``results.json`` is ``results`` plus ``versions`` (torch, transformers, trl, peft, datasets, accelerate, gere_hf,
     python); ``timings`` and any other keys given are kept. Figures: ``accuracy_matrix.png`` (heatmap),
     ``ap_per_stage.png`` (AP over the seen tasks after each stage, with each task's curve) and ``general_ppl.png``
-    (held-out perplexity and ΔNLL per stage; only when general texts were measured).
+    (held-out perplexity and ΔNLL per stage; only when general texts were measured) and ``mmlu.png`` (MMLU accuracy
+    per stage with ±1 SE bars and the four categories; only when MMLU was measured).
 
     Returns ``{"results": path, "report": path, <figure name>: path, ...}``.
     """
@@ -405,6 +472,8 @@ def write_report(run_dir: str | os.PathLike, results: dict) -> dict[str, str]:
     figures = [("accuracy_matrix.png", _plot_accuracy_matrix), ("ap_per_stage.png", _plot_ap)]
     if results.get("general"):
         figures.append(("general_ppl.png", _plot_general))
+    if results.get("mmlu"):
+        figures.append(("mmlu.png", _plot_mmlu))
     for name, plot in figures:
         path = os.path.join(run_dir, name)
         plot(results, path)
@@ -436,6 +505,19 @@ def _final_general(results: dict) -> dict:
     return max(general, key=lambda g: g["stage"]) if general else {}
 
 
+def _final_mmlu(results: dict) -> dict:
+    rows = results.get("mmlu") or []
+    return max(rows, key=lambda m: m["stage"]) if rows else {}
+
+
+def _mmlu_key(results: dict) -> tuple | None:
+    """What must agree for two runs' MMLU to compare: the questions and exemplars (fingerprint) and the form."""
+    if not results.get("mmlu"):
+        return None
+    q = results.get("mmlu_questions") or {}
+    return q.get("fingerprint"), q.get("formulation")
+
+
 _METRIC_COLUMNS = (("AP", "ap", False), ("BWT", "bwt", True), ("FWT", "fwt", True),
                    ("Mean forgetting", "mean_forgetting", False))
 
@@ -447,13 +529,16 @@ def compare_runs(
     allow_mixed_scoring: bool = False,
 ) -> str:
     """A Markdown table comparing runs: one row per run, columns AP, BWT, FWT, mean forgetting, final ΔNLL (general
-    text, vs base) and final PPL. Each run is labelled by ``results["label"]`` or its folder name (or ``labels``).
+    text, vs base), final PPL, and final MMLU accuracy ± SE with its change from the base model (when every run
+    measured MMLU on the same questions in the same form). Each run is labelled by ``results["label"]`` or its
+    folder name (or ``labels``).
 
     Runs over different task sequences are compared on what they share: a warning says what differs and the task
     metrics are left out (general retention is still compared when the held-out texts match). Runs over the same tasks
     scored differently (mode, or whether a choice's eos token counts) raise :class:`MixedScoringError` naming the runs
     and the modes, unless ``allow_mixed_scoring`` (then a note says so). With ``out_dir`` the table is written to
-    ``comparison.md`` and the bar chart ``compare.png`` next to it.
+    ``comparison.md`` and the figure ``compare.png`` next to it: bars of the final figures and, below, per-stage
+    curves with one line per run (general ΔNLL, MMLU, AP over the seen tasks).
     """
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run folder.")
@@ -503,6 +588,17 @@ def compare_runs(
     elif not has_general and any(r.get("general") for r in runs):
         notes.append("Some runs have no general-text measurement; the general columns are left out.")
 
+    mmlu_keys = [_mmlu_key(r) for r in runs]
+    has_mmlu = all(k is not None for k in mmlu_keys)
+    same_mmlu = has_mmlu and len(set(mmlu_keys)) == 1
+    if has_mmlu and not same_mmlu:
+        message = (f"The runs measured MMLU on different questions or forms ({dict(zip(names, mmlu_keys))}); the MMLU "
+                   "columns are left out.")
+        logger.warning(message)
+        notes.append(message)
+    elif not has_mmlu and any(mmlu_keys):
+        notes.append("Some runs have no MMLU measurement; the MMLU columns are left out.")
+
     header = ["Run", "Stages"]
     if not same_tasks:
         header.insert(1, "Tasks")
@@ -510,6 +606,8 @@ def compare_runs(
     header += [name for name, _, _ in metric_columns]
     if same_general:
         header += ["Final ΔNLL vs base", "Final PPL"]
+    if same_mmlu:
+        header += ["Final MMLU", "ΔMMLU vs base"]
     rows = []
     for name, r, done in zip(names, runs, stages_done):
         metrics = r.get("metrics") or {}
@@ -520,6 +618,9 @@ def compare_runs(
         if same_general:
             final = _final_general(r)
             row += [_fmt(final.get("delta_nll_vs_base"), signed=True), _fmt(final.get("ppl"), 2)]
+        if same_mmlu:
+            final = _final_mmlu(r)
+            row += [_acc_se(final), _fmt(final.get("delta_vs_base"), signed=True)]
         rows.append(row)
     table = _table(header, rows)
     text = "\n".join([*(f"> **Note:** {n}" for n in notes), *([""] if notes else []), table]) + "\n"
@@ -533,7 +634,10 @@ def compare_runs(
         if same_general:
             panels.append(("Final ΔNLL vs base", [_final_general(r).get("delta_nll_vs_base") for r in runs]))
             panels.append(("Final PPL", [_final_general(r).get("ppl") for r in runs]))
-        _plot_comparison(names, panels, os.path.join(out_dir, "compare.png"))
+        if same_mmlu:
+            panels.append(("Final MMLU", [_final_mmlu(r).get("accuracy") for r in runs]))
+        curves = _stage_curves(runs, same_tasks, same_general, same_mmlu)
+        _plot_comparison(names, panels, os.path.join(out_dir, "compare.png"), curves, _stage_labels(runs[0]))
     return text
 
 
@@ -548,11 +652,47 @@ def _mixed_scoring(names: list[str], runs: list[dict]) -> list[str]:
     return out
 
 
-def _plot_comparison(names: list[str], panels: list[tuple[str, list]], path: str) -> None:
+def _stage_curves(runs: list[dict], same_tasks: bool, same_general: bool, same_mmlu: bool) -> list[tuple]:
+    """Per-stage curves, one line per run, as papers plot forgetting: ``(title, [[(stage, value, se)] per run])``."""
+    curves = []
+    if same_general:
+        curves.append(("General ΔNLL vs base (↓)", [
+            [(g["stage"], g.get("delta_nll_vs_base"), None) for g in r.get("general") or []] for r in runs]))
+    if same_mmlu:
+        curves.append(("MMLU accuracy (± 1 SE)", [
+            [(m["stage"], m.get("accuracy"), m.get("se")) for m in r.get("mmlu") or []] for r in runs]))
+    if same_tasks:
+        curves.append(("AP over the seen tasks", [
+            [(t, _seen_ap(row, t), None) for t, row in enumerate(r.get("matrix") or []) if t > 0] for r in runs]))
+    return curves
+
+
+def _plot_comparison(names: list[str], panels: list[tuple[str, list]], path: str, curves: Sequence[tuple] = (),
+                     stage_labels: Sequence[str] = ()) -> None:
+    """Bars of the final figures (top row) and, below, the per-stage curves of every run."""
     panels = panels or [("(nothing comparable)", [None] * len(names))]
-    fig = _new_figure(max(4.0, 2.6 * len(panels)), 3.4)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    columns = max(len(panels), len(curves))
+    fig = _new_figure(max(4.0, 2.6 * columns), 3.4 * (2 if curves else 1))
+    grid = fig.subplots(2 if curves else 1, columns, squeeze=False)
+    axes = grid[0]
     colors = [f"C{i % 10}" for i in range(len(names))]
+    for ax in list(axes[len(panels):]) + (list(grid[1][len(curves):]) if curves else []):
+        ax.set_visible(False)
+    for ax, (title, per_run) in zip(grid[1] if curves else [], curves):
+        for name, color, points in zip(names, colors, per_run):
+            points = [(x, y, e) for x, y, e in points if _num(y) and not math.isinf(y)]
+            if not points:
+                continue
+            xs, ys, es = zip(*points)
+            ax.plot(xs, ys, marker="o", color=color, label=name)
+            if all(_num(e) for e in es):
+                ax.fill_between(xs, [y - e for y, e in zip(ys, es)], [y + e for y, e in zip(ys, es)], color=color,
+                                alpha=0.15)
+        if stage_labels:
+            ax.set_xticks(range(len(stage_labels)), stage_labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
     for ax, (title, values) in zip(axes, panels):
         heights = [v if _num(v) and not math.isinf(v) else 0.0 for v in values]
         ax.bar(range(len(names)), heights, color=colors)
