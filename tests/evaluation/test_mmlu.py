@@ -291,12 +291,27 @@ def test_letter_form_on_a_known_output_model(tokenizer):
 
 
 def test_cloze_form_on_a_uniform_model(tokenizer):
-    """Under a uniform model an answer's log-likelihood is -(its bytes + eos) log V: the shortest answer wins, and the
+    """Under a uniform model an answer's log-likelihood is -(its bytes) log V: the shortest answer wins, and the
     length-normalised score picks the longest."""
     questions = _known_questions()
     record = _evaluator(questions, formulation="cloze").evaluate(BigramLM(torch.zeros(VOCAB, VOCAB)), tokenizer)
     assert record["accuracy"] == sum(q.answer == q.index % 4 for q in questions) / len(questions)
     assert record["normalized"]["accuracy"] == sum(q.answer == (q.index + 1) % 4 for q in questions) / len(questions)
+
+
+def test_cloze_answers_are_scored_without_the_eos_token(tokenizer):
+    """As lm-evaluation-harness scores MMLU's cloze form: a model slightly preferring answer 'b' but eager to stop after
+    'c' answers 'b'; the with-eos accuracy, from the same forwards, is recorded beside it and answers 'c'."""
+    table = torch.zeros(VOCAB, VOCAB)
+    table[byte_id(" "), byte_id("b")] = 1.0
+    table[byte_id("c"), 1] = 8.0  # eos (id 1) after 'c'
+    questions = [MMLUQuestion(SUBJECTS[i % len(SUBJECTS)], f"Question {i}?", ("a", "b", "c", "d"), 1 + (i % 2), i)
+                 for i in range(6)]
+    record = _evaluator(questions, formulation="cloze").evaluate(BigramLM(table), tokenizer)
+    assert record["accuracy"] == 0.5 and record["with_eos"]["accuracy"] == 0.5  # answers 1 and 2 alternate
+    right = {1: [q for q in questions if q.answer == 1], 2: [q for q in questions if q.answer == 2]}
+    assert _evaluator(right[1], formulation="cloze").evaluate(BigramLM(table), tokenizer)["accuracy"] == 1.0
+    assert _evaluator(right[2], formulation="cloze").evaluate(BigramLM(table), tokenizer)["with_eos"]["accuracy"] == 1.0
 
 
 def test_letter_form_on_the_tiny_model(tokenizer):
@@ -323,7 +338,7 @@ def test_letter_form_on_the_tiny_model(tokenizer):
             full = torch.log_softmax(model(torch.tensor([context])).logits[0, -1].float(), -1)
         assert full[letters].tolist() == pytest.approx(scores, abs=1e-5)
     assert all(0 < m < 1 for m in mass)
-    # the cloze form on the same model runs through score_choices
+    # the cloze form on the same model runs through choice_logprobs
     record = _evaluator(_known_questions(4), formulation="cloze").evaluate(model, tokenizer)
     assert 0 <= record["accuracy"] <= 1 and record["num_questions"] == 4
 
