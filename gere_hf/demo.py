@@ -51,6 +51,9 @@ LOSS_LABELS = {
 EOS_NOTE = ("Closed tasks rank their choices by log-likelihood with the end-of-sequence token TRL trains after "
             "the label (the matrix above); without it, the score no longer asks the model to stop after the label. "
             "Both come from the same forward passes.")
+NEWS_NOTE = ("News: the NLL change of the final model on news articles (gensim's Lee corpus), general English the "
+             "replay texts (Wikipedia) do not cover: replay CE trains on the replay domain, so retention outside it is "
+             "the harder test (nats per token; above 0: general capability lost).")
 BASE_ROW_FILE = "base_row.json"
 DEMO_FILE = "demo.json"
 PAPER_REPLAY_SAMPLES = 1000
@@ -87,8 +90,10 @@ class DemoSettings:
     weight: str = "dy"
     threshold_k: float = 1.0
     store_batch_size: int = 16
-    # Evaluation: held-out Wikipedia summaries (never replayed), cut to general_max_length tokens.
+    # Evaluation: held-out Wikipedia summaries (never replayed), cut to general_max_length tokens; and news articles,
+    # general text outside the replay domain (retention there is the harder test), for the base and final models.
     general_texts: int = 24
+    news_texts: int = 24
     general_max_length: int = 64
     eval_batch_size: int = 16
     max_new_tokens: int = 10
@@ -173,6 +178,7 @@ PRESETS = {
         replay_max_length=256,
         replay_per_step=4,
         general_texts=100,
+        news_texts=100,
         general_max_length=256,
         mmlu_questions=300,
         mmlu_formulation="cloze",
@@ -190,6 +196,7 @@ class DemoResult:
     results: dict = field(default_factory=dict)  # loss -> results.json content
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)
+    news: dict | None = None  # the NLL of news text (outside the replay domain): base and each run's final model
 
     def rows(self) -> dict[str, dict[str, Any]]:
         """Per loss: AP, BWT, FWT, mean forgetting, final ΔNLL and PPL of the general text (None where missing), and
@@ -206,7 +213,37 @@ class DemoResult:
             if results.get("mmlu"):
                 mmlu = max(results["mmlu"], key=lambda m: m["stage"])
                 out[loss].update(mmlu=mmlu["accuracy"], mmlu_se=mmlu["se"], delta_mmlu=mmlu["delta_vs_base"])
+            if self.news is not None:
+                out[loss]["delta_nll_news"] = self.news["delta_nll_vs_base"].get(loss)
         return out
+
+
+def measure_news_retention(settings: DemoSettings, run_dirs: dict[str, str]) -> dict | None:
+    """The NLL of ``settings.news_texts`` news articles (outside the replay domain) for the base model and each run's
+    final model, rebuilt from its stage folders; ``None`` with ``news_texts=0``."""
+    if not settings.news_texts:
+        return None
+    from .continual.adapters import load_stage_model
+    from .evaluation import general_perplexity
+    from .replay import news_texts
+
+    texts = news_texts(settings.news_texts)
+    last = len(settings.tasks)
+    first = next(iter(run_dirs.values()))
+    nll = {}
+    for name, run_dir, stage in [("base", first, 0)] + [(loss, d, last) for loss, d in run_dirs.items()]:
+        model, tokenizer = load_stage_model(run_dir, stage, merge=True)
+        nll[name] = general_perplexity(model, tokenizer, texts, max_length=settings.general_max_length,
+                                       batch_size=settings.eval_batch_size, progress=False)["nll"]
+        del model
+    return {"num_texts": len(texts), "max_length": settings.general_max_length, "source": "gensim lee_background.cor",
+            "nll": nll, "delta_nll_vs_base": {k: v - nll["base"] for k, v in nll.items() if k != "base"}}
+
+
+def news_table(news: dict, labels: dict[str, str]) -> str:
+    rows = [f"| {labels.get(loss, loss)} | {delta:+.4f} |" for loss, delta in news["delta_nll_vs_base"].items()]
+    return "\n".join([f"| Run | Final ΔNLL vs base, news (outside the replay domain, {news['num_texts']} texts) |",
+                      "|---|---|", *rows])
 
 
 def choice_eos_table(results: dict[str, dict], labels: dict[str, str] | None = None) -> str | None:
@@ -419,13 +456,20 @@ def run_demo(
 
     labels = [LOSS_LABELS.get(loss, loss) for loss in losses]
     table = compare_runs([run_dirs[x] for x in losses], out_dir=output_dir, labels=labels)
+    _say("measuring the base and final models on news text (outside the replay domain) ...")
+    news = measure_news_retention(settings, run_dirs)
+    news_md = news_table(news, dict(zip(losses, labels))) if news else None
+    if news_md:
+        with open(os.path.join(output_dir, "comparison.md"), "a", encoding="utf-8") as f:
+            f.write(f"\n## General text outside the replay domain\n\n{NEWS_NOTE}\n\n{news_md}\n")
     eos_table = choice_eos_table(results, dict(zip(losses, labels)))
     if eos_table:
         with open(os.path.join(output_dir, "comparison.md"), "a", encoding="utf-8") as f:
             f.write(f"\n## Choice scores with and without the end-of-sequence token\n\n{EOS_NOTE}\n\n{eos_table}")
     seconds = time.time() - start
-    demo_state.update({"seconds_this_call": round(seconds, 1), "table": table, "choice_eos_table": eos_table})
-    result = DemoResult(output_dir, table, run_dirs, results, seconds, settings.to_dict())
+    demo_state.update({"seconds_this_call": round(seconds, 1), "table": table, "choice_eos_table": eos_table,
+                       "news": news})
+    result = DemoResult(output_dir, table, run_dirs, results, seconds, settings.to_dict(), news)
     demo_state["rows"] = result.rows()
     write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
 
@@ -440,6 +484,10 @@ def run_demo(
           "0: general capability lost)."
           + (f" MMLU: accuracy on {settings.mmlu_questions} MMLU test questions ({settings.mmlu_formulation} form) ± "
              "its standard error, and its change from the base model." if settings.mmlu_questions else ""))
+    if news_md:
+        print()
+        print(news_md)
+        print(NEWS_NOTE)
     if eos_table:
         print()
         print(eos_table)
@@ -449,4 +497,5 @@ def run_demo(
     return result
 
 
-__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "choice_eos_table", "run_demo"]
+__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "choice_eos_table",
+           "measure_news_retention", "run_demo"]

@@ -322,6 +322,22 @@ def select_heldout_texts(
                          examined, dropped)
 
 
+def news_texts(num_samples: int = 24) -> list[str]:
+    """General English *outside* the replay domain, for a second measure of retention: the last ``num_samples``
+    articles of the Lee news corpus (300 Australian news articles of 2001) that ships in gensim's test data, read as
+    data. Replay CE trains on the replay domain (Wikipedia for the built-in ``wiki``); retention elsewhere is the harder
+    test."""
+    path = os.path.join(offline_package_dir("gensim"), "test", "test_data", "lee_background.cor")
+    if not os.path.isfile(path):
+        raise ReplayDataError(f"The installed gensim has no {path}. Install a gensim that ships its test data "
+                              "(`pip install gere_hf[demo]`).")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        texts = [" ".join(line.split()) for line in f if line.strip()]
+    if not 1 <= num_samples <= len(texts):
+        raise ReplayDataError(f"The news corpus has {len(texts)} articles; ask for 1 to {len(texts)}, not {num_samples}.")
+    return texts[-num_samples:]  # the corpus's last articles (any fixed choice would do)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Loading texts from any source
 # ----------------------------------------------------------------------------------------------------------------------

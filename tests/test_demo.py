@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -189,3 +190,26 @@ def test_demo_with_mmlu_reports_it_per_run(tmp_path):
     assert row["mmlu"] == results["mmlu"][-1]["accuracy"] and row["delta_mmlu"] == results["mmlu"][-1]["delta_vs_base"]
     assert "Final MMLU" in result.table
     assert "mmlu" in json.loads((out / "base_row.json").read_text())  # measured once, reused by the other runs
+
+
+def test_news_retention_is_measured_for_the_base_and_every_final_model(tmp_path):
+    """News text lies outside the replay domain: the demo measures it on the base and each run's final model (rebuilt
+    from its stage folders) and reports the change beside the held-out Wikipedia NLL."""
+    from gere_hf.demo import measure_news_retention
+    from gere_hf.evaluation import general_perplexity
+    from gere_hf.replay import news_texts
+
+    result = run_demo(str(tmp_path / "demo"), model="tiny-random-llama", losses=["none", "tm"],
+                      overrides={**TINY, "news_texts": 3})
+    news = result.news
+    assert news["num_texts"] == 3 and set(news["nll"]) == {"base", "none", "tm"}
+    assert news["delta_nll_vs_base"]["tm"] == pytest.approx(news["nll"]["tm"] - news["nll"]["base"])
+    assert result.rows()["none"]["delta_nll_news"] == news["delta_nll_vs_base"]["none"]
+    assert "outside the replay domain" in (tmp_path / "demo" / "comparison.md").read_text()
+    # the base figure is the plain model's
+    from gere_hf.continual.adapters import load_stage_model
+
+    model, tok = load_stage_model(result.runs["none"], 0, merge=True)
+    assert news["nll"]["base"] == pytest.approx(general_perplexity(model, tok, news_texts(3), max_length=
+                                                result.settings["general_max_length"], progress=False)["nll"])
+    assert measure_news_retention(dataclasses.replace(DemoSettings(), news_texts=0), result.runs) is None

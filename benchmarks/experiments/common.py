@@ -20,17 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")
 
 
-def news_texts(n: int = 40) -> list[str]:
-    from gere_hf.replay import offline_package_dir
-
-    path = os.path.join(offline_package_dir("gensim"), "test", "test_data", "lee_background.cor")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        texts = [" ".join(line.split()) for line in f if line.strip()]
-    return texts[-n:]  # the corpus's last articles (any fixed choice would do)
-
-
 def general_texts(kind: str, n: int) -> list[str]:
-    from gere_hf.replay import replay_heldout_texts
+    from gere_hf.replay import news_texts, replay_heldout_texts
 
     if kind == "wiki":
         return replay_heldout_texts(n)
