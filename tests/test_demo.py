@@ -93,7 +93,7 @@ def test_demo_runs_three_losses_shares_the_store_and_writes_the_report(tmp_path,
     assert saved["choice_eos_table"] == eos_table
     if eos_table:  # printed and in comparison.md where the two variants differ
         assert eos_table in printed and eos_table in (out / "comparison.md").read_text()
-    assert set(result.rows()["tm"]) == {"ap", "bwt", "fwt", "mean_forgetting", "delta_nll", "ppl"}
+    assert set(result.rows()["tm"]) == {"ap", "bwt", "fwt", "mean_forgetting", "delta_nll", "delta_nll_news", "ppl"}
 
     # A second demo in the same folder must not overwrite it; --resume keeps the finished runs.
     with pytest.raises(DemoError, match="--resume"):

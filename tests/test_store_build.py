@@ -217,13 +217,17 @@ def test_labels_of_a_half_precision_forward(replay, tmp_path, precision, capsys)
               "all within rounding of a threshold")
 
 
-def test_the_build_calls_the_module_so_its_own_hooks_run(replay, tmp_path):
+def test_the_build_calls_the_module_so_its_own_hooks_run(replay, tmp_path, request):
     """Inside train() accelerate wraps ``model.forward`` in autocast and keeps ``_original_forward``; the build must
     call the module itself (FSDP2 gathers parameters in forward pre-hooks on it), at the precision it was asked for,
     and leave the wrapper in place afterwards."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     plain = build(make_tiny_model(), replay, tmp_path / "plain", batch_size=8)
+    # AcceleratorState is a process-wide singleton: a Trainer built by an earlier test fixed its precision already.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(make_tiny_model())
     wrapped = model.forward
     assert "_original_forward" in model.__dict__

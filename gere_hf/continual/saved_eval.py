@@ -155,7 +155,7 @@ def _prepare_run(config: SavedEvalConfig) -> PreparedEval:
         raise SavedEvalError(f"The recipe recorded in {run} no longer parses: {err}") from None
     if config.seed is not None:
         recipe.seed = config.seed
-    replay = data.load_run_replay_texts(recipe, [])
+    replay = data.load_run_replay_texts(recipe)
     tasks = data.load_stage_tasks(recipe, replay)
     if config.tasks is not None:
         names = [t.name for t in tasks]
