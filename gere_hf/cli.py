@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="gere_demo")
     p.add_argument("--full", action="store_true",
                    help="A larger setting: 1,000 replay texts, 5x steps, 3-4x eval examples, 300 MMLU questions (cloze) "
-                        "per row (~2-2.5 h on 2 CPU cores, estimated).")
+                        "per row (~1.5-2 h on 2 CPU cores, estimated).")
     p.add_argument("--losses", default="none,ce,tm")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=_demo)

@@ -168,9 +168,9 @@ class DemoSettings:
 PRESETS = {
     "default": DemoSettings(),
     # More replay texts (the paper's 1,000, longer), 5× the training and 3–4× the eval examples, and MMLU (300 cloze
-    # questions a row: SmolLM2's base is 3.3 SE above chance in that form, at chance in the letter form; too slow for
+    # questions a row: SmolLM2's base is 3.8 SE above chance in that form, at chance in the letter form; too slow for
     # the default's 15 minutes, see docs/demo.md). Not timed here; estimated from the default's per-step and
-    # per-example costs and the measured MMLU cost: about 2–2.5 hours on the 2-core CPU.
+    # per-example costs and the measured MMLU cost: about 1.5–2 hours on the 2-core CPU.
     "full": DemoSettings(
         tasks=(("polarity", 150, 50), ("wiki_topic", 400, 60), ("trivia", 200, 60)),
         max_steps=100,
