@@ -60,12 +60,7 @@ def bare_forward(model, replay: ReplaySet, batch_size: int, chunk_size: int) -> 
     with _Clock() as clock, torch.no_grad():
         for c in range(len(plan.chunks)):
             for batch in plan.batches(c):
-                lengths = [replay.lengths[i] for i in batch]
-                ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for row, i in enumerate(batch):
-                    ids[row, : lengths[row]] = torch.tensor(replay.input_ids[i])
-                    mask[row, : lengths[row]] = 1
+                ids, mask = replay.padded_batch(batch)
                 device = next(model.parameters()).device
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
         if device.type == "cuda":
@@ -177,11 +172,7 @@ def rounding_flips(model, replay: ReplaySet, store: ReferenceStates, batch_size:
             for c in range(len(plan.chunks)):
                 for batch in plan.batches(c):
                     lengths = [replay.lengths[i] for i in batch]
-                    ids = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
-                    mask = torch.zeros_like(ids)
-                    for row, i in enumerate(batch):
-                        ids[row, : lengths[row]] = torch.tensor(replay.input_ids[i])
-                        mask[row, : lengths[row]] = 1
+                    ids, mask = replay.padded_batch(batch)
                     captured.clear()
                     model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
                     states = torch.cat([captured[-1][row, :n] for row, n in enumerate(lengths)])

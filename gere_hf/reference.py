@@ -824,13 +824,8 @@ class _Builder:
 
     def _forward_batch(self, batch: Sequence[int], captured: list, logits: bool = False):
         """Forward one right-padded batch; returns (outputs, the final norm's output, the samples' lengths)."""
-        pad_id = 0  # any id: padded positions are masked and never read back
-        lengths = [int(self.replay.lengths[i]) for i in batch]
-        ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), max(lengths)), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, : lengths[row]] = torch.tensor(self.replay.input_ids[i])
-            mask[row, : lengths[row]] = 1
+        lengths = [len(self.replay.input_ids[i]) for i in batch]
+        ids, mask = self.replay.padded_batch(batch)
         captured.clear()
         out = self._forward(ids, mask, logits=logits)
         hidden = captured[-1].detach()

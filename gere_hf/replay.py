@@ -21,7 +21,10 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -550,6 +553,19 @@ class ReplaySet:
     @property
     def num_tokens(self) -> int:
         return sum(self.lengths)
+
+    def padded_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples ``indices`` right-padded into ``(input_ids, attention_mask)``, both ``[len(indices), longest]``
+        int64; padded positions hold id 0 and are masked (the reference build and its benchmarks never read them)."""
+        import torch  # this module reads texts without torch (the data commands); only batching needs it
+
+        lengths = [len(self.input_ids[i]) for i in indices]
+        ids = torch.zeros((len(indices), max(lengths)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(indices):
+            ids[row, : lengths[row]] = torch.tensor(self.input_ids[i])
+            mask[row, : lengths[row]] = 1
+        return ids, mask
 
     @property
     def content_hash(self) -> str:
