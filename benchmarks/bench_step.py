@@ -34,6 +34,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import bench_model  # noqa: E402
 
 MODES = ("plain", "ce", "tm")
+PEAK_TFLOPS = {"cuda": 989.4}  # dense bf16 of an H100/H200 SXM (datasheet); MFU is also given against --ceiling
+
+
+def model_flops(model, lengths: list[int]) -> float:
+    """Model FLOPs of one training step over samples of these token counts (real tokens, padding not counted).
+
+    Matrix products: 6 FLOPs per weight and token for trained weights (forward, input and weight gradients), 4 for
+    frozen ones (no weight gradient: LoRA's base), the LM head included. Causal attention: QKᵀ and AV over the
+    earlier positions, 2·t²·d forward per layer and sample, ×3 with the backward.
+    """
+    import torch
+
+    weights = trained = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weights += module.weight.numel()
+            trained += module.weight.numel() if module.weight.requires_grad else 0
+    cfg = model.config
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    tokens = sum(lengths)
+    return 6 * trained * tokens + 4 * (weights - trained) * tokens + 6 * layers * hidden * sum(t * t for t in lengths)
 
 
 def _task_dataset(tokenizer, n: int, seq_len: int):
@@ -112,14 +133,16 @@ def run_mode(a) -> dict:
     # The mean, not the median: every mode sees the same batches, whose lengths (and so step times) vary by up to 3×;
     # the median of such a bimodal sample jumps between clusters on small shifts, the mean of the same steps does not.
     step_s = statistics.fmean(warm)
-    task_tokens = sum(len(x) for x in train["input_ids"][: a.batch_size * a.steps]) / a.steps
-    replay_tokens = sum(int(store.lengths[i]) for s in range(a.steps) for i in schedule.indices(s, 0, 0)) / a.steps
+    task_lengths = [len(x) for x in train["input_ids"][: a.batch_size * a.steps]]
+    replay_lengths = [int(store.lengths[i]) for s in range(a.steps) for i in schedule.indices(s, 0, 0)]
+    task_tokens, replay_tokens = sum(task_lengths) / a.steps, sum(replay_lengths) / a.steps
+    flops_per_step = model_flops(model, task_lengths + replay_lengths) / a.steps
     peak = (torch.cuda.max_memory_allocated() if a.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     data_s = getattr(trainer, "gere_data_seconds", 0.0) / max(len(times), 1)
     return {
         "mode": a.mode, "step_seconds": step_s, "tokens_per_second": (task_tokens + replay_tokens) / step_s,
-        "peak_memory_bytes": int(peak), "replay_data_seconds_per_step": data_s,
+        "model_flops_per_step": flops_per_step, "peak_memory_bytes": int(peak), "replay_data_seconds_per_step": data_s,
         "replay_data_share": data_s / step_s if a.mode != "plain" else None,
         "steps_timed": len(warm), "step_times": [round(t, 4) for t in warm],
     }
@@ -133,7 +156,7 @@ def _merge_repeats(runs: list[dict]) -> dict:
     tokens = statistics.fmean(r["tokens_per_second"] * r["step_seconds"] for r in runs)
     return {
         "mode": runs[0]["mode"], "step_seconds": step_s, "tokens_per_second": tokens / step_s,
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "replay_data_seconds_per_step": data_s,
+        "model_tflops": runs[0]["model_flops_per_step"] / step_s / 1e12, "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "replay_data_seconds_per_step": data_s,
         "replay_data_share": data_s / step_s if runs[0]["replay_data_share"] is not None else None,
         "steps_timed": len(times), "step_times": times, "repeat_step_seconds": [r["step_seconds"] for r in runs],
     }
@@ -157,6 +180,9 @@ def main():
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--peft", type=int, default=0, help="LoRA rank on every decoder linear layer (0: full fine-tuning)")
     p.add_argument("--repeats", type=int, default=1, help="Run every mode this many times, in turn; times averaged.")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense rate for MFU (default: 989.4 bf16 on CUDA, the H100/H200 SXM datasheet)")
+    p.add_argument("--ceiling", default=None, help="device_ceiling.py's JSON: MFU against the measured matrix rate too")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--store", help=argparse.SUPPRESS)
@@ -186,12 +212,20 @@ def main():
                       file=sys.stderr, flush=True)
     results = [_merge_repeats(runs[mode]) for mode in modes]
     by = {r["mode"]: r for r in results}
+    peak = a.peak_tflops or PEAK_TFLOPS.get(a.device.split(":")[0])
+    measured = None
+    if a.ceiling and os.path.isfile(a.ceiling):
+        with open(a.ceiling, encoding="utf-8") as f:
+            measured = json.load(f)["matmul_tflops"]
+    for r in results:
+        r["mfu"] = r["model_tflops"] / peak if peak else None
+        r["mfu_vs_measured_matmul"] = r["model_tflops"] / measured if measured else None
     print(f"\nmodel={a.model}{f' LoRA r={a.peft}' if a.peft else ' full fine-tuning'} device={a.device} "
           f"dtype={a.dtype} batch={a.batch_size} seq_len≤{a.seq_len} "
           f"replay/step={a.replay_per_step} steps={a.steps} repeats={a.repeats}")
-    print("| mode | s/step | tokens/s | peak memory (MiB) | replay data share | time vs ce | step by step vs ce "
-          "| memory vs ce |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | s/step | tokens/s | model TFLOP/s | MFU | peak memory (MiB) | replay data share | time vs ce "
+          "| step by step vs ce | memory vs ce |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ce = by.get("ce")
         tv = f"{r['step_seconds'] / ce['step_seconds']:.3f}×" if ce else "-"
@@ -199,8 +233,11 @@ def main():
         pv = f"{_paired_ratio(r, ce):.3f}×" if ce else "-"
         mv = f"{r['peak_memory_bytes'] / ce['peak_memory_bytes']:.3f}×" if ce else "-"
         share = f"{100 * r['replay_data_share']:.2f}%" if r["replay_data_share"] is not None else "-"
-        print(f"| {r['mode']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | "
-              f"{r['peak_memory_bytes'] / 2**20:.0f} | {share} | {tv} | {pv} | {mv} |")
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        if r["mfu_vs_measured_matmul"] is not None:
+            mfu += f" ({100 * r['mfu_vs_measured_matmul']:.1f}% of the measured matmul)"
+        print(f"| {r['mode']} | {r['step_seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['model_tflops']:.2f} | "
+              f"{mfu} | {r['peak_memory_bytes'] / 2**20:.0f} | {share} | {tv} | {pv} | {mv} |")
     if "ce" in by and a.repeats > 1:
         for r in results:
             ratios = [x / y for x, y in zip(r["repeat_step_seconds"], by["ce"]["repeat_step_seconds"])]
@@ -213,6 +250,7 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump({"settings": {k: v for k, v in vars(a).items() if k not in ("mode", "store", "out")},
+                       "peak_tflops": peak, "measured_matmul_tflops": measured,
                        "results": results}, f, indent=2)
 
 

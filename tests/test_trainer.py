@@ -518,3 +518,51 @@ def test_default_mix_uses_every_replay_sample_once_per_epoch(tmp_path, replay_st
     trainer.train()
     assert trainer.state.global_step == 8
     assert sorted(seen) == list(range(len(store)))
+
+
+# -- CUDA (skipped without a GPU; benchmarks/gpu.sh runs them on the device machine) -----------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _device_args(tmp_path, cuda, **kw):
+    return TrainingArguments(
+        str(tmp_path / ("cuda" if cuda else "cpu")), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+        report_to=[], use_cpu=not cuda, save_strategy="no", seed=0, disable_tqdm=True, learning_rate=1e-3,
+        max_grad_norm=0.0, **kw,
+    )
+
+
+@needs_cuda
+def test_cuda_bf16_store_built_inside_train_gives_a_zero_first_term(tmp_path):
+    """On the GPU with bf16 (accelerate's autocast there), the store built inside train() is recorded as the model
+    runs: TM is exactly 0 at the first step, and the step is finite."""
+    trainer = GeReTrainer(model=_model(), args=_device_args(tmp_path, True, bf16=True), train_dataset=_lm_dataset(),
+                          data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                          gere_config=GeReConfig(loss="tm", replay_source=_replay_dataset(), replay_num_samples=12,
+                                                 replay_max_length=48, replay_per_step=4,
+                                                 store_dir=str(tmp_path / "store")))
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert trainer.gere_store.fingerprint["precision"] == "bfloat16"
+    assert first["replay_term"] == 0.0 and torch.isfinite(torch.tensor(first["loss"]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("loss", ["ce", "tm"])
+def test_cuda_step_matches_the_cpu_step_in_fp32(tmp_path, replay_store, loss):
+    """The same fp32 step on the GPU and on the CPU: the logged loss, replay terms and gradient norm agree to float32
+    rounding (cuBLAS and CPU kernels sum in other orders); the store, built on the CPU, serves both."""
+    _, store = replay_store
+    logs = {}
+    for cuda in (False, True):
+        trainer = GeReTrainer(model=_perturbed_model(), args=_device_args(tmp_path, cuda), train_dataset=_lm_dataset(),
+                              data_collator=DataCollatorForLanguageModeling(TOK, mlm=False), processing_class=TOK,
+                              gere_config=GeReConfig(loss=loss, replay_per_step=4, weight="1.0"),
+                              reference_states=store)
+        trainer.train()
+        logs[cuda] = trainer.state.log_history[0]
+    keys = [k for k in ("loss", "task_loss", "replay_ce", "replay_term", "grad_norm") if k in logs[False]]
+    assert {"loss", "replay_ce", "grad_norm"} <= set(keys)
+    for key in keys:
+        assert logs[True][key] == pytest.approx(logs[False][key], rel=2e-4, abs=1e-6), key
