@@ -93,6 +93,13 @@ def run_mode(a) -> dict:
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
 
     times: list[float] = []
+    prof = None
+    if a.profile:  # torch.profiler over `profile` optimizer steps after the warm-up ones
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if a.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=activities,
+                                      schedule=torch.profiler.schedule(wait=a.warmup, warmup=1, active=a.profile))
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -104,6 +111,8 @@ def run_mode(a) -> dict:
             if a.device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
+            if prof is not None:
+                prof.step()
 
     args = TrainingArguments(
         a.out, per_device_train_batch_size=a.batch_size, max_steps=a.steps, logging_steps=a.steps, report_to=[],
@@ -128,7 +137,11 @@ def run_mode(a) -> dict:
                               gere_config=GeReConfig(loss=a.mode, replay_per_step=a.replay_per_step))
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    if prof is not None:
+        with prof:
+            trainer.train()
+    else:
+        trainer.train()
     warm = times[a.warmup:] or times
     # The mean, not the median: every mode sees the same batches, whose lengths (and so step times) vary by up to 3×;
     # the median of such a bimodal sample jumps between clusters on small shifts, the mean of the same steps does not.
@@ -145,6 +158,35 @@ def run_mode(a) -> dict:
         "model_flops_per_step": flops_per_step, "peak_memory_bytes": int(peak), "replay_data_seconds_per_step": data_s,
         "replay_data_share": data_s / step_s if a.mode != "plain" else None,
         "steps_timed": len(warm), "step_times": [round(t, 4) for t in warm],
+        "profile": profile_summary(prof, a.profile, times[a.warmup + 1 : a.warmup + 1 + a.profile]) if prof else None,
+    }
+
+
+# Host-side calls that stall a GPU step: allocator traffic (a cache miss frees and maps device memory) and
+# synchronisations (a .item(), a host copy, a bool() of a device tensor).
+_STALLS = ("cudaMalloc", "cudaFree", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync",
+           "aten::_local_scalar_dense", "aten::item")
+
+
+def profile_summary(prof, steps: int, step_seconds: list[float]) -> dict:
+    """Per profiled step: the device's busy time (sum of kernel time), the top operators by device and host time,
+    and the host calls that stall the device (counts and host milliseconds)."""
+    import torch
+
+    events = prof.key_averages()
+    # Kernels (and device copies) are their own events on the device: their self time is the device's busy time.
+    device = {e.key: e.self_device_time_total / 1e3 / steps for e in events
+              if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA}
+    host = {e.key: e.self_cpu_time_total / 1e3 / steps for e in events}
+    host.pop("ProfilerStep*", None)
+    stalls = {e.key: {"count_per_step": e.count / steps, "host_ms_per_step": e.self_cpu_time_total / 1e3 / steps}
+              for e in events if e.key in _STALLS}
+    step_ms = 1e3 * sum(step_seconds) / max(len(step_seconds), 1)
+    return {
+        "steps": steps, "step_ms": step_ms, "device_busy_ms": sum(device.values()),
+        "top_device_ms": dict(sorted(device.items(), key=lambda kv: -kv[1])[:12]),
+        "top_host_ms": dict(sorted(host.items(), key=lambda kv: -kv[1])[:12]),
+        "stalls": stalls,
     }
 
 
@@ -159,6 +201,7 @@ def _merge_repeats(runs: list[dict]) -> dict:
         "model_tflops": runs[0]["model_flops_per_step"] / step_s / 1e12, "peak_memory_bytes": max(r["peak_memory_bytes"] for r in runs), "replay_data_seconds_per_step": data_s,
         "replay_data_share": data_s / step_s if runs[0]["replay_data_share"] is not None else None,
         "steps_timed": len(times), "step_times": times, "repeat_step_seconds": [r["step_seconds"] for r in runs],
+        "profiles": [r.get("profile") for r in runs],
     }
 
 
@@ -180,6 +223,9 @@ def main():
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--peft", type=int, default=0, help="LoRA rank on every decoder linear layer (0: full fine-tuning)")
     p.add_argument("--repeats", type=int, default=1, help="Run every mode this many times, in turn; times averaged.")
+    p.add_argument("--profile", type=int, default=0,
+                   help="Profile this many steps after the warm-up (torch.profiler, CUDA too on a GPU): device busy "
+                        "time, top operators, allocator calls and synchronisations per step")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's dense rate for MFU (default: 989.4 bf16 on CUDA, the H100/H200 SXM datasheet)")
     p.add_argument("--ceiling", default=None, help="device_ceiling.py's JSON: MFU against the measured matrix rate too")
@@ -201,7 +247,7 @@ def main():
                 cmd = [sys.executable, __file__, "--mode", mode, "--store", store,
                        "--out", os.path.join(tmp, f"{mode}_{repeat}")]
                 for key in ("model", "device", "dtype", "steps", "warmup", "batch_size", "replay_per_step",
-                            "replay_samples", "seq_len", "peft"):
+                            "replay_samples", "seq_len", "peft", "profile"):
                     cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -242,6 +288,16 @@ def main():
         for r in results:
             ratios = [x / y for x, y in zip(r["repeat_step_seconds"], by["ce"]["repeat_step_seconds"])]
             print(f"{r['mode']} vs ce, each repeat: " + ", ".join(f"{x:.3f}×" for x in ratios))
+    for r in results:
+        for i, prof in enumerate(r["profiles"]):
+            if prof is None:
+                continue
+            print(f"\nprofile of {r['mode']} (repeat {i + 1}), per step: {prof['step_ms']:.1f} ms wall, device busy "
+                  f"{prof['device_busy_ms']:.1f} ms ({100 * prof['device_busy_ms'] / max(prof['step_ms'], 1e-9):.0f}%)")
+            print("  stalls: " + (", ".join(f"{k} ×{v['count_per_step']:.1f} ({v['host_ms_per_step']:.1f} ms host)"
+                                            for k, v in prof["stalls"].items()) or "none"))
+            print("  top device ms: " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in list(prof["top_device_ms"].items())[:8]))
+            print("  top host ms: " + ", ".join(f"{k[:40]} {v:.1f}" for k, v in list(prof["top_host_ms"].items())[:8]))
     if "ce" in by and "plain" in by:
         print(f"ce vs plain: time {by['ce']['step_seconds'] / by['plain']['step_seconds']:.3f}× "
               f"(step by step {_paired_ratio(by['ce'], by['plain']):.3f}×), memory "

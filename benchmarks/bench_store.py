@@ -113,7 +113,8 @@ def measure(model, replay: ReplaySet, batch_size: int, chunk_size: int, workdir:
     if limit:
         one_limit()
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
-        forwards = json.load(f)["build"].get("forwards")
+        build_record = json.load(f)["build"]
+    forwards = build_record.get("forwards")
     files = {name: os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)}
     total = sum(files.values())
     build_s = min(c.wall for c in builds)
@@ -133,6 +134,7 @@ def measure(model, replay: ReplaySet, batch_size: int, chunk_size: int, workdir:
         "official_bits_per_element": 32.0,
         "compression_vs_official": 4 * tokens * hidden / total,
         "forwards": forwards,  # batches forwarded per pass (statistics, labels again, padding), from the manifest
+        "seconds_by_phase": build_record.get("seconds_by_phase"),  # the last build's, from its manifest
         "peak_device_bytes": peaks,  # CUDA: torch.cuda.max_memory_allocated during the limit and the build
     }
     if limit:
@@ -323,6 +325,9 @@ def main(argv=None) -> dict:
                 rows.append(("forwards (batches)", f"{f['statistics']} + {f['labels']}",
                              f"for statistics + again for labels (states that did not stay on the device); "
                              f"{f['padding']} padding"))
+            if r.get("seconds_by_phase"):
+                rows.append(("build phases (last build)", f"{sum(r['seconds_by_phase'].values()):.2f} s",
+                             ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds_by_phase"].items())))
             if r["peak_device_bytes"]["build"] is not None:
                 p = r["peak_device_bytes"]
                 rows.append(("peak device memory", f"{p['build'] / 2**20:.0f} MiB",

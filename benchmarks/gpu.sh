@@ -13,7 +13,11 @@
 #   6. the FSDP2 path: the tiny recipe, LoRA and full fine-tuning, under
 #      `accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 1` (wrapping, hooks, the store
 #      build through FSDP2's hooks, saving); run_state.json says which distributed type accelerate ran;
-#   7. the store build again with keep_states_bytes=0 (every chunk forwarded twice), if time is left.
+#   7. diagnostics of the step, if time is left: plain / ce again with PyTorch's expandable-segments allocator
+#      (variable shapes without allocator cache misses), and a torch.profiler view of both (device busy time, top
+#      kernels, allocator calls and synchronisations per step);
+#   8. the store build again with keep_states_bytes=0 (every chunk forwarded twice), if time is left.
+# PARTS=name,name,... runs only those parts (a rerun of what failed).
 # Three files come back (the device tool brings at most 8): gpu.log (every part's table), packages.txt, and
 # results.json (each part's exit status, seconds and JSON).
 # Everything lands in $OUT when set (the device tool), else benchmarks/results/gpu/.
@@ -42,6 +46,9 @@ start=$SECONDS
 # part NAME MAX_SECONDS COMMAND...: runs COMMAND under the smaller of MAX_SECONDS and the budget left.
 part() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${PARTS:-}" ] && [[ ",$PARTS," != *",$name,"* ]]; then
+    return
+  fi
   local left=$((BUDGET - (SECONDS - start)))
   if [ "$left" -lt 30 ]; then
     echo "== $name: skipped, ${left} s of the budget left"
@@ -69,9 +76,9 @@ part() {
     echo "== wheels: $(ls "$WHEELS"/*.whl | wc -l) from $WHEELS installed in $((SECONDS - t0)) s, first on PYTHONPATH"
   fi
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1  # no progress bars
-  export MODEL DEVICE DTYPE SAMPLES STEPS BATCH RECIPE_STEPS BUDGET
+  export MODEL DEVICE DTYPE SAMPLES STEPS BATCH RECIPE_STEPS BUDGET PARTS="${PARTS:-}"
   "$PY" benchmarks/gpu_wheels.py check --wheels "$WHEELS" --out "$dest"
-  echo "MODEL=$MODEL DEVICE=$DEVICE DTYPE=$DTYPE SAMPLES=$SAMPLES STEPS=$STEPS BATCH=$BATCH RECIPE_STEPS=$RECIPE_STEPS BUDGET=$BUDGET"
+  echo "MODEL=$MODEL DEVICE=$DEVICE DTYPE=$DTYPE SAMPLES=$SAMPLES STEPS=$STEPS BATCH=$BATCH RECIPE_STEPS=$RECIPE_STEPS BUDGET=$BUDGET PARTS=${PARTS:-all}"
 
   part ceiling 40 "$PY" benchmarks/device_ceiling.py --device "$DEVICE" --json "$json/ceiling.json"
   part cuda_tests 90 "$PY" -m pytest tests/test_store_build.py tests/test_trainer.py -q -k cuda -p no:cacheprovider -rs
@@ -102,6 +109,11 @@ json.dump({"stages": stages}, open(sys.argv[2], "w"), indent=2)
 print("   stages:", ", ".join(f"{s['name']} {s['status']} under {s['distributed_type']}" for s in stages))
 EOF
   done
+  step_args=(--model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --replay-samples 200 --batch-size "$BATCH"
+    --steps "$STEPS" --replay-per-step 4 --modes plain,ce)
+  part step_expandable 80 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" benchmarks/bench_step.py \
+    "${step_args[@]}" --json "$json/step_expandable.json"
+  part step_profile 90 "$PY" benchmarks/bench_step.py "${step_args[@]}" --profile 5 --json "$json/step_profile.json"
   part store_two_pass 60 "$PY" benchmarks/bench_store.py --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
     --num-samples "$SAMPLES" --repeats 1 --keep-states-bytes 0 --json "$json/store_two_pass.json"
 
@@ -113,7 +125,7 @@ for line in open(os.path.join(work, "parts.tsv")):
     name, status, secs = line.rstrip("\n").split("\t")
     parts[name] = {"status": status, "seconds": int(secs)}
 results = {"seconds": seconds, "parts": parts, "environment": {k: os.environ.get(k) for k in (
-    "MODEL", "DEVICE", "DTYPE", "SAMPLES", "STEPS", "BATCH", "RECIPE_STEPS", "BUDGET")}}
+    "MODEL", "DEVICE", "DTYPE", "SAMPLES", "STEPS", "BATCH", "RECIPE_STEPS", "BUDGET", "PARTS")}}
 for f in sorted(os.listdir(os.path.join(work, "json"))):
     results[f[:-5]] = json.load(open(os.path.join(work, "json", f)))
 json.dump(results, open(os.path.join(dest, "results.json"), "w"), indent=2)

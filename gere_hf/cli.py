@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 
 
 def _cache(args) -> int:
@@ -264,7 +265,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as e:
         # Our errors name the problem and the fix; a traceback would bury that. OSError: transformers reports a
-        # model path that does not exist (or is no model) as OSError, not FileNotFoundError.
+        # model path that does not exist (or is no model) as OSError, not FileNotFoundError. Anything else (an error
+        # inside torch, accelerate, ...) keeps its traceback: where it was raised is what a report needs.
+        if not isinstance(e, OSError) and not type(e).__module__.startswith("gere_hf"):
+            traceback.print_exc()
         print(f"gere-hf {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -664,6 +664,8 @@ class _Builder:
         self.chunk_stats: dict[int, dict[str, np.ndarray]] = {}
         self.stats: dict[str, np.ndarray] | None = None  # the store's statistics and thresholds, once known
         self.forwards = {"statistics": 0, "labels": 0, "padding": 0}  # batches forwarded by this rank, per purpose
+        # Rank 0's wall seconds per phase: where a build's time goes beyond its forwards (docs/benchmarks.md).
+        self.phase_seconds = {"prepare": 0.0, "record": 0.0, "label": 0.0, "assemble": 0.0}
 
     # -- space --------------------------------------------------------------------------------------------------------
 
@@ -758,11 +760,14 @@ class _Builder:
                 budget = self._state_budget()
                 padding = _padding_to_max(sum(len(self.plan.batches(c)) for c in to_record))
                 t0 = time.time()
+                self.phase_seconds["prepare"] = round(t0 - self.started, 3)
                 for c in to_record:
                     self._record_chunk(c, captured, budget, bar)
                     bar.set_postfix(tok_per_s=f"{(bar.n - done_tokens) / max(time.time() - t0, 1e-9):.0f}")
                 self._padding_forwards(padding, captured)
                 self.stats = self._reduce_statistics(mine, world)
+                t1 = time.time()
+                self.phase_seconds["record"] = round(t1 - t0, 3)
                 to_label = [c for c in mine if not self._labelled(c)]
                 again = [c for c in to_label if c not in self.kept]
                 padding = _padding_to_max(sum(len(self.plan.batches(c)) for c in again))
@@ -772,6 +777,7 @@ class _Builder:
                 for c in to_label:
                     self._label_chunk(c, captured)
                 self._padding_forwards(padding, captured)
+                self.phase_seconds["label"] = round(time.time() - t1, 3)
         finally:
             handle.remove()
             self.kept.clear()
@@ -797,7 +803,7 @@ class _Builder:
         stack = contextlib.ExitStack()
         if self.reference == "base" and is_peft_model(self.model):
             peft_model = self.model if hasattr(self.model, "disable_adapter") else self.model.module
-            stack.enter_context(peft_model.disable_adapter())
+            stack.enter_context(_adapters_disabled(peft_model))
         device = self._device()
         if self.dtype is not None and precision_name(self.dtype) != _compute_precision(self.model):
             stack.enter_context(torch.autocast(device.type, dtype=self.dtype))
@@ -964,6 +970,7 @@ class _Builder:
     # -- assembly (main process) --------------------------------------------------------------------------------------
 
     def assemble(self) -> None:
+        self._assemble_started = time.time()
         with self._disk_errors():
             self._assemble()
 
@@ -1032,6 +1039,7 @@ class _Builder:
         bytes_on_disk = sum(f["bytes"] for f in files.values())
         label_bytes = files["labels.bin"]["bytes"]
         seconds = time.time() - self.started
+        self.phase_seconds["assemble"] = round(time.time() - self._assemble_started, 3)
         total_labels = max(int(label_counts.sum()), 1)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -1058,7 +1066,7 @@ class _Builder:
             # Rank 0's batches forwarded for statistics (pass 1), again for labels (states that did not stay on the
             # device, or a resumed build's), and as padding: what keep_states_bytes and an interruption cost.
             "build": {"seconds": round(seconds, 3), "tokens_per_second": round(num_tokens / max(seconds, 1e-9), 1),
-                      "forwards": dict(self.forwards)},
+                      "forwards": dict(self.forwards), "seconds_by_phase": dict(self.phase_seconds)},
         }
         _atomic_write_bytes(os.path.join(self.out_dir, MANIFEST), json.dumps(manifest, indent=2).encode())
         shutil.rmtree(self.work, ignore_errors=True)
@@ -1122,6 +1130,24 @@ def _remove_store_files(path: str) -> None:
     for name in (MANIFEST,) + STORE_FILES + sum(EXTRA_FILES.values(), ()):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(path, name))
+
+
+@contextlib.contextmanager
+def _adapters_disabled(peft_model):
+    """PEFT's ``disable_adapter()`` with every parameter's ``requires_grad`` left as it was.
+
+    PEFT turns ``requires_grad`` off on the disabled adapters; FSDP2 initialises its mixed-precision dtypes lazily,
+    at the first forward, from the parameters that require gradients then. The build's forward is often that first
+    one: FSDP2 would then see no trainable parameter, skip the cast of the reduced gradients back to the adapters'
+    float32, and the first backward fails ("assign a gradient with dtype BFloat16 to a tensor with grad_dtype
+    Float", seen on an H200 with LoRA, bf16 and gradient checkpointing). The forward runs under no_grad, so the
+    flags change nothing in it.
+    """
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    with peft_model.disable_adapter():
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        yield
 
 
 @contextlib.contextmanager

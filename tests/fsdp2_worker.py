@@ -6,7 +6,8 @@ Usage: fsdp2_worker.py CONFIG.json, with CONFIG keys
                       accelerate 1.15's fsdp2_prepare_model shards it (each decoder layer, the embedding, the final
                       norm with the LM head, the root);
              "train"  GeReTrainer under accelerate's own FSDP2 path (``fsdp2`` true) or plainly (false: the
-                      1-process reference); ``peft``, ``bf16``, ``ga``, ``steps``; the store is built inside train().
+                      1-process reference); ``peft``, ``bf16``, ``ga``, ``steps``, ``gradient_checkpointing``; the
+                      store is built inside train().
 
 accelerate enables FSDP only on GPUs: on a CPU its state says MULTI_CPU. Here the state is told it is FSDP (a
 class-level distributed_type and the plugin accelerate would have set, mixed precision included), so that
@@ -115,7 +116,7 @@ def train(cfg) -> dict:
         cfg["out"], per_device_train_batch_size=2, gradient_accumulation_steps=cfg["ga"], max_steps=cfg["steps"],
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
         learning_rate=1e-3, ddp_backend="gloo" if cfg["fsdp2"] else None, bf16=cfg.get("bf16", False),
-        max_grad_norm=1.0,
+        max_grad_norm=1.0, gradient_checkpointing=cfg.get("gradient_checkpointing", False),
     )
     texts = [f"Replay text {i}. " + "general knowledge about rivers and stars " * (1 + i % 4) for i in range(12)]
     trainer = FSDP2Trainer(

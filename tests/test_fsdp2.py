@@ -120,6 +120,19 @@ def test_bf16_under_fsdp2_mixed_precision_records_what_training_computes(tmp_pat
     assert torch.tensor([h["replay_term"] for h in ranks[0]["logs"][1:]]).gt(0).all()
 
 
+@pytest.mark.slow
+def test_lora_in_bf16_with_gradient_checkpointing_under_fsdp2_trains(tmp_path):
+    """The H200 check's LoRA recipe (2026-12-04) failed at its first backward: the store build disabled the adapters
+    (PEFT turns their requires_grad off) during FSDP2's first forward, where FSDP2 fixes its mixed-precision dtypes
+    from the parameters that require gradients, so the reduced bf16 gradients were never cast back to the float32
+    adapters. The build now leaves requires_grad as it was."""
+    ranks = _run(tmp_path, "lora_bf16_gc", 2, mode="train", fsdp2=True, peft=True, bf16=True,
+                 gradient_checkpointing=True)
+    logs = ranks[0]["logs"]
+    assert len(logs) == 3 and logs[0]["replay_term"] == 0.0
+    assert all(np.isfinite(h["loss"]) and np.isfinite(h["grad_norm"]) for h in logs)
+
+
 def test_the_shipped_fsdp2_config_launches_fsdp2_with_full_state_dicts(monkeypatch):
     """What `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` hands the training processes, and the
     plugin accelerate builds from it there."""
@@ -150,3 +163,31 @@ def test_the_recipe_runner_refuses_fsdp_sharded_state_dicts():
     check_fsdp_saves_full_weights(SimpleNamespace(fsdp_plugin=SimpleNamespace(state_dict_type="FULL_STATE_DICT")))
     with pytest.raises(RecipeError, match="SHARDED_STATE_DICT.*FULL_STATE_DICT"):
         check_fsdp_saves_full_weights(SimpleNamespace(fsdp_plugin=SimpleNamespace(state_dict_type="SHARDED_STATE_DICT")))
+
+
+def test_the_next_stage_sets_fsdp_up_again_after_the_state_reset(request, monkeypatch):
+    """Between stages the runner resets accelerate's state. AcceleratorState writes its FSDP type into PartialState's
+    shared state, and a second AcceleratorState reading it skipped its FSDP set-up (no plugin: stage 2 of the H200
+    check failed with "no attribute 'is_fsdp2'"). The launch's own type (a one-GPU launch's, here set by hand: this
+    machine has no GPU) is given back on reset, and the second state has its plugin."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    from gere_hf.continual import launch
+
+    request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    PartialState(cpu=True)
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # what a GPU launch sets up
+    launch_type = launch.launch_distributed_type()
+
+    def stage():
+        state = AcceleratorState(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2),
+                                 dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)  # as Accelerator does
+        return state.distributed_type, state.is_fsdp2
+
+    assert stage() == (DistributedType.FSDP, True)
+    assert PartialState._shared_state["distributed_type"] == DistributedType.FSDP  # accelerate's own write
+    launch.reset_accelerator_state(launch_type)
+    assert stage() == (DistributedType.FSDP, True)

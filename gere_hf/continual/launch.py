@@ -174,10 +174,23 @@ def free_memory() -> None:
         pass
 
 
-def reset_accelerator_state() -> None:
+def launch_distributed_type():
+    """The launch's own distributed type (PartialState's, as TrainingArguments set it up), before any Accelerator
+    writes its plugin's type (FSDP, DEEPSPEED) over it; None if no PartialState exists yet."""
+    from accelerate.state import PartialState
+
+    return PartialState._shared_state.get("distributed_type")
+
+
+def reset_accelerator_state(launch_type=None) -> None:
     """Let the next stage's Trainer create its own Accelerator: accelerate refuses a second one with a DeepSpeed
-    plugin while the first one's state lives. The process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState, GradientState
+    plugin while the first one's state lives. The process group (PartialState) is kept, with the launch's own
+    distributed type given back: AcceleratorState writes FSDP into PartialState's shared state, and the next
+    AcceleratorState, reading that, would skip its FSDP set-up and have no plugin (seen on an H200: stage 2 failed
+    with "'AcceleratorState' object has no attribute 'is_fsdp2'")."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if launch_type is not None and PartialState._shared_state:
+        PartialState._shared_state["distributed_type"] = launch_type

@@ -53,6 +53,7 @@ class RecipeRunner:
         self.state: dict = {}
         self.tasks: list = []
         self.stage_args: list = []
+        self.launch_type = None  # the launch's own accelerate distributed type (build_training_args)
         self.hub: HubTarget | None = None
         self.evaluator = None
         self.tokenizer = None
@@ -171,6 +172,7 @@ class RecipeRunner:
         self.stage_args = launch.build_stage_args(
             self.recipe, [os.path.join(self.stage_dir(i), CHECKPOINTS_DIR) for i in range(1, len(self.recipe.stages) + 1)]
         )
+        self.launch_type = launch.launch_distributed_type()
 
     def check_replay(self) -> None:
         self.replay_texts = data.load_run_replay_texts(self.recipe)
@@ -388,7 +390,7 @@ class RecipeRunner:
         self._log_history[index] = trainer.state.log_history
         trainer.accelerator.free_memory()
         del trainer, model
-        launch.reset_accelerator_state()
+        launch.reset_accelerator_state(self.launch_type)
         launch.free_memory()
         barrier()
 
