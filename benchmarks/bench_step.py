@@ -90,7 +90,9 @@ def run_mode(a) -> dict:
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                  "up_proj", "down_proj"]))
     train = _task_dataset(tok, a.batch_size * (a.steps + 2), a.seq_len)
-    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    # Task batches padded to a multiple of N: fewer distinct shapes (on a GPU each new sequence length costs cuDNN's
+    # attention a new plan: docs/benchmarks.md, "The GPU check").
+    collator = DataCollatorForLanguageModeling(tok, mlm=False, pad_to_multiple_of=a.pad_to_multiple_of or None)
 
     times: list[float] = []
     prof = None
@@ -221,6 +223,7 @@ def main():
     p.add_argument("--replay-samples", type=int, default=200)
     p.add_argument("--seq-len", type=int, default=563)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--pad-to-multiple-of", type=int, default=0, help="pad task batches to a multiple of this (0: no)")
     p.add_argument("--peft", type=int, default=0, help="LoRA rank on every decoder linear layer (0: full fine-tuning)")
     p.add_argument("--repeats", type=int, default=1, help="Run every mode this many times, in turn; times averaged.")
     p.add_argument("--profile", type=int, default=0,
@@ -247,7 +250,7 @@ def main():
                 cmd = [sys.executable, __file__, "--mode", mode, "--store", store,
                        "--out", os.path.join(tmp, f"{mode}_{repeat}")]
                 for key in ("model", "device", "dtype", "steps", "warmup", "batch_size", "replay_per_step",
-                            "replay_samples", "seq_len", "peft", "profile"):
+                            "replay_samples", "seq_len", "peft", "profile", "pad_to_multiple_of"):
                     cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -268,7 +271,8 @@ def main():
         r["mfu_vs_measured_matmul"] = r["model_tflops"] / measured if measured else None
     print(f"\nmodel={a.model}{f' LoRA r={a.peft}' if a.peft else ' full fine-tuning'} device={a.device} "
           f"dtype={a.dtype} batch={a.batch_size} seq_len≤{a.seq_len} "
-          f"replay/step={a.replay_per_step} steps={a.steps} repeats={a.repeats}")
+          f"replay/step={a.replay_per_step} steps={a.steps} repeats={a.repeats}"
+          + (f" task batches padded to a multiple of {a.pad_to_multiple_of}" if a.pad_to_multiple_of else ""))
     print("| mode | s/step | tokens/s | model TFLOP/s | MFU | peak memory (MiB) | replay data share | time vs ce "
           "| step by step vs ce | memory vs ce |")
     print("|---|---|---|---|---|---|---|---|---|---|")

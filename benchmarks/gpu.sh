@@ -14,8 +14,9 @@
 #      `accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 1` (wrapping, hooks, the store
 #      build through FSDP2's hooks, saving); run_state.json says which distributed type accelerate ran;
 #   7. diagnostics of the step, if time is left: plain / ce again with PyTorch's expandable-segments allocator
-#      (variable shapes without allocator cache misses), and a torch.profiler view of both (device busy time, top
-#      kernels, allocator calls and synchronisations per step);
+#      (variable shapes without allocator cache misses), a torch.profiler view of both (device busy time, top
+#      kernels, allocator calls and synchronisations per step), and with task batches padded to a multiple of 64
+#      (fewer shapes: each new length costs cuDNN's attention a new plan);
 #   8. the store build again with keep_states_bytes=0 (every chunk forwarded twice), if time is left.
 # PARTS=name,name,... runs only those parts (a rerun of what failed).
 # Three files come back (the device tool brings at most 8): gpu.log (every part's table), packages.txt, and
@@ -114,6 +115,8 @@ EOF
   part step_expandable 80 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" benchmarks/bench_step.py \
     "${step_args[@]}" --json "$json/step_expandable.json"
   part step_profile 90 "$PY" benchmarks/bench_step.py "${step_args[@]}" --profile 5 --json "$json/step_profile.json"
+  part step_padded 80 "$PY" benchmarks/bench_step.py "${step_args[@]}" --pad-to-multiple-of 64 \
+    --json "$json/step_padded.json"
   part store_two_pass 60 "$PY" benchmarks/bench_store.py --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
     --num-samples "$SAMPLES" --repeats 1 --keep-states-bytes 0 --json "$json/store_two_pass.json"
 

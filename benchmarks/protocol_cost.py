@@ -16,6 +16,13 @@ forward over the held-out texts after every stage and before the first; TM's own
 measured fractions of a step (docs/benchmarks.md, section 2 and 3). The accuracy matrix (every task's test set in
 every row) is part of the protocol with or without GeRe. ``--tflops`` turns the units into H200-hours (an assumed
 sustained throughput, not a measurement).
+
+``--measured RESULTS.json`` (what benchmarks/gpu.sh brings back from a GPU) replaces the assumptions by what that run
+measured: the throughput (model TFLOP/s of the plain LoRA step), TM's own share (TM ÷ CE step, step by step, minus 1),
+the replay data path's share, the store build's forwards (1 ÷ its ratio to the bare forward), and a part the token
+count cannot see: the step layout, CE ÷ plain on the same tokens minus 1 (replay in its own forward, task batches at
+their own lengths), applied to every trained token. "Beyond its replay tokens" is everything GeRe adds except the
+replay tokens' own training compute (target ≤ 2 % of the run).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 
 # O-LoRA's long sequence as the paper recipe describes it: about 1,000 training and 500 test examples per class
 # (CB and COPA have fewer in their sources). Classes per task, in the recipe's order.
@@ -53,8 +61,13 @@ def main(argv=None) -> dict:
     p.add_argument("--tm-share", type=float, default=0.0013, help="TM's own work per step, measured (SmolLM2, CPU)")
     p.add_argument("--data-share", type=float, default=0.0037, help="replay data path per step, measured (tiny, CPU)")
     p.add_argument("--tflops", type=float, default=400.0, help="assumed sustained bf16 TFLOP/s of one H200")
+    p.add_argument("--layout-overhead", type=float, default=0.0,
+                   help="CE step ÷ plain step on the same tokens, minus 1 (measured on a GPU: --measured)")
+    p.add_argument("--measured", default=None, help="results.json of benchmarks/gpu.sh: measured inputs (docstring)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if a.measured:
+        measured_inputs(a)
 
     train_examples = sum(SMALL.get(t, (1000 * c, 0))[0] for t, c in TASKS.items())
     test_examples = sum(SMALL.get(t, (0, 500 * c))[1] for t, c in TASKS.items())
@@ -77,6 +90,7 @@ def main(argv=None) -> dict:
         "TM's own work": a.tm_share * (plain_train + replay_trained * a.train_factor * n),
         "replay data path": a.data_share * (plain_train + replay_trained * a.train_factor * n),
         "general-retention rows": rows * a.general_texts * a.general_max_length * a.forward_factor * n,
+        "step layout (measured)": a.layout_overhead * (plain_train + replay_trained * a.train_factor * n),
     }
     added = sum(parts.values())
     run = plain_train + accuracy_matrix
@@ -97,15 +111,40 @@ def main(argv=None) -> dict:
     print(f"| **GeRe in all** | | {added / n:,.3g} | **{added / plain_train:.1%}** | **{added / run:.1%}** | "
           f"{hours(added):.2f} |")
     dominant = max(parts, key=parts.get)
+    beyond = added - parts[f"replay trained ({replay_rule})"]
     print(f"largest part: {dominant} ({parts[dominant] / added:.0%} of what GeRe adds); target: ≤ 5 % of the run")
+    print(f"beyond its replay tokens GeRe adds {beyond / run:.2%} of the run ({beyond / plain_train:.2%} of the "
+          f"training); target ≤ 2 %")
     result = {"settings": vars(a), "train_examples": train_examples, "test_examples": test_examples, "steps": steps,
               "plain_training_flop": plain_train, "accuracy_matrix_flop": accuracy_matrix, "parts_flop": parts,
               "added_share_of_training": added / plain_train, "added_share_of_run": added / run,
-              "dominant": dominant}
+              "beyond_replay_share_of_run": beyond / run, "dominant": dominant}
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _paired(results: list[dict], mode: str, ref: str) -> float:
+    """Median over steps of mode's step time ÷ ref's (every mode trains the same batches in the same order)."""
+    by = {r["mode"]: r["step_times"] for r in results}
+    return statistics.median(x / y for x, y in zip(by[mode], by[ref]))
+
+
+def measured_inputs(a) -> None:
+    """Set the estimate's inputs from a gpu.sh results.json, and say which."""
+    with open(a.measured, encoding="utf-8") as f:
+        r = json.load(f)
+    step = r.get("step_lora") or r["step_full"]
+    by = {x["mode"]: x for x in step["results"]}
+    a.tflops = by["plain"]["model_tflops"]
+    a.tm_share = max(_paired(step["results"], "tm", "ce") - 1.0, 0.0)
+    a.data_share = by["ce"]["replay_data_share"]
+    a.layout_overhead = max(_paired(step["results"], "ce", "plain") - 1.0, 0.0)
+    if "store" in r:
+        a.build_forwards = 1.0 / r["store"]["main"]["build_to_limit_ratio"]
+    print(f"measured ({a.measured}): plain LoRA step {a.tflops:.1f} model TFLOP/s; TM own {a.tm_share:.2%}; data path "
+          f"{a.data_share:.2%}; step layout +{a.layout_overhead:.1%}; store build {a.build_forwards:.2f} forwards")
 
 
 if __name__ == "__main__":
