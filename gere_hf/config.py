@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from .losses import CE_REDUCTIONS
 from .replay_terms import ReplayTerm, get_replay_term, replay_loss_names
 
 REFERENCES = ("base", "stage_start")
@@ -49,7 +50,16 @@ class GeReConfig:
                   "loss = (1 - s)·task CE + s·(replay CE + w·term): every sample counts once, as in the paper's runs "
                   "(per-device batch 1 with gradient accumulation). A number s in (0, 1): a fixed share, loss = "
                   "(1 - s)·task CE + s·replay CE + w·term; 0.5 is the official code's formula for a micro-batch "
-                  "holding both kinds (and gere_hf 0.1's only behaviour). Equations in docs/losses.md."},
+                  "holding one task and one replay sample (with several replay samples in a micro-batch the official "
+                  "code pools TM over them, gere_hf averages per-sample TM values). Equations in docs/losses.md."},
+    )
+    ce_reduction: str = field(
+        default="sample_mean",
+        metadata={"help": "How each CE averages within its kind (task, replay). 'sample_mean': every sample's CE is "
+                  "its own token mean and the step averages samples, as the paper's runs with per-device batch 1 "
+                  "and gradient accumulation (a 2-token and a 20-token label weigh the same). 'token_mean': the mean "
+                  "over all the step's target tokens of that kind, as TRL's and Trainer's plain SFT step (longer "
+                  "samples weigh more)."},
     )
     replay_per_step: int | None = field(
         default=None,
@@ -70,7 +80,10 @@ class GeReConfig:
     )
     store_batch_size: int = field(default=16, metadata={"help": "Batch size of the store build's forward."})
     store_dtype: str | None = field(
-        default=None, metadata={"help": "Autocast dtype of the store build (bf16, fp16); default: the model's."}
+        default=None,
+        metadata={"help": "Precision the store is recorded at (bf16, fp16, fp32). Default: the training precision "
+                  "(bf16/fp16 from the training arguments or the DeepSpeed config, else the base weights' dtype); a "
+                  "store recorded at another precision is refused."},
     )
     topk: int = field(default=32, metadata={"help": "Teacher log-probs kept per token for 'kl'."})
     kl_temperature: float = field(default=1.0, metadata={"help": "Temperature of the 'kl' logit imitation."})
@@ -97,6 +110,11 @@ class GeReConfig:
                 raise GeReConfigError(f"{name} must be a positive finite number, got {value!r}.")
         if self.reference not in REFERENCES:
             raise GeReConfigError(f"Unknown reference {self.reference!r}; choose one of {', '.join(REFERENCES)}.")
+        if self.ce_reduction not in CE_REDUCTIONS:
+            raise GeReConfigError(
+                f"Unknown ce_reduction {self.ce_reduction!r}; choose 'sample_mean' (each sample's token mean, "
+                "samples averaged: the paper's runs) or 'token_mean' (all target tokens of the step: TRL's SFT step)."
+            )
         if self.nonfinite not in NONFINITE_POLICIES:
             raise GeReConfigError(f"Unknown nonfinite policy {self.nonfinite!r}; choose 'error' or 'skip'.")
         if self.replay_num_samples < 1:

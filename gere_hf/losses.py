@@ -17,13 +17,18 @@ See ``docs/losses.md`` for the equations, normalisations and the dynamic ("dy") 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "CE_REDUCTIONS",
+    "StepCounts",
+    "StepLoss",
     "causal_lm_loss",
     "dynamic_weight",
+    "replay_step_loss",
     "feature_imitation_loss",
     "logit_imitation_loss",
     "threshold_labels",
@@ -354,3 +359,130 @@ def dynamic_weight(ce: torch.Tensor, term: torch.Tensor, eps: float = 1e-8) -> t
     ce = torch.as_tensor(ce).detach().to(torch.float32)
     term = torch.as_tensor(term).detach().to(device=ce.device, dtype=torch.float32)
     return ce / (term + eps)
+
+
+# -- the loss of an optimizer step ----------------------------------------------------------------------------------
+
+CE_REDUCTIONS = ("sample_mean", "token_mean")
+"""How a CE averages within its kind (task, replay): ``sample_mean``, each sample's token mean, then the mean over
+samples (the paper's runs: per-device batch 1 with accumulation); ``token_mean``, the mean over every target token of
+the step (TRL's and Trainer's plain SFT step)."""
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """One optimizer step, over all processes and accumulation micro-batches.
+
+    Attributes:
+        task_samples, replay_samples: samples of each kind in the step.
+        task_targets, replay_targets: their next-token targets (the ``token_mean`` denominators).
+    """
+
+    task_samples: int = 0
+    replay_samples: int = 0
+    task_targets: int = 0
+    replay_targets: int = 0
+
+    def share(self, fixed: float | None) -> float:
+        """The replay share s of the step: ``fixed``, or the replay samples' share of all samples; 0 without
+        replay."""
+        if self.replay_samples == 0:
+            return 0.0
+        if fixed is not None:
+            return fixed
+        return self.replay_samples / (self.task_samples + self.replay_samples)
+
+
+@dataclass
+class StepLoss:
+    """A micro-batch's part of the step loss, and the micro-batch's values to log.
+
+    ``total`` summed over the step's micro-batches on every process, and averaged over processes (as DDP, DeepSpeed
+    and FSDP average gradients), is the step loss; the logged values are the micro-batch's own.
+    """
+
+    total: torch.Tensor
+    task_ce: torch.Tensor
+    replay_ce: torch.Tensor | None = None
+    replay_term: torch.Tensor | None = None
+    replay_weight: torch.Tensor | None = None
+    share: float = 0.0
+
+
+def _per_sample_means(nll_sums: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each sample's token mean (0 for a sample without targets)."""
+    return nll_sums / targets.to(nll_sums.dtype).clamp(min=1)
+
+
+def replay_step_loss(
+    task_nll: torch.Tensor,
+    task_targets: torch.Tensor,
+    counts: StepCounts,
+    replay_nll: torch.Tensor | None = None,
+    replay_targets: torch.Tensor | None = None,
+    replay_term: torch.Tensor | None = None,
+    *,
+    share: float | None = None,
+    weight: float | None = None,
+    reduction: str = "sample_mean",
+    world_size: int = 1,
+) -> StepLoss:
+    r"""The step loss of GeRe replay, for one micro-batch (docs/losses.md, "Total loss used by the trainer").
+
+    Inputs are the micro-batch's per-sample values: ``task_nll`` / ``replay_nll`` ``[n]`` summed next-token NLLs
+    (differentiable), ``task_targets`` / ``replay_targets`` ``[n]`` their target counts, ``replay_term`` ``[n_r]``
+    each replay sample's term (TM, KL, L1, L2; None for vanilla replay). ``counts`` are the whole step's. With
+    :math:`CE_i` a sample's token mean, :math:`s` the replay share (``share``, or :math:`n_r/(n_t+n_r)` when None):
+
+    - ``reduction="sample_mean"``: :math:`T = rac{1}{n_t}\sum_i CE_i`, :math:`R = rac{1}{n_r}\sum_j CE_j`;
+    - ``reduction="token_mean"``: :math:`T`, :math:`R` the token means over the step's task / replay targets;
+    - share None: :math:`(1-s)\,T + s\,(R + rac{1}{n_r}\sum_j w_j\,term_j)`, ``dy``
+      :math:`w_j = sg(CE_j)/sg(term_j)`; with ``sample_mean`` this is the mean over all the step's samples of each
+      sample's own loss (:math:`CE_i`, or :math:`CE_j + w_j term_j`): the official per-sample loop;
+    - a fixed share: :math:`(1-s)\,T + s\,R + rac{1}{n_r}\sum_j w_j\,term_j`, ``dy``
+      :math:`w_j = sg((1-s)\,T_{mb} + s\,CE_j)/sg(term_j)` with :math:`T_{mb}` the micro-batch's task CE (the
+      official mixed micro-batch at :math:`s = 1/2`).
+
+    ``weight`` None is ``dy``, else a fixed :math:`w`. The returned ``total`` is the micro-batch's part, multiplied by
+    ``world_size`` (the processes' gradients are averaged), so that summing it over the step's micro-batches gives
+    the step loss whatever their number or split.
+    """
+    if reduction not in CE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {CE_REDUCTIONS}, got {reduction!r}.")
+    s = counts.share(share)
+    task_means = _per_sample_means(task_nll, task_targets)
+    if reduction == "sample_mean":
+        task_part = task_means.sum() / max(counts.task_samples, 1)
+        task_ce = task_means.detach().mean() if task_means.numel() else task_nll.detach().sum()
+    else:
+        task_part = task_nll.sum() / max(counts.task_targets, 1)
+        task_ce = task_nll.detach().sum() / task_targets.sum().to(task_nll.dtype).clamp(min=1)
+    # A micro-batch without replay samples in a step with some (per-device batch 1, accumulation) adds its task part.
+    result = StepLoss(total=(1.0 - s) * task_part * world_size, task_ce=task_ce, share=s)
+    if replay_nll is None or replay_nll.numel() == 0 or s == 0.0:
+        return result
+    replay_means = _per_sample_means(replay_nll, replay_targets)
+    if reduction == "sample_mean":
+        replay_part = replay_means.sum() / max(counts.replay_samples, 1)
+        result.replay_ce = replay_means.detach().mean()
+    else:
+        replay_part = replay_nll.sum() / max(counts.replay_targets, 1)
+        result.replay_ce = replay_nll.detach().sum() / replay_targets.sum().to(replay_nll.dtype).clamp(min=1)
+    term_part = torch.zeros((), dtype=replay_part.dtype, device=replay_part.device)
+    if replay_term is not None:
+        if weight is None:  # 'dy': w_j·term_j takes the value of the CE it is weighed against
+            target = replay_means if share is None else (1.0 - s) * task_ce + s * replay_means
+            w = dynamic_weight(target, replay_term)
+        else:
+            w = torch.full_like(replay_term, float(weight), dtype=torch.float32)
+        term_part = (w * replay_term).sum() / max(counts.replay_samples, 1)
+        result.replay_term = replay_term.detach().mean()
+        violated = replay_term.detach() > 0  # at a zero term the dy weight is CE/1e-8 and multiplies nothing
+        if bool(violated.any()):
+            result.replay_weight = w.detach()[violated].mean()
+    if share is None:
+        step = (1.0 - s) * task_part + s * (replay_part + term_part)
+    else:
+        step = (1.0 - s) * task_part + s * replay_part + term_part
+    result.total = step * world_size
+    return result

@@ -160,6 +160,36 @@ def unwrap_causal_lm(model):
     return model
 
 
+def _active_peft_config(model):
+    if not is_peft_model(model):
+        return None
+    return (model if hasattr(model, "active_peft_config") else model.module).active_peft_config
+
+
+def needs_task_ids(model) -> bool:
+    """A PEFT method that needs a task id for every input (multitask prompt tuning, Poly): replay texts have none."""
+    config = _active_peft_config(model)
+    if config is None:
+        return False
+    from peft import PeftType
+
+    return config.peft_type in (PeftType.MULTITASK_PROMPT_TUNING, PeftType.POLY)
+
+
+def virtual_token_count(model) -> int:
+    """Positions a prompt-learning PEFT model prepends to every input (prompt tuning, P-tuning, CPT, multitask prompt
+    tuning): its hidden states and logits hold them before the text's. Prefix tuning adds none (its prompt lives in
+    the key/value cache)."""
+    config = _active_peft_config(model)
+    if config is None or not config.is_prompt_learning:
+        return 0
+    from peft import PeftType
+
+    if config.peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
+        return 0
+    return int(config.num_virtual_tokens) * int(getattr(config, "num_transformer_submodules", 1) or 1)
+
+
 def find_final_norm(model) -> tuple[str, torch.nn.Module]:
     """Return ``(path, module)`` of the module that produces ``hidden_states[-1]`` of a causal LM."""
     base = unwrap_causal_lm(model)

@@ -45,7 +45,7 @@ from safetensors.numpy import save as save_np_bytes
 from tqdm.auto import tqdm
 
 from .losses import threshold_labels
-from .models import find_final_norm, is_peft_model, unwrap_causal_lm
+from .models import find_final_norm, is_peft_model, unwrap_causal_lm, virtual_token_count
 from .replay import ReplaySet
 
 logger = logging.getLogger(__name__)
@@ -133,13 +133,45 @@ def model_config_hash(model) -> str:
     return _sha(json.dumps(kept, sort_keys=True, default=str).encode())
 
 
+def _adapter_parameter_ids(model) -> set[int]:
+    """The parameters PEFT declares as adapter state: every tuner layer and auxiliary wrapper (modules_to_save,
+    trainable tokens) names its adapter attributes in ``adapter_layer_names`` and ``other_param_names``, so any
+    present or future method that follows PEFT's layer protocol is covered without a list of name prefixes here.
+    Adaption prompt's attention wrappers predate the protocol: their two parameters are named here."""
+    ids: set[int] = set()
+    for module in model.modules():
+        names = (*getattr(module, "adapter_layer_names", ()), *getattr(module, "other_param_names", ()))
+        if _is_adaption_prompt_wrapper(module):
+            names = (*names, "adaption_prompt", "adaption_gate")
+        for path in names:
+            target = module
+            for part in path.split("."):
+                target = getattr(target, part, None)
+            if isinstance(target, torch.nn.Parameter):
+                ids.add(id(target))
+            elif isinstance(target, torch.nn.Module):
+                ids.update(id(p) for p in target.parameters())
+    return ids
+
+
+def _is_adaption_prompt_wrapper(module) -> bool:
+    return isinstance(getattr(module, "adaption_prompt", None), torch.nn.Parameter) and hasattr(module, "model")
+
+
 def _base_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
-    """Parameters of the base model with PEFT names normalised, adapters left out."""
+    """Parameters of the base model under their names without PEFT (the wrapped original module of a tuner layer,
+    of modules_to_save and of adaption prompt's attention is where the base weights live), adapters left out."""
+    base = unwrap_causal_lm(model)
+    adapters = _adapter_parameter_ids(model)
+    wrapped = [f"{name}.model." for name, module in base.named_modules() if _is_adaption_prompt_wrapper(module)]
     params = []
-    for name, param in unwrap_causal_lm(model).named_parameters():
-        if "lora_" in name or "modules_to_save" in name or ".adapter" in name:
+    for name, param in base.named_parameters():
+        if id(param) in adapters:
             continue
-        params.append((name.replace(".base_layer", ""), param))
+        for prefix in wrapped:
+            if name.startswith(prefix):
+                name = prefix[: -len("model.")] + name[len(prefix):]
+        params.append((name.replace(".base_layer", "").replace(".original_module", ""), param))
     return sorted(params, key=lambda kv: kv[0])
 
 
@@ -659,6 +691,9 @@ class _Builder:
                                                max((max(ids) for ids in replay.input_ids if ids), default=0) + 1))
         self.dtype = as_dtype(dtype)
         self.plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+        # A prompt-learning PEFT model recorded with its adapter (reference "current") prepends virtual tokens: the
+        # store holds the text's positions only, as the trainer compares them.
+        self.skip = virtual_token_count(model) if reference == "current" else 0
         self.started = time.time()
         self.kept: dict[int, torch.Tensor] = {}  # chunk -> its states [tokens, H] on the device, in the forward's dtype
         self.chunk_stats: dict[int, dict[str, np.ndarray]] = {}
@@ -834,7 +869,7 @@ class _Builder:
         ids, mask = self.replay.padded_batch(batch)
         captured.clear()
         out = self._forward(ids, mask, logits=logits)
-        hidden = captured[-1].detach()
+        hidden = captured[-1].detach()[:, self.skip :]
         captured.clear()
         return out, hidden, lengths
 
@@ -871,7 +906,8 @@ class _Builder:
                 if "hidden" in self.extras:
                     hiddens.append(x.float().half())
                 if self.topk:
-                    lp = torch.log_softmax(out.logits[row, :n].float() / self.topk_temperature, dim=-1)
+                    lp = torch.log_softmax(out.logits[row, self.skip : self.skip + n].float() / self.topk_temperature,
+                                           dim=-1)
                     values, indices = lp.topk(self.topk, dim=-1)
                     tlps.append(values)
                     tids.append(indices.to(torch.int32))

@@ -6,22 +6,18 @@ micro-batch then carries the replay samples the :class:`~gere_hf.schedule.Replay
 part goes through the parent's ``compute_loss`` untouched; the replay part is a second forward (replay texts are
 long, task samples short: one padded forward would waste compute), with the final norm's output captured by a hook.
 
-Loss of an optimizer step (``replay_share='samples'``, the default: every sample counts once, as in the paper's runs
-with per-device batch 1 and gradient accumulation)::
+Loss of an optimizer step (the defaults: every sample counts once, as in the paper's runs with per-device batch 1
+and gradient accumulation)::
 
     s     = n_replay / (n_task + n_replay)                 (samples in the step, over processes and accumulation)
-    total = (1 − s) · task CE + s · (replay CE + mean_i w_i · term_i)        w_i = sg(replay CE_i) / sg(term_i) ('dy')
+    total = (1 − s) · mean_i CE_i + s · mean_j (CE_j + w_j · term_j)      w_j = sg(CE_j) / sg(term_j) ('dy')
 
-With a fixed share ``s`` (``replay_share=0.5``: the official code's formula for a micro-batch holding both kinds)::
-
-    total = (1 − s) · task CE + s · replay CE + mean_i w_i · term_i     w_i = sg((1 − s) · task CE + s · CE_i) / sg(term_i)
-
-Returned already scaled for gradient accumulation (``loss_is_scaled_for_ga = True``): both CE terms are token means
-over the whole optimizer step on all processes (the task CE keeps the parent's ``num_items_in_batch``
-normalisation; the replay CE is divided by the step's replay target count, known from the schedule) and the term is
-a mean over the step's replay samples of per-sample values, so nothing but the fixed share's dynamic weight (which
-uses the micro-batch's task CE, as the official code) depends on how a step is split into micro-batches or
-processes. The equations and their reference are in docs/losses.md.
+with CE_i each sample's own token mean. The arithmetic is one pure function, :func:`gere_hf.losses.replay_step_loss`
+(its docstring and docs/losses.md give every option: a fixed share, token means instead of sample means); this class
+is its plumbing: the task forward's per-token NLL summed per sample (:mod:`gere_hf.samples` finds the samples of
+every batch layout), the replay forward, and the step's counts over processes and accumulation micro-batches. The
+returned loss is already scaled for gradient accumulation (``loss_is_scaled_for_ga = True``), so a step gives the same
+loss and gradients however it is split into micro-batches or processes.
 """
 
 from __future__ import annotations
@@ -29,15 +25,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from .collator import GeReCollator, split_replay_inputs
 from .config import GeReConfig, GeReConfigError
-from .losses import dynamic_weight, token_nll
-from .models import check_causal_lm, find_final_norm, is_peft_model
+from .losses import StepCounts, replay_step_loss, token_nll
+from .models import (
+    check_causal_lm,
+    find_final_norm,
+    is_peft_model,
+    needs_task_ids,
+    unwrap_causal_lm,
+    virtual_token_count,
+)
 from .paper import GERE_ARXIV_ID, GERE_PAPER, GERE_TAGS, citation_markdown, method_sentence
 from .reference import (
     FINGERPRINT_FIELDS,
@@ -49,6 +51,7 @@ from .reference import (
 )
 from .replay import ReplaySet
 from .replay_terms import ReplayTermInputs
+from .samples import count_samples, count_targets, per_sample_sums, sample_ids
 from .schedule import ReplaySchedule
 
 logger = logging.getLogger(__name__)
@@ -96,8 +99,8 @@ class GeReMixin:
         self._gere_steps_per_epoch = None
         self._gere_last_step = -1
         self._gere_micro = 0
-        self._gere_step = _StepCounts()
-        self._gere_task_samples = None
+        self._gere_step = StepCounts()
+        self._gere_task_counts: tuple[int, int] | None = None  # (samples, targets) of the step being fetched
         self._gere_sums = torch.zeros(2 * len(_METRICS), dtype=torch.float64)
         self._gere_samples_seen = 0
         self._gere_nonfinite_skipped = 0
@@ -105,7 +108,14 @@ class GeReMixin:
         if self.gere_config.replay_enabled:
             check_causal_lm(self.model)
             _check_launch(self.args)
+            if needs_task_ids(self.model):
+                raise GeReConfigError(
+                    f"PEFT {self.model.active_peft_config.peft_type.value} needs task ids for every input, and replay "
+                    "texts have none, so GeRe cannot run its replay forward through this model. Use another PEFT "
+                    "method (LoRA, prompt tuning, prefix tuning, ...) or loss='none'."
+                )
             self._gere_virtual_tokens = virtual_token_count(self.model)
+            self._gere_check_task_loss()
             if self._gere_tokenizer() is None and reference_states is None and replay_set is None:
                 raise GeReConfigError(
                     "GeRe needs a tokenizer to tokenise the replay texts: pass processing_class=tokenizer, or a "
@@ -276,13 +286,13 @@ class GeReMixin:
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self._gere_active:
-            # The step's task samples over all processes: the 'samples' replay share needs them before its first
-            # micro-batch's backward. Every rank fetches a step's batches here, so the reduction is collective-safe.
-            local = sum(count_task_samples(batch) for batch in batch_samples)
+            # The step's task samples and targets over all processes: the share and the means need them before its
+            # first micro-batch's backward. Every rank fetches a step's batches here, so the reduction is collective.
+            local = [sum(count_samples(b) for b in batch_samples), sum(count_targets(b) for b in batch_samples)]
             total = torch.tensor(local, dtype=torch.long, device=device)
             if self.args.world_size > 1:
                 total = self.accelerator.reduce(total, reduction="sum")
-            self._gere_task_samples = int(total)
+            self._gere_task_counts = (int(total[0]), int(total[1]))
         return batch_samples, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -306,31 +316,26 @@ class GeReMixin:
             self.gere_data_seconds += time.perf_counter() - t0
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _gere_count_step(self, step: int) -> _StepCounts:
+    def _gere_count_step(self, step: int) -> StepCounts:
         """The whole optimizer step over all processes: replay samples and targets (from the schedule), task samples
-        (counted when the step's batches were fetched) and the replay share they give."""
+        and targets (counted when the step's batches were fetched)."""
         start, count = self.gere_schedule.step_range(step)
         lengths = self.gere_store.lengths
         targets = int(sum(int(lengths[self.gere_schedule.sample_at(p)]) - 1 for p in range(start, start + count)))
-        tasks = self._gere_task_samples
-        if tasks is None:  # batches fetched some other way: assume full micro-batches
-            tasks = self.args.per_device_train_batch_size * self.current_gradient_accumulation_steps * self.args.world_size
-        fixed = self.gere_config.replay_share_value
-        if count == 0:
-            share = 0.0
-        elif fixed is not None:
-            share = fixed
-        else:
-            share = count / (count + tasks)
-        return _StepCounts(replay_samples=count, replay_targets=targets, task_samples=tasks, share=share)
+        if self._gere_task_counts is None:
+            raise GeReTrainingError(
+                "GeRe counts a step's task samples when the Trainer fetches the step's batches (get_batch_samples); "
+                "this training loop fetched them some other way. Use Trainer.train()."
+            )
+        tasks, task_targets = self._gere_task_counts
+        return StepCounts(task_samples=tasks, replay_samples=count, task_targets=task_targets, replay_targets=targets)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         task_inputs, replay = split_replay_inputs(inputs)
         if not self._gere_active or not model.training:
             return super().compute_loss(model, task_inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        labels = task_inputs.get("labels")
-        if labels is None:
+        if task_inputs.get("labels") is None:
             raise GeReTrainingError(
                 f"The task batch has no 'labels' (keys: {sorted(task_inputs)}). GeRe adds replay to a language-model "
                 "loss: use a collator that sets labels, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
@@ -343,64 +348,81 @@ class GeReMixin:
             empty_part = model(input_ids=replay["input_ids"], attention_mask=replay["attention_mask"],
                                use_cache=False).logits.float().sum() * 0.0
             replay = {}
-        replay_losses = self._gere_replay_losses(model, replay) if replay else None
-        result = super().compute_loss(model, task_inputs, return_outputs=return_outputs,
-                                      num_items_in_batch=num_items_in_batch)
-        task_loss, outputs = result if return_outputs else (result, None)
-        ga = self.current_gradient_accumulation_steps
-        scaled = self._gere_task_loss_is_scaled(num_items_in_batch)
-        task_part = task_loss if scaled else task_loss / ga
-        task_mean = self._gere_task_mean(task_loss, labels, num_items_in_batch, scaled)
-        step = self._gere_step
-        share = step.share
-        terms = {"task_loss": task_mean, "replay_share": torch.tensor(share)}
-        total = (1.0 - share) * task_part
-        if empty_part is not None:
-            total = total + empty_part
-        if replay_losses is not None:
-            nll_sums, targets, term = replay_losses
-            world = self.args.world_size
-            # Token mean over the step's replay targets on all processes (DDP averages gradients: hence the world
-            # size), so the replay CE does not depend on how the step is split; per sample, its own token mean.
-            replay_ce_part = nll_sums.sum() * world / max(step.replay_targets, 1)
-            sample_ce = nll_sums / targets.clamp(min=1)
-            terms["replay_ce"] = (nll_sums.sum() / targets.sum().clamp(min=1)).detach()
-            fixed_share = self.gere_config.replay_share_value
-            term_part = torch.zeros((), device=replay_ce_part.device)
-            if term is not None:
-                weight = self.gere_config.weight_value
-                if weight is None:  # 'dy': per sample, w_i · term_i takes the value of the CE it is weighed against
-                    target = sample_ce if fixed_share is None else (1.0 - share) * task_mean + share * sample_ce
-                    weight = dynamic_weight(target, term)
-                weight = torch.as_tensor(weight, dtype=torch.float32, device=term.device).expand_as(term)
-                term_part = (weight * term).sum() * world / max(step.replay_samples, 1)
-                terms["replay_term"] = term.detach().mean()
-                violated = term.detach() > 0  # at a zero term the dynamic weight is CE/1e-8 and multiplies nothing
-                if bool(violated.any()):
-                    terms["replay_weight"] = weight.detach()[violated].mean()
-            if fixed_share is None:
-                total = total + share * (replay_ce_part + term_part)
-            else:
-                total = total + share * replay_ce_part + term_part
+        replay_nll = replay_targets = replay_term = None
+        if replay:
+            replay_nll, replay_targets, replay_term = self._gere_replay_losses(model, replay)
+        task_nll, task_targets, outputs, aux = self._gere_task_losses(model, task_inputs, num_items_in_batch)
+        cfg = self.gere_config
+        step = replay_step_loss(task_nll, task_targets, self._gere_step, replay_nll, replay_targets, replay_term,
+                                share=cfg.replay_share_value, weight=cfg.weight_value, reduction=cfg.ce_reduction,
+                                world_size=self.args.world_size)
+        total = step.total
+        for extra in (empty_part, aux):
+            if extra is not None:
+                total = total + extra
+        terms = {"task_loss": step.task_ce, "replay_share": torch.tensor(step.share)}
+        for name, value in (("replay_ce", step.replay_ce), ("replay_term", step.replay_term),
+                            ("replay_weight", step.replay_weight)):
+            if value is not None:
+                terms[name] = value
+        if replay:
             self._gere_samples_seen += int(replay["input_ids"].shape[0])
         total = self._gere_check_finite(total, terms, model)
         self._gere_accumulate(terms)
         return (total, outputs) if return_outputs else total
 
-    def _gere_task_loss_is_scaled(self, num_items_in_batch) -> bool:
-        """Whether the parent normalised its loss over the whole accumulated batch (its own rule)."""
-        if self._gere_parent_scaled is not None:
-            return bool(self._gere_parent_scaled)
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+    def _gere_check_task_loss(self) -> None:
+        """What the task loss GeRe computes per sample cannot follow: refused before any work."""
+        if getattr(self.args, "label_smoothing_factor", 0) > 0:
+            raise GeReConfigError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor}: GeRe computes the task loss itself (each "
+                "sample's token mean, to weigh samples as the paper's runs do) and has no label smoothing. Set "
+                "label_smoothing_factor=0, or loss='none' for plain fine-tuning."
+            )
+        if self.compute_loss_func is not None:
+            raise GeReConfigError(
+                "A compute_loss_func was given: GeRe computes the task loss itself (each sample's token mean), so "
+                "the function would be ignored. Subclass GeReTrainer and override _gere_task_losses to change the "
+                "task loss, or use loss='none'."
+            )
+        from peft import PeftType
 
-    def _gere_task_mean(self, task_loss, labels, num_items_in_batch, scaled) -> torch.Tensor:
-        """The micro-batch's task CE as a token mean, whatever normalisation the parent used."""
-        if not scaled or num_items_in_batch is None:
-            return task_loss.detach().float()
-        targets = labels[..., 1:] if getattr(self, "_loss_shifts_labels", True) else labels
-        local = targets.ne(-100).sum().clamp(min=1)
-        scale = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
-        return (task_loss.detach().float() * num_items_in_batch / (scale * local)).float()
+        config = getattr(self.model, "active_peft_config", None) if is_peft_model(self.model) else None
+        if config is not None and config.peft_type == PeftType.CPT:
+            raise GeReConfigError(
+                "PEFT CPT trains with its own loss (its input_type_mask weighs the tokens), which GeRe's per-sample "
+                "task CE would replace. Use another PEFT method with GeRe, or loss='none'."
+            )
+
+    def _gere_task_losses(self, model, inputs: dict, num_items_in_batch):
+        """Per task sample of the micro-batch: summed next-token NLL (differentiable) and target count; the forward's
+        outputs; a loss to add as it is (a MoE model's load-balancing loss), or None.
+
+        This class runs the model without labels and takes the NLL from the logits (one upcast, no second loss);
+        GeReSFTTrainer takes the per-token log-probs of TRL's fused LM head instead (no logits at all).
+        """
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        logits = outputs.logits[:, self._gere_virtual_tokens:]
+        nll, targets = token_nll(logits, labels)
+        return (*self._gere_per_sample(nll, targets, inputs), outputs, self._gere_aux_loss(outputs))
+
+    def _gere_per_sample(self, values: torch.Tensor, targets: torch.Tensor, inputs: dict):
+        """Per-position values and target flags, position t scoring label t + 1 (the last column scoring nothing),
+        summed per sample of the task batch."""
+        ids, n = sample_ids(inputs)
+        target_ids = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-1)[:, : values.shape[1]].to(values.device)
+        return (per_sample_sums(values.float(), target_ids, n),
+                per_sample_sums(targets.to(torch.float32), target_ids, n))
+
+    def _gere_aux_loss(self, outputs):
+        """A MoE model's load-balancing loss (``router_aux_loss_coef · aux_loss``, as the model adds it to its own
+        loss), per micro-batch: averaged over the step's micro-batches, as DDP averages it over processes."""
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is None:
+            return None
+        coef = getattr(unwrap_causal_lm(self.model).config, "router_aux_loss_coef", 0.0)
+        return coef * aux / self.current_gradient_accumulation_steps
 
     def _gere_replay_losses(self, model, replay: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per replay sample: summed next-token NLL, target count, and the replay term (None for 'ce')."""
@@ -474,28 +496,6 @@ class GeReMixin:
         return super().log(logs, *args, **kwargs)
 
 
-@dataclass(frozen=True)
-class _StepCounts:
-    """One optimizer step, over all processes and accumulation steps."""
-
-    replay_samples: int = 0
-    replay_targets: int = 0
-    task_samples: int = 0
-    share: float = 0.0
-
-
-def count_task_samples(batch: dict) -> int:
-    """Sequences in a task batch: its rows, or for a padding-free packed row (TRL ``padding_free``), the sequences
-    its ``position_ids`` restart at 0 for."""
-    ids = batch.get("input_ids")
-    if ids is None or not hasattr(ids, "shape"):
-        return 0
-    position_ids = batch.get("position_ids")
-    if position_ids is not None and ids.shape[0] == 1 and "attention_mask" not in batch:
-        return max(int((position_ids == 0).sum()), 1)
-    return int(ids.shape[0])
-
-
 def _check_launch(args) -> None:
     """Launches GeRe cannot train correctly in, refused before any work."""
     from transformers.training_args import ParallelMode
@@ -508,27 +508,6 @@ def _check_launch(args) -> None:
             "GPU instead: `accelerate launch train.py` or `torchrun --nproc_per_node N train.py` (or limit this "
             "process to one GPU with CUDA_VISIBLE_DEVICES=0)."
         )
-
-
-def virtual_token_count(model) -> int:
-    """Positions a prompt-learning PEFT model prepends to every input (prompt tuning, P-tuning, CPT): replay terms
-    skip them. Prefix tuning adds none (its prompt lives in the key/value cache). Methods that need per-sample task
-    ids (multitask prompt tuning, Poly) cannot run replay texts, which have none: refused."""
-    if not is_peft_model(model):
-        return 0
-    from peft import PeftType
-
-    config = model.active_peft_config
-    needs_task_ids = {PeftType.MULTITASK_PROMPT_TUNING, PeftType.POLY}
-    if config.peft_type in needs_task_ids:
-        raise GeReConfigError(
-            f"PEFT {config.peft_type.value} needs task ids for every input, and replay texts have none, so GeRe cannot "
-            "run its replay forward through this model. Use another PEFT method (LoRA, prompt tuning, prefix tuning, "
-            "...) or loss='none'."
-        )
-    if not config.is_prompt_learning or config.peft_type in (PeftType.PREFIX_TUNING, PeftType.CARTRIDGE):
-        return 0
-    return int(config.num_virtual_tokens) * int(getattr(config, "num_transformer_submodules", 1) or 1)
 
 
 def _zero3() -> bool:
@@ -593,6 +572,24 @@ if SFTTrainer is not None:
                 # Before SFTTrainer.__init__, which tags the model with _tag_names.
                 self._tag_names, self._name, self._paper = list(SFTTrainer._tag_names), SFTTrainer._name, {}
             super().__init__(*args, gere_config=gere_config, **kwargs)
+
+        def _gere_task_losses(self, model, inputs: dict, num_items_in_batch):
+            """TRL's own step (its fused LM head: per-token log-probs without logits; its entropy, token accuracy and
+            token count metrics) with the per-token log-probs read off the forward, summed per sample. TRL's loss
+            value is not used: GeRe weighs samples and replay itself."""
+            captured = []
+            hook = self.model.register_forward_hook(lambda _m, _a, out: captured.append(out))
+            try:
+                SFTTrainer.compute_loss(self, model, inputs, num_items_in_batch=num_items_in_batch)
+            finally:
+                hook.remove()
+            outputs = captured[0]
+            skip = self._gere_virtual_tokens  # prompt-learning PEFT models score their virtual positions as -100
+            log_probs, scored = outputs.log_probs[:, skip:], outputs.label_mask[:, skip:]
+            per_token = -log_probs
+            if self.args.loss_type == "dft":  # TRL's DFT: each token's NLL weighed by its (detached) probability
+                per_token = per_token * log_probs.exp().detach()
+            return (*self._gere_per_sample(per_token, scored, inputs), outputs, self._gere_aux_loss(outputs))
 
 
 __all__ = ["GeReMixin", "GeReTrainer", "GeReSFTTrainer", "GeReTrainingError"]

@@ -220,6 +220,109 @@ def test_samples_share_matches_the_official_per_sample_loop(tmp_path, bs, ga):
         torch.testing.assert_close(grab.grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
+# -- the per-sample loop with unequal lengths (issue 18 §1) -------------------------------------------------------------
+
+UNEQUAL_TASKS = ["Q: 7?", "A longer question about the rivers of Europe and their sources: which is longest?",
+                 "x = 1", "What is 12 plus 30?", "Name a star.", "Sentiment of: an unforgettable, moving film!",
+                 "ok", "The Danube flows through ten countries; name three of them, in order, from west to east."]
+UNEQUAL_REPLAY = ["Rivers carry water to the sea.",
+                  "The Pacific Ocean is the largest and deepest of the world's oceans, covering about a third.",
+                  "Stars are suns.", "Photosynthesis converts light energy into chemical energy stored in sugars."]
+
+
+def _unequal_tasks():
+    return Dataset.from_dict({"text": UNEQUAL_TASKS}).map(lambda b: TOK(b["text"]), batched=True,
+                                                          remove_columns=["text"])
+
+
+def per_sample_loop(model, task_rows, store, loss="tm"):
+    """The paper's runs written out: per-device batch 1, accumulation over all of the step's samples. A task sample's
+    loss is its own token-mean CE; a replay sample's, its CE + w·TM with w = CE/TM ('dy'); each is divided by the
+    number of micro-batches and backpropagated. Returns (step loss, gradients)."""
+    from gere_hf.losses import threshold_margin_loss
+
+    norm_out = []
+    hook = model.model.norm.register_forward_hook(lambda _m, _i, out: norm_out.append(out))
+    micro_batches = len(task_rows) + len(store)
+    total = 0.0
+    for ids in task_rows:
+        ids = torch.tensor([ids])
+        loss_i = model(input_ids=ids, labels=ids).loss
+        (loss_i / micro_batches).backward()
+        total += float(loss_i.detach()) / micro_batches
+    for i in range(len(store)):
+        ids = torch.tensor([store.input_ids(i).tolist()])
+        out = model(input_ids=ids, labels=ids)
+        loss_i = out.loss
+        if loss == "tm":
+            tm = threshold_margin_loss(norm_out[-1], store.labels(i).unsqueeze(0), store.lower, store.upper,
+                                       torch.ones(ids.shape))
+            loss_i = loss_i + out.loss.detach() / (tm.detach() + 1e-8) * tm
+        (loss_i / micro_batches).backward()
+        total += float(loss_i.detach()) / micro_batches
+    hook.remove()
+    return total, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def unequal_store(tmp_path_factory):
+    replay = ReplaySet.from_texts(UNEQUAL_REPLAY, TOK, max_length=128)
+    assert len(set(replay.lengths)) == 4  # 16 to 93 tokens
+    return ReferenceStates.build(_model(), replay, str(tmp_path_factory.mktemp("unequal") / "store"), batch_size=4,
+                                 progress=False)
+
+
+@pytest.mark.parametrize("loss", ["tm", "ce"])
+@pytest.mark.parametrize("bs,ga", [(8, 1), (1, 8), (4, 2)])
+def test_every_sample_counts_once_with_unequal_lengths(tmp_path, unequal_store, bs, ga, loss):
+    """Task samples of 3 to 91 targets and replay samples of 16 to 93 tokens: the default step (replay_share
+    'samples', ce_reduction 'sample_mean') equals the per-sample loop in loss and gradients to 1e-5, for one
+    micro-batch of 8, per-device batch 1 with 8 accumulation steps, and 4 × 2. (A token mean within each kind, as
+    before, differed from the loop by up to 12 % of the gradient.)"""
+    tasks = _unequal_tasks()
+    assert len({len(r) for r in tasks["input_ids"]}) == 7  # 3 to 92 tokens
+    total, official = per_sample_loop(_perturbed_model(), tasks["input_ids"], unequal_store, loss)
+    grab = _GrabFirstGrads()
+    trainer = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path, bs=bs, ga=ga, steps=1, max_grad_norm=0.0),
+                          train_dataset=tasks, data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                          processing_class=TOK, callbacks=[grab], reference_states=unequal_store,
+                          gere_config=GeReConfig(loss=loss, replay_per_step=4))
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["replay_share"] == pytest.approx(4 / 12)
+    assert log["loss"] == pytest.approx(total, abs=1e-5, rel=0)
+    for name, grad in official.items():
+        torch.testing.assert_close(grab.grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_token_mean_weighs_tokens_within_each_kind(tmp_path, unequal_store):
+    """ce_reduction='token_mean' (TRL's SFT step): the task CE and the replay CE are means over the step's target
+    tokens, (1 − s)·Σ nll / n_targets + s·(Σ nll_r / n_targets_r + mean w·term), and differ from the per-sample loop
+    when the lengths differ."""
+    tasks = _unequal_tasks()
+    model = _perturbed_model()
+    batch = DataCollatorForLanguageModeling(TOK, mlm=False)([{"input_ids": r} for r in tasks["input_ids"]])
+    with torch.no_grad():
+        task_loss = float(model(**batch).loss)  # Trainer's token mean over the batch
+    trainer = GeReTrainer(model=model, args=_args(tmp_path, bs=8, steps=1),
+                          train_dataset=tasks, data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                          processing_class=TOK, reference_states=unequal_store,
+                          gere_config=GeReConfig(loss="tm", replay_per_step=4, weight="0.5", ce_reduction="token_mean"))
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["task_loss"] == pytest.approx(task_loss, rel=1e-5)
+    s = 4 / 12
+    assert log["loss"] == pytest.approx((1 - s) * log["task_loss"] + s * (log["replay_ce"] + 0.5 * log["replay_term"]),
+                                        rel=1e-5)
+    total, _ = per_sample_loop(_perturbed_model(), tasks["input_ids"], unequal_store, "ce")
+    per_sample = GeReTrainer(model=_perturbed_model(), args=_args(tmp_path / "s", bs=8, steps=1),
+                             train_dataset=tasks, data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                             processing_class=TOK, reference_states=unequal_store,
+                             gere_config=GeReConfig(loss="ce", replay_per_step=4, ce_reduction="token_mean"))
+    per_sample.train()
+    assert abs(per_sample.state.log_history[0]["loss"] - total) > 1e-3
+
+
 @pytest.mark.parametrize("share", ["samples", "0.5"])
 def test_logged_terms_match_the_loss_definitions(tmp_path, replay_store, share):
     """One step, GA 1, fixed weight w: 'samples' logs (1 − s)·task + s·(replay CE + w·TM) with s = 4/(8 + 4); a fixed

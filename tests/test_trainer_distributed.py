@@ -24,6 +24,15 @@ TERMS = ("loss", "task_loss", "replay_ce", "replay_term", "replay_share", "repla
 
 
 @pytest.fixture(scope="module")
+def unequal_store(tmp_path_factory):
+    from test_trainer import UNEQUAL_REPLAY, _model
+
+    replay = ReplaySet.from_texts(UNEQUAL_REPLAY, ByT5Tokenizer(), max_length=128)
+    return ReferenceStates.build(_model(), replay, str(tmp_path_factory.mktemp("unequal") / "store"), batch_size=4,
+                                 progress=False)
+
+
+@pytest.fixture(scope="module")
 def store_path(tmp_path_factory):
     tok = ByT5Tokenizer()
     texts = [f"Replay text {i}. " + "general knowledge about rivers and stars " * (1 + i % 4) for i in range(12)]
@@ -97,6 +106,22 @@ def test_ddp_step_loss_matches_one_process_for_every_share_option(tmp_path, stor
     _assert_same_logs(ref, ranks[0], rtol=1e-4)
     expected = 0.5 if share == "0.5" else 4 / (4 + 2 * 4)  # 4 replay samples, 2 per micro-batch × 4 micro-batches
     assert all(log["replay_share"] == pytest.approx(expected) for log in ranks[0]["logs"])
+
+
+def test_two_processes_match_the_per_sample_loop_with_unequal_lengths(tmp_path, unequal_store):
+    """2 DDP processes, per-device batch 4: the step's 8 task samples (3 to 92 tokens) and 4 replay samples (16 to
+    93) give the loss and gradients of the per-sample loop written in test_trainer.py."""
+    import torch
+    from test_trainer import UNEQUAL_TASKS, _perturbed_model, per_sample_loop
+
+    ranks = _run(tmp_path, unequal_store.path, "ddp", 2, mode="ddp", bs=4, ga=1, steps=1, tasks=UNEQUAL_TASKS,
+                 perturb=True, grads=True)
+    tok = ByT5Tokenizer()
+    total, official = per_sample_loop(_perturbed_model(), [tok(t)["input_ids"] for t in UNEQUAL_TASKS], unequal_store)
+    assert ranks[0]["logs"][0]["loss"] == pytest.approx(total, abs=1e-5, rel=0)
+    grads = torch.load(str(tmp_path / "ddp" / "grads.pt"))
+    for name, grad in official.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])

@@ -1,7 +1,9 @@
 """Run by torchrun from tests/test_trainer_distributed.py: one GeReTrainer run, its logs and replay mix to JSON.
 
 Usage: trainer_worker.py CONFIG.json  (keys: out, store, mode in {single, ddp, zero2, zero3}, peft, loss, bs, ga,
-steps, replay_per_step, replay_share, weight)
+steps, replay_per_step, replay_share, weight; tasks: a list of task texts instead of the default 64; perturb: the
+final norm scaled by 1.5, so that TM is non-zero from the first step; grads: save the first step's gradients, before
+clipping, to grads.pt)
 """
 
 import json
@@ -10,7 +12,7 @@ import sys
 
 import torch
 from datasets import Dataset
-from transformers import ByT5Tokenizer, DataCollatorForLanguageModeling, TrainingArguments
+from transformers import ByT5Tokenizer, DataCollatorForLanguageModeling, TrainerCallback, TrainingArguments
 
 from gere_hf import GeReConfig, GeReTrainer, ReferenceStates
 from gere_hf.models import tiny_llama
@@ -23,7 +25,8 @@ def main(path):
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 2-minute op build on CPU
     tok = ByT5Tokenizer()
-    ds = Dataset.from_dict({"text": [f"Q: {i} plus {i}? A: {2 * i}." for i in range(64)]})
+    texts = cfg.get("tasks") or [f"Q: {i} plus {i}? A: {2 * i}." for i in range(64)]
+    ds = Dataset.from_dict({"text": texts})
     ds = ds.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
     ds_config = None
     if cfg["mode"].startswith("zero"):
@@ -37,9 +40,12 @@ def main(path):
         cfg["out"], per_device_train_batch_size=cfg["bs"], gradient_accumulation_steps=cfg["ga"],
         max_steps=cfg["steps"], logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
         disable_tqdm=True, learning_rate=1e-3, ddp_backend="gloo" if cfg["mode"] != "single" else None,
-        deepspeed=ds_config, max_grad_norm=1.0,
+        deepspeed=ds_config, max_grad_norm=0.0 if cfg.get("grads") else 1.0,
     )
     model = tiny_llama(hidden_size=32, seed=0, attn_implementation="eager")
+    if cfg.get("perturb"):
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.5)
     if cfg["peft"]:
         from peft import LoraConfig, get_peft_model
 
@@ -51,6 +57,8 @@ def main(path):
         gere_config=GeReConfig(loss=cfg["loss"], replay_per_step=cfg.get("replay_per_step"),
                                replay_share=cfg.get("replay_share", "samples"), weight=cfg.get("weight", "dy")),
     )
+    if cfg.get("grads"):
+        trainer.add_callback(FirstGrads(os.path.join(cfg["out"], "grads.pt")))
     trainer.train()
     rank = trainer.args.process_index
     result = {
@@ -66,6 +74,18 @@ def main(path):
     with open(os.path.join(cfg["out"], f"result-rank{rank}.json"), "w") as f:
         json.dump(result, f)
     return 0
+
+
+class FirstGrads(TrainerCallback):
+    """Saves the first optimizer step's gradients (rank 0; DDP has averaged them)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        if state.global_step == 0 and args.process_index == 0:
+            torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+                       self.path)
 
 
 class RecordingTrainer(GeReTrainer):
