@@ -94,7 +94,8 @@ class ContinualEvaluator:
     def evaluate(self, model, tokenizer, row: int) -> dict:
         """Evaluate every task (and the general texts) and store them as row ``row`` (0 = base, t = after stage t).
 
-        Returns ``{"row", "stage", "accuracy": {task: acc}, "choice_eos_accuracy": {task: {"with_eos", "without_eos"}}
+        Returns ``{"row", "stage", "accuracy": {task: acc}, "correct": {task: "0110…" per example},
+        "choice_eos_accuracy": {task: {"with_eos", "without_eos"}}
         (log-likelihood tasks only), "general": {...} or None, "mmlu": ..., "lm_eval": ..., "seconds"}`` (``mmlu`` and
         ``lm_eval`` only when measured). Evaluating a row again overwrites it.
         """
@@ -111,7 +112,11 @@ class ContinualEvaluator:
             general = general_perplexity(
                 model, tokenizer, self.general_texts, self.general_max_length, self.general_batch_size, self.progress
             )
-        record: dict[str, Any] = {"row": row, "stage": self.stage_names[row], "accuracy": accuracy, "general": general}
+        record: dict[str, Any] = {"row": row, "stage": self.stage_names[row], "accuracy": accuracy, "general": general,
+                                  # Per eval example, in the task's order, "1" right and "0" wrong: what per-example
+                                  # paired tests between runs of one seed read (gere_hf.sweep).
+                                  "correct": {name: "".join("1" if c else "0" for c in s.correct)
+                                              for name, s in scores.items()}}
         # Both eos variants of the log-likelihood tasks come from the same forwards: recorded to show what the stop
         # token alone does to the accuracy.
         eos_variants = {name: s.eos_variants for name, s in scores.items() if s.eos_variants is not None}

@@ -29,6 +29,7 @@ def test_continual_evaluator(tok):
     yes, no = unigram_model(" yes"), unigram_model(" no")
     record = evaluator.evaluate(yes, tok, 0)
     assert record["accuracy"] == {"yes_task": 1.0, "no_task": 0.0} and record["general"]["nll"] > 0
+    assert record["correct"] == {"yes_task": "111", "no_task": "000"}  # per example, for paired tests between runs
     partial = evaluator.results()
     assert partial["matrix"] == [[1.0, 0.0], None, None] and partial["metrics"] is None
     evaluator.evaluate(yes, tok, 1)
