@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .scoring import choice_logprobs, prompt_context_ids
-from .utils import eval_mode, model_device, pad_token_id, tokenize_text
+from .utils import eval_mode, model_device, pad_token_id, scoring_forward, tokenize_text
 
 logger = logging.getLogger(__name__)
 
@@ -504,14 +504,14 @@ def _last_position_logprobs(model, contexts: list[list[int]], pad_id: int) -> to
             input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             mask[i, width - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    logits_to_keep=1, **kwargs)
+        out = scoring_forward(model, input_ids.to(device), mask.to(device), position_ids=positions.to(device),
+                              logits_to_keep=1, **kwargs)
         last = out.logits[:, -1]
     else:
         for i, ids in enumerate(contexts):
             input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             mask[i, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs).logits
+        logits = scoring_forward(model, input_ids.to(device), mask.to(device), **kwargs).logits
         last = logits[torch.arange(len(contexts), device=logits.device),
                       torch.tensor([len(c) - 1 for c in contexts], device=logits.device)]
     return F.log_softmax(last.float(), dim=-1)

@@ -22,6 +22,7 @@ from .utils import (
     model_device,
     output_head_inputs,
     pad_token_id,
+    scoring_forward,
     tokenize_text,
 )
 
@@ -100,13 +101,14 @@ def _batch_nll(model, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch
     a time, from the hidden states that feed it: no [batch, length, vocab] logits exist; others (plain modules) give
     their logits, upcast a few positions at a time."""
     with output_head_inputs(model) as captured:
-        out = model(input_ids=input_ids, attention_mask=mask, **forward_kwargs(model))
+        out = scoring_forward(model, input_ids, mask, **forward_kwargs(model))
     if captured.hidden is not None:
         if head_matches_logits(captured, out.logits):
-            hidden, head = captured.hidden, captured.head
+            # The text's positions are the last ones: a prompt-learning PEFT model's virtual tokens come first.
+            hidden, head = captured.hidden[:, -input_ids.shape[1] :], captured.head
             return _chunked_nll(lambda a, b: head(hidden[:, a:b]), labels, captured.vocab_size)
         logger.info("%s changes its logits after the output head; computing them in full.", type(model).__name__)
-        out = model(input_ids=input_ids, attention_mask=mask, **forward_kwargs(model))
+        out = scoring_forward(model, input_ids, mask, **forward_kwargs(model))
     logits = out.logits
     return _chunked_nll(lambda a, b: logits[:, a:b], labels, logits.shape[-1])
 

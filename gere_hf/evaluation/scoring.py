@@ -37,11 +37,15 @@ from .utils import (
     cache_argument,
     eval_mode,
     forward_kwargs,
+    keeps_prompt_in_cache,
     model_device,
     output_cache,
     pad_token_id,
+    scoring_forward,
     token_logprobs,
     tokenize_text,
+    virtual_prompt_inputs,
+    virtual_prompt_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -161,7 +165,7 @@ def _plain_logprobs(model, batch: list[_Encoded], pad_id: int) -> list[torch.Ten
         kwargs["logits_to_keep"] = torch.tensor(kept, dtype=torch.long, device=device)
     else:
         column = {p: p for p in kept}
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs).logits
+    logits = scoring_forward(model, input_ids.to(device), attention_mask.to(device), **kwargs).logits
     rows = [i for i, e in enumerate(batch) for _ in _scored_positions(e)]
     cols = [column[p] for e in batch for p in _scored_positions(e)]
     targets = torch.tensor([t for e in batch for t in e.ids[e.start :]], dtype=torch.long)
@@ -199,8 +203,8 @@ def _shared_prompt_logprobs(model, examples: list[list[_Encoded]], pad_id: int, 
         prompt_ids[e, width - s :] = torch.tensor(cands[0].ids[:s], dtype=torch.long)
         prompt_mask[e, width - s :] = 1
     prompt_pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                position_ids=prompt_pos.to(device), use_cache=True, logits_to_keep=1)
+    out = scoring_forward(model, prompt_ids.to(device), prompt_mask.to(device), position_ids=prompt_pos.to(device),
+                          use_cache=True, logits_to_keep=1)
     cache = output_cache(out)
     if cache is None or not callable(getattr(cache, "batch_select_indices", None)) or any(
         getattr(cache, "is_sliding", None) or []
@@ -236,8 +240,8 @@ def _shared_prompt_logprobs(model, examples: list[list[_Encoded]], pad_id: int, 
         cache.batch_select_indices(index.to(device))
         positions = torch.tensor([s for _, s in flat], dtype=torch.long)[:, None] + torch.arange(cand_width)[None, :]
         mask = torch.cat([prompt_mask[index], cand_mask], dim=1)
-        logits = model(input_ids=cand_ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       use_cache=True, logits_to_keep=0, **{cache_arg: cache}).logits
+        logits = scoring_forward(model, cand_ids.to(device), mask.to(device), position_ids=positions.to(device),
+                                 use_cache=True, logits_to_keep=0, **{cache_arg: cache}).logits
         rest = token_logprobs(logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)],
                               torch.tensor(targets, dtype=torch.long))
     first, rest = first.cpu(), rest.cpu()
@@ -400,9 +404,17 @@ def _generate_hf(model, tokenizer, contexts: list[list[int]], max_new_tokens: in
         pad_token_id=pad_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+    prompted = virtual_prompt_model(model)
+    if prompted is None:
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    else:
+        # A prompt-learning PEFT model: the base model generates from PEFT's virtual-token embeddings followed by the
+        # context's (PEFT 0.21's own generate departs from its forward after two new tokens under transformers 5,
+        # measured on prompt tuning); positions follow the attention mask, so left padding changes nothing.
+        inputs = virtual_prompt_inputs(prompted, input_ids.to(device), attention_mask.to(device))
+        model, width = prompted.get_base_model(), 0  # from embeddings alone, generate returns the new tokens only
     out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        **inputs,
         generation_config=config,
         stopping_criteria=StoppingCriteriaList([_Stop(tokenizer, width)]),
     )
@@ -421,7 +433,7 @@ def _generate_loop(model, tokenizer, context: list[int], max_new_tokens: int) ->
     new: list[int] = []
     for _ in range(max_new_tokens):
         x = torch.tensor([ids], dtype=torch.long, device=device)
-        logits = model(input_ids=x, attention_mask=torch.ones_like(x), **forward_kwargs(model)).logits
+        logits = scoring_forward(model, x, torch.ones_like(x), **forward_kwargs(model)).logits
         token = int(logits[0, -1].argmax())
         if token == tokenizer.eos_token_id:
             break
@@ -449,7 +461,10 @@ def generate_answers(
     batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     with eval_mode(model):
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            if callable(getattr(model, "generate", None)):
+            # Prefix tuning: PEFT 0.21's generate ignores or misplaces the prefix under transformers 5 (measured: its
+            # tokens differ from greedy decoding with its own forward, batched or not), so such a model decodes a
+            # sequence at a time with full forwards, as plain modules do.
+            if callable(getattr(model, "generate", None)) and not keeps_prompt_in_cache(model):
                 new = _generate_hf(model, tokenizer, [contexts[i] for i in batch], max_new_tokens)
             else:
                 new = [_generate_loop(model, tokenizer, contexts[i], max_new_tokens) for i in batch]

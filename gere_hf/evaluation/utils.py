@@ -56,7 +56,9 @@ def cache_argument(model) -> str | None:
         return None
     for name in ("cache", "past_key_values"):
         if name in params:
-            return name
+            # PEFT's prefix-tuning forward sets past_key_values to a fresh prefix: a cache passed under that name
+            # would be replaced, so such a model cannot continue from a prompt's cache (transformers 5 names it cache).
+            return None if name == "past_key_values" and keeps_prompt_in_cache(model) else name
     return None
 
 
@@ -64,6 +66,97 @@ def output_cache(output):
     """The KV cache a forward returned, under either name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def virtual_prompt_model(model):
+    """The PEFT model whose forward prepends virtual-token embeddings to every input (prompt tuning, P-tuning, CPT),
+    below any DDP/DeepSpeed wrapper; ``None`` for every other model (prefix tuning keeps its prompt in the KV cache
+    and prepends no position).
+
+    Multitask prompt tuning is refused: its prompt depends on a task id per input, which evaluation inputs lack.
+    """
+    from ..models import needs_task_ids, virtual_token_count
+
+    if virtual_token_count(model) == 0:
+        return None
+    if needs_task_ids(model):
+        raise ValueError(
+            f"{type(model).__name__} is a multitask prompt-tuning model: its virtual tokens depend on a task id per "
+            "input, which evaluation inputs do not carry. Evaluate one task's prompt as a prompt-tuning model "
+            "(PEFT's MultitaskPromptTuningConfig initialises one from a task's prompt), or score it with PEFT's "
+            "forward and task_ids yourself."
+        )
+    return model if callable(getattr(model, "get_prompt", None)) else model.module
+
+
+def keeps_prompt_in_cache(model) -> bool:
+    """A prefix-tuning PEFT model: its prompt is key/value states that its forward puts in front of the cache."""
+    from ..models import is_peft_model
+
+    if not is_peft_model(model):
+        return False
+    config = (model if hasattr(model, "active_peft_config") else model.module).active_peft_config
+    return config.is_prompt_learning and config.peft_type.value in ("PREFIX_TUNING", "CARTRIDGE")
+
+
+def virtual_prompt_inputs(prompted, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          position_ids: torch.Tensor | None = None) -> dict:
+    """The base model's inputs for ``input_ids`` with ``prompted``'s virtual tokens in front of every row, as PEFT's
+    forward builds them (its word embeddings, ``get_prompt``), plus what PEFT's forward cannot take: ``position_ids``
+    (shifted past the virtual tokens, which take positions ``0 .. k-1``), so that a left-padded row, whose padding
+    then lies between the virtual tokens and the text, is scored as PEFT scores the row alone."""
+    batch = input_ids.shape[0]
+    embed = getattr(prompted, "word_embeddings", None)
+    if embed is None:
+        embed = prompted.get_base_model().get_input_embeddings()
+    embeds = embed(input_ids)
+    prompts = prompted.get_prompt(batch_size=batch).to(device=embeds.device, dtype=embeds.dtype)
+    k = prompts.shape[1]
+    inputs = {
+        "inputs_embeds": torch.cat([prompts, embeds], dim=1),
+        "attention_mask": torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1),
+    }
+    if position_ids is not None:
+        inputs["position_ids"] = torch.cat(
+            [torch.arange(k, device=position_ids.device).expand(batch, k), position_ids + k], dim=1)
+    return inputs
+
+
+def scoring_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs):
+    """``model(input_ids=..., attention_mask=..., **kwargs)`` whose logits are the text's: what every scoring path
+    runs.
+
+    A prompt-learning PEFT model (:func:`virtual_prompt_model`) prepends ``k`` virtual tokens to every input, so its
+    logits hold ``k`` more positions than the text, ``logits_to_keep`` indices miss by ``k``, its forward drops
+    ``position_ids`` (a left-padded row gets its text at positions shifted by the padding), and a forward that
+    continues from a KV cache would prepend the virtual tokens a second time. For such a model the base model runs on
+    :func:`virtual_prompt_inputs` (a forward that continues from a cache, which holds the virtual tokens already,
+    gets the text alone, its mask and positions extended by ``k``), ``logits_to_keep`` indices are shifted by ``k``,
+    and the virtual tokens' logits are dropped: each row's logits are those of PEFT's own forward of the row alone.
+    """
+    prompted = virtual_prompt_model(model)
+    if prompted is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    from ..models import virtual_token_count
+
+    k = virtual_token_count(prompted)
+    position_ids = kwargs.pop("position_ids", None)
+    keep = kwargs.get("logits_to_keep")
+    if isinstance(keep, torch.Tensor):
+        kwargs["logits_to_keep"] = keep + k
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    base = prompted.get_base_model()
+    if cache is not None and cache.get_seq_length() > 0:
+        batch = input_ids.shape[0]
+        mask = torch.cat([attention_mask.new_ones(batch, k), attention_mask], dim=1)
+        out = base(input_ids=input_ids, attention_mask=mask,
+                   **({"position_ids": position_ids + k} if position_ids is not None else {}), **kwargs)
+    else:
+        out = base(**virtual_prompt_inputs(prompted, input_ids, attention_mask, position_ids), **kwargs)
+    logits = getattr(out, "logits", None)
+    if logits is not None and logits.dim() == 3 and logits.shape[1] == k + input_ids.shape[1]:
+        out.logits = logits[:, k:]  # the virtual tokens' positions predict no text token
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
