@@ -44,6 +44,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save as save_np_bytes
 from tqdm.auto import tqdm
 
+from .locks import LOCK_FILE, folder_lock
 from .losses import threshold_labels
 from .models import find_final_norm, is_peft_model, unwrap_causal_lm, virtual_token_count
 from .replay import ReplaySet
@@ -574,30 +575,35 @@ class ReferenceStates:
         fingerprint = compute_fingerprint(model, replay, k, precision=dtype)
         rank, world = _dist_info()
         _agree(lambda: _check_build_dir(out_dir))
-        # Rank 0's directory decides whether there is a store to open: a node-local directory elsewhere may be empty.
-        exists = _broadcast_json(cls.is_store(out_dir), 0)
-        if exists and not rebuild:
-            store = cls.open_distributed(out_dir, fingerprint, fields=open_fields)
-            store.require_extras(extras, topk if "topk" in extras else None,
-                                 topk_temperature if "topk" in extras else None)
-            return store
-        builder = _Builder(model, forward_model or model, replay, out_dir, fingerprint, k, batch_size, chunk_size,
-                           dtype, extras, topk, topk_temperature, reference, keep_states_bytes, progress and rank == 0)
-        leaders = _directory_leaders(out_dir)
-        _agree(lambda: builder.prepare() if leaders[rank] == rank else None)  # one rank per directory
-        _barrier()
-        builder.run(rank, world)
-        builder.collect_chunks(rank, world)
-        if rank == 0:
-            builder.assemble()
-        _barrier()
-        if world > 1:
-            manifest = _broadcast_json(_read_manifest(out_dir) if rank == 0 else None, 0)
-            _send_store(out_dir, manifest, receivers=sorted({r for r in leaders if r != 0}))
-            if leaders[rank] == rank and rank != 0:
-                shutil.rmtree(builder.work, ignore_errors=True)
+        # One build of a store at a time: another launch sharing store_dir waits here until this one's build ends,
+        # then opens what it built. Rank 0 holds the lock for its launch (its ranks build together).
+        with folder_lock(out_dir, "reference store build", wait=True) if rank == 0 else contextlib.nullcontext():
+            # Rank 0's directory decides whether there is a store to open: a node-local directory elsewhere may be
+            # empty.
+            exists = _broadcast_json(cls.is_store(out_dir), 0)
+            if exists and not rebuild:
+                store = cls.open_distributed(out_dir, fingerprint, fields=open_fields)
+                store.require_extras(extras, topk if "topk" in extras else None,
+                                     topk_temperature if "topk" in extras else None)
+                return store
+            builder = _Builder(model, forward_model or model, replay, out_dir, fingerprint, k, batch_size, chunk_size,
+                               dtype, extras, topk, topk_temperature, reference, keep_states_bytes,
+                               progress and rank == 0)
+            leaders = _directory_leaders(out_dir)
+            _agree(lambda: builder.prepare() if leaders[rank] == rank else None)  # one rank per directory
             _barrier()
-        return cls.open(out_dir, fingerprint, verify=False)
+            builder.run(rank, world)
+            builder.collect_chunks(rank, world)
+            if rank == 0:
+                builder.assemble()
+            _barrier()
+            if world > 1:
+                manifest = _broadcast_json(_read_manifest(out_dir) if rank == 0 else None, 0)
+                _send_store(out_dir, manifest, receivers=sorted({r for r in leaders if r != 0}))
+                if leaders[rank] == rank and rank != 0:
+                    shutil.rmtree(builder.work, ignore_errors=True)
+                _barrier()
+            return cls.open(out_dir, fingerprint, verify=False)
 
     @classmethod
     def open_distributed(
@@ -648,9 +654,11 @@ def _validate_build_args(k, batch_size, chunk_size, extras, topk, reference, num
 
 def _check_build_dir(out_dir: str) -> None:
     """Refuse a directory that holds anything but a store or an unfinished build (its files are left alone)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReferenceStatesError(f"The store directory {out_dir} is a file. Give a directory's path (store_dir).")
     if ReferenceStates.is_store(out_dir) or not os.path.isdir(out_dir) or os.path.isdir(os.path.join(out_dir, BUILDING)):
         return
-    names = [n for n in os.listdir(out_dir) if not n.startswith(_PROBE_PREFIX)]
+    names = [n for n in os.listdir(out_dir) if not n.startswith(_PROBE_PREFIX) and n != LOCK_FILE]
     if names:
         raise ReferenceStatesError(
             f"The output directory {out_dir} holds something other than a reference store "
