@@ -136,6 +136,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .continual.sweep import load_sweep, run_sweep
+
+    run_sweep(load_sweep(args.sweep, tuple(args.set or ())), resume=args.resume)
+    return 0
+
+
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -209,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="Continue after the last finished stage.")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a recipe field (dotted keys).")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("sweep", help="Run a recipe's arms × seeds and compare them with confidence intervals.")
+    p.add_argument("sweep", help="The sweep file (YAML: recipe, output_dir, arms, seeds); see docs/sweep.md.")
+    p.add_argument("--resume", action="store_true", help="Continue an interrupted sweep (finished runs are kept).")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a sweep field, e.g. seeds=[0].")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="Compare runs side by side.")
     p.add_argument("runs", nargs="+")

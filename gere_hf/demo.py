@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .continual.shared_rows import SharedBaseRowRunner
 from .continual.state import write_json  # atomic, as the runner writes its own state
 from .replay_terms import replay_loss_names
 
@@ -278,55 +279,6 @@ def _say(message: str) -> None:
     print(f"[gere-hf demo] {message}", file=sys.stderr, flush=True)
 
 
-def _demo_runner_class():
-    """A RecipeRunner that reuses a measured row 0 and reports every stage on one line."""
-    from .continual.runner import RecipeRunner
-
-    class DemoRunner(RecipeRunner):
-        def __init__(self, recipe, resume: bool, label: str, base_row: dict | None, base_row_path: str):
-            super().__init__(recipe, resume=resume)
-            self.label = label
-            self.base_row = base_row
-            self.base_row_path = base_row_path
-
-        def evaluate_row(self, row: int) -> dict | None:
-            if row == 0 and self.base_row is not None and self.evaluator is not None:
-                # The base model, the tasks and the held-out texts are the same in every run: measured once.
-                record = copy.deepcopy(self.base_row)
-                self.evaluator.restore_row(record)
-                self.state.setdefault("evaluation", {})["0"] = record
-                self.save_state()
-                _say(f"{self.label}: base model evaluation reused from the first run")
-                return record
-            what = "base model" if row == 0 else f"stage {row}/{len(self.recipe.stages)}"
-            _say(f"{self.label}: evaluating the {what} ...")
-            record = super().evaluate_row(row)
-            if record is not None:
-                if row == 0:
-                    write_json(self.base_row_path, record)
-                    self.base_row = record
-                acc = ", ".join(f"{k}={v:.2f}" for k, v in record["accuracy"].items())
-                general = record.get("general")
-                nll = f", general NLL {general['nll']:.3f}" if general else ""
-                mmlu = record.get("mmlu")
-                nll += f", MMLU {mmlu['accuracy']:.3f} ± {mmlu['se']:.3f}" if mmlu else ""
-                _say(f"{self.label}: {what}: {acc}{nll} ({record['seconds']:.0f} s)")
-            return record
-
-        def train_stage(self, index: int) -> None:
-            stage = self.recipe.stages[index - 1]
-            _say(f"{self.label}: training stage {index}/{len(self.recipe.stages)} ({stage.name}, "
-                 f"{self.stage_args[index - 1].max_steps} steps) ...")
-            start = time.time()
-            super().train_stage(index)
-            train = self._stage_entry(index).get("train") or {}
-            loss = train.get("train_loss")
-            _say(f"{self.label}: stage {index} trained in {time.time() - start:.0f} s"
-                 + (f" (mean train loss {loss:.3f})" if isinstance(loss, (int, float)) else ""))
-
-    return DemoRunner
-
-
 def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -433,7 +385,6 @@ def run_demo(
                 + ("" if full else " (--full uses more)") if fewer else "") + ".")
     _say(f"{steps} training steps per run; outputs in {output_dir}.")
 
-    runner_cls = _demo_runner_class()
     base_row_path = os.path.join(output_dir, BASE_ROW_FILE)
     start = time.time()
     results = {}
@@ -445,8 +396,9 @@ def run_demo(
         else:
             run_start = time.time()
             recipe = parse_recipe(copy.deepcopy(recipes[loss]))
-            base_row = _read_json(base_row_path)
-            runner = runner_cls(recipe, resume=resume, label=label, base_row=base_row, base_row_path=base_row_path)
+            # The base model, the tasks and the held-out texts are the same in every run: row 0 is measured once.
+            runner = SharedBaseRowRunner(recipe, resume=resume, base_row_path=base_row_path,
+                                         say=lambda message, label=label: _say(f"{label}: {message}"))
             runner.run()
             seconds = time.time() - run_start
             demo_state["runs"][loss] = {"dir": run_dirs[loss], "seconds": round(seconds, 1)}

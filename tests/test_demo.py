@@ -108,23 +108,18 @@ def test_demo_runs_three_losses_shares_the_store_and_writes_the_report(tmp_path,
 
 def test_demo_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    original = demo_mod._demo_runner_class
+    original = demo_mod.SharedBaseRowRunner
 
-    def interrupting_class():
-        cls = original()
+    class Interrupting(original):
+        def train_stage(self, index):
+            if self.recipe.name == "ce" and index == 2:
+                raise KeyboardInterrupt  # the user pressed Ctrl-C during stage 2
+            return super().train_stage(index)
 
-        class Interrupting(cls):
-            def train_stage(self, index):
-                if self.label.endswith("[ce]") and index == 2:
-                    raise KeyboardInterrupt  # the user pressed Ctrl-C during stage 2
-                return super().train_stage(index)
-
-        return Interrupting
-
-    monkeypatch.setattr(demo_mod, "_demo_runner_class", interrupting_class)
+    monkeypatch.setattr(demo_mod, "SharedBaseRowRunner", Interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_demo(str(out), model="tiny-random-llama", losses=["ce"], overrides=TINY)
-    monkeypatch.setattr(demo_mod, "_demo_runner_class", original)
+    monkeypatch.setattr(demo_mod, "SharedBaseRowRunner", original)
     state = json.loads((out / "ce" / "run_state.json").read_text())
     assert state["stages"][0]["status"] == "finished" and state["stages"][1]["status"] != "finished"
     assert not (out / "comparison.md").exists()

