@@ -513,10 +513,22 @@ class TaskScorer:
     needs_choices: bool  # closed tasks only
     uses_choice_eos: bool  # the eos option (Task.choice_eos) changes the score
     score: Callable[..., TaskScore]  # (model, tokenizer, task, *, batch_size, max_new_tokens, progress)
+    judge: Callable[[str, str, bool], bool]  # (answer, gold completion, closed task) -> right
 
 
 def _argmax(row: Sequence[float]) -> int:
     return max(range(len(row)), key=row.__getitem__)  # ties go to the earlier choice
+
+
+def _is_gold_choice(answer: str, reference: str, closed: bool) -> bool:
+    """The log-likelihood modes' judge: the ranked-first choice is right when it is the gold completion."""
+    return answer == reference
+
+
+def _generation_is_right(answer: str, reference: str, closed: bool) -> bool:
+    """The ``generate`` mode's judge: a closed task's label after :func:`normalize_label` (articles kept, so the
+    label "A" is no empty answer), a free-form answer after :func:`normalize_answer` (SQuAD)."""
+    return normalize_label(answer) == normalize_label(reference) if closed else exact_match(answer, reference)
 
 
 def _loglik_scorer(length_normalized: bool) -> Callable[..., TaskScore]:
@@ -529,10 +541,10 @@ def _loglik_scorer(length_normalized: bool) -> Callable[..., TaskScore]:
         for eos in (True, False):
             ranked = [task.choices[_argmax(row)] for row in logprobs.scores(eos, length_normalized)]
             predictions[eos] = ranked
-            accuracy[eos] = sum(p == r for p, r in zip(ranked, references)) / len(references)
+            accuracy[eos] = sum(_is_gold_choice(p, r, True) for p, r in zip(ranked, references)) / len(references)
         chosen = predictions[task.choice_eos]
         return TaskScore(task.name, task.scoring, task.choice_eos, chosen, references,
-                         [p == r for p, r in zip(chosen, references)],
+                         [_is_gold_choice(p, r, True) for p, r in zip(chosen, references)],
                          {"with_eos": accuracy[True], "without_eos": accuracy[False]})
 
     return score
@@ -570,12 +582,12 @@ def _generate_score(model, tokenizer, task: Task, *, batch_size: int, max_new_to
         logger.info("Task %s: generating up to %d new tokens (its longest label takes %d).", task.name, budget,
                     budget - 1)
     answers = generate_answers(model, tokenizer, prompts, budget, batch_size, progress, desc=f"eval {task.name}")
-    if task.choices is None:
-        return TaskScore(task.name, task.scoring, None, answers, references,
-                         [exact_match(a, r) for a, r in zip(answers, references)])
+    closed = task.choices is not None
+    correct = [_generation_is_right(a, r, closed) for a, r in zip(answers, references)]
+    if not closed:
+        return TaskScore(task.name, task.scoring, None, answers, references, correct)
     labels = {normalize_label(c): c for c in task.choices}
     predictions = [labels.get(normalize_label(a), a) for a in answers]
-    correct = [normalize_label(a) == normalize_label(r) for a, r in zip(answers, references)]
     return TaskScore(task.name, task.scoring, None, predictions, references, correct)
 
 
@@ -583,14 +595,38 @@ TASK_SCORERS: dict[str, TaskScorer] = {
     s.name: s
     for s in (
         TaskScorer("loglik", "rank the choices by their summed log-likelihood (lm-eval's acc)", True, True,
-                   _loglik_scorer(length_normalized=False)),
+                   _loglik_scorer(length_normalized=False), _is_gold_choice),
         TaskScorer("loglik_norm", "rank the choices by their log-likelihood per token scored", True, True,
-                   _loglik_scorer(length_normalized=True)),
+                   _loglik_scorer(length_normalized=True), _is_gold_choice),
         TaskScorer("generate", "greedy generation, first line, exact match of the label (O-LoRA / the GeRe paper)",
-                   False, False, _generate_score),
+                   False, False, _generate_score, _generation_is_right),
     )
 }
 """The scoring modes a task can be evaluated in (``Task.scoring``, a recipe stage's ``scoring``)."""
+
+
+def judge_answers(
+    predictions: Sequence[str], references: Sequence[str], scoring: str, choices: Sequence[str] | None = None
+) -> list[bool]:
+    """Whether each answer is right as :func:`score_task` judges it in the mode ``scoring`` (:data:`TASK_SCORERS`):
+    ``predictions`` are :attr:`TaskScore.predictions`, ``references`` the gold completions, ``choices`` the task's
+    closed answer set (``None``: a free-form task). The ``task_accuracy`` evaluate module runs this."""
+    if scoring not in TASK_SCORERS:
+        renamed = {"choice": "'loglik' or 'loglik_norm' with choices=", "exact_match": "'generate'"}.get(scoring)
+        raise ValueError(f"scoring must be one of {', '.join(TASK_SCORERS)}, got {scoring!r}"
+                         + (f" (now {renamed})." if renamed else "."))
+    if len(predictions) != len(references):
+        raise ValueError(f"Got {len(predictions)} predictions and {len(references)} references; give one each.")
+    scorer = TASK_SCORERS[scoring]
+    if scorer.needs_choices:
+        if choices is None:
+            raise ValueError(f"scoring {scoring!r} ranks a closed task's choices: pass choices= (the task's "
+                             "candidate completions), or use scoring 'generate' for a free-form task.")
+        unknown = sorted({p for p in predictions if p not in choices})
+        if unknown:
+            raise ValueError(f"In scoring {scoring!r} every prediction is one of the choices {list(choices)}; got "
+                             f"{unknown[:5]}. Pass the evaluator's predictions (TaskScore.predictions).")
+    return [bool(scorer.judge(p, r, choices is not None)) for p, r in zip(predictions, references)]
 
 
 def score_task(

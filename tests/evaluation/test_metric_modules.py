@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from eval_utils import make_task
 
 import gere_hf.evaluation.metrics as metrics_pkg
-from gere_hf.evaluation import continual_metrics, evaluate_task, predict_task
+from gere_hf.evaluation import continual_metrics, judge_answers
 from gere_hf.evaluation.metrics import METRIC_MODULES, metric_path
 from gere_hf.evaluation.mmlu import MMLU_SUBJECTS, mmlu_summary
 
@@ -69,9 +69,11 @@ def _run_offline(spec: dict, tmp_path) -> dict:
 def test_modules_load_offline_by_path_and_equal_gere_hf(tmp_path):
     """HF_HUB_OFFLINE=1, an empty HF_HOME: every module loads from its folder and computes what gere_hf does."""
     task_cases = [
-        {"predictions": [" yes", " no", " yes"], "references": [" yes", " yes", " yes"]},
+        {"predictions": [" yes", " no", " yes"], "references": [" yes", " yes", " yes"], "choices": [" yes", " no"]},
         {"predictions": ["The Nile.", "paris", "Rome"], "references": ["nile", "Paris!", "Milan"],
-         "scoring": "exact_match"},
+         "scoring": "generate"},
+        {"predictions": ["", "b", "A"], "references": [" A", " B", " A"], "scoring": "generate",
+         "choices": [" A", " B"]},
     ]
     subjects = sorted(MMLU_SUBJECTS)[:6] * 3
     mmlu = {"predictions": [i % 4 for i in range(18)], "references": [(i * 7) % 4 for i in range(18)],
@@ -85,6 +87,7 @@ def test_modules_load_offline_by_path_and_equal_gere_hf(tmp_path):
     assert out["task"][0] == {"accuracy": 2 / 3, "se": pytest.approx((2 / 9) ** 0.5 / 3 ** 0.5), "correct": 2,
                               "total": 3}
     assert out["task"][1]["correct"] == 2  # the Nile and Paris match after normalisation, Rome/Milan does not
+    assert out["task"][2]["correct"] == 2  # an empty generation is not the label "A" (articles are kept)
     expected = mmlu_summary(subjects, [p == r for p, r in zip(mmlu["predictions"], mmlu["references"])])
     assert out["mmlu"] == json.loads(json.dumps(expected))
     assert "T = 1 stages" in out["error"]  # the module raises continual_metrics' own errors
@@ -107,20 +110,42 @@ def test_continual_metrics_is_the_module_implementation():
         assert "gere_hf" not in "".join(line for line in f if line.startswith(("import", "from")))
 
 
-def test_task_accuracy_module_judges_as_the_evaluator(tokenizer):
-    """The module's accuracy of the evaluator's own predictions is the evaluator's accuracy (closed and free-form)."""
+@pytest.mark.parametrize("scoring", ["loglik", "loglik_norm", "generate"])
+def test_task_accuracy_module_judges_as_the_evaluator(tokenizer, scoring):
+    """In every scoring mode of the evaluator, the module's judgement of the evaluator's own predictions is the
+    evaluator's, example by example (closed tasks, and a free-form one for generate)."""
+    from gere_hf.evaluation import score_task
     from gere_hf.evaluation.metrics import load_metric
 
     model = make_tiny_model(seed=3)
-    closed = make_task("closed", [f"Item {i}:" for i in range(6)], [" yes", " no"] * 3, [" yes", " no"])
-    free = make_task("free", [f"Q{i}:" for i in range(4)], [" a", " b", " c", " d"], None)
+    tasks = [make_task("closed", [f"Item {i}:" for i in range(6)], [" yes", " no"] * 3, [" yes", " no"],
+                       scoring=scoring)]
+    if scoring == "generate":
+        tasks.append(make_task("free", [f"Q{i}:" for i in range(4)], [" a", " b", " c", " d"], None))
     acc = load_metric("task_accuracy")
-    for task, scoring in ((closed, "choice"), (free, "exact_match")):
-        predictions = predict_task(model, tokenizer, task, progress=False)
-        result = acc.compute(predictions=predictions, references=list(task.eval["completion"]), scoring=scoring)
-        assert result["accuracy"] == evaluate_task(model, tokenizer, task, progress=False)
-    with pytest.raises(ValueError, match="scoring must be one of"):
+    for task in tasks:
+        score = score_task(model, tokenizer, task, progress=False)
+        result = acc.compute(predictions=score.predictions, references=score.references, scoring=scoring,
+                             choices=task.choices)
+        assert result["correct"] == sum(score.correct) and result["accuracy"] == score.accuracy
+        assert judge_answers(score.predictions, score.references, scoring, task.choices) == score.correct
+
+
+def test_task_accuracy_module_refuses_what_the_evaluator_never_computes():
+    """Before, the module offered choice / exact_match: exact_match("", " A") counted an empty answer right for the
+    label "A" (SQuAD's normalisation drops the article "a"); a closed task scored by generation keeps articles."""
+    from gere_hf.evaluation.metrics import load_metric
+
+    acc = load_metric("task_accuracy")
+    assert acc.compute(predictions=[""], references=[" A"], scoring="generate", choices=[" A", " B"])["correct"] == 0
+    with pytest.raises(ValueError, match="got 'fuzzy'"):
         acc.compute(predictions=["a"], references=["a"], scoring="fuzzy")
+    with pytest.raises(ValueError, match=r"now 'generate'"):
+        acc.compute(predictions=["a"], references=["a"], scoring="exact_match")
+    with pytest.raises(ValueError, match="pass choices="):
+        acc.compute(predictions=[" yes"], references=[" yes"], scoring="loglik")
+    with pytest.raises(ValueError, match="every prediction is one of the choices"):
+        acc.compute(predictions=[" maybe"], references=[" yes"], scoring="loglik", choices=[" yes", " no"])
 
 
 def test_metric_path_names_the_modules():

@@ -1,17 +1,22 @@
 # Copyright 2025 The gere_hf Authors. Licensed under the Apache License, Version 2.0.
-"""Task accuracy as gere_hf judges answers, as a Hugging Face ``evaluate`` module.
+"""Task accuracy as gere_hf's evaluator judges answers, as a Hugging Face ``evaluate`` module.
 
-Closed tasks (``scoring="choice"``): an answer is right when the chosen option is the gold completion, character for
-character (gere_hf ranks the options by log-likelihood; the prediction is one of them). Free-form tasks
-(``scoring="exact_match"``): right when both are equal after gere_hf's SQuAD-style normalisation
-(``gere_hf.evaluation.scoring.normalize_answer``: lowercase, no punctuation, no articles, single spaces). The
-normalisation is gere_hf's own function, imported here, so the module needs gere_hf installed (it ships in it).
+The scoring modes are the evaluator's (``gere_hf.evaluation.scoring.TASK_SCORERS``) and so is the judgement: the
+module runs ``gere_hf.evaluation.scoring.judge_answers``, the function ``score_task`` judges with, so it needs gere_hf
+installed (it ships in it).
+
+* ``loglik`` / ``loglik_norm`` (closed tasks, ``choices`` required): the prediction is the ranked-first choice, right
+  when it is the gold completion, character for character.
+* ``generate``: with ``choices`` (a closed task), right when the generation equals the label after
+  ``normalize_label`` (lowercase, no punctuation, single spaces; articles kept, so an empty answer never matches the
+  label "A"); without (a free-form task), after SQuAD's ``normalize_answer``.
 
     import evaluate
     from gere_hf.evaluation.metrics import metric_path
 
     acc = evaluate.load(metric_path("task_accuracy"))
-    acc.compute(predictions=["The Nile."], references=["nile"], scoring="exact_match")   # {"accuracy": 1.0, ...}
+    acc.compute(predictions=[" yes"], references=[" yes"], scoring="loglik", choices=[" yes", " no"])
+    acc.compute(predictions=["The Nile."], references=["nile"], scoring="generate")   # {"accuracy": 1.0, ...}
 """
 
 import math
@@ -19,23 +24,22 @@ import math
 import datasets
 import evaluate
 
-from gere_hf.evaluation.scoring import exact_match
+from gere_hf.evaluation.scoring import judge_answers
 
 _DESCRIPTION = """\
-Accuracy of task answers: chosen option equal to the gold one (scoring="choice") or normalised exact match
-(scoring="exact_match"), with its binomial standard error.
+Accuracy of task answers judged as gere_hf's evaluator judges them in a scoring mode (loglik, loglik_norm, generate),
+with its binomial standard error.
 """
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: the model's answers (strings).
+    predictions: the evaluator's answers (TaskScore.predictions: the chosen choice, or the generated text).
     references: the gold completions (strings).
-    scoring: "choice" (equal strings; default) or "exact_match" (equal after normalize_answer).
+    scoring: "loglik" (default), "loglik_norm" or "generate", as the task was scored.
+    choices: the task's candidate completions (a closed task); None for a free-form task (scoring "generate" only).
 Returns:
     accuracy: the fraction right; se: sqrt(accuracy (1 - accuracy) / total); correct; total.
 """
-
-_JUDGES = {"choice": lambda p, r: p == r, "exact_match": exact_match}
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -52,13 +56,10 @@ class TaskAccuracy(evaluate.Metric):
                                         "references": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, references, scoring="choice"):
-        if scoring not in _JUDGES:
-            raise ValueError(f"scoring must be one of {', '.join(_JUDGES)}, got {scoring!r}.")
+    def _compute(self, predictions, references, scoring="loglik", choices=None):
         if not predictions:
             raise ValueError("task_accuracy needs at least one prediction.")
-        judge = _JUDGES[scoring]
-        correct = sum(bool(judge(p, r)) for p, r in zip(predictions, references))
+        correct = sum(judge_answers(predictions, references, scoring, choices))
         p = correct / len(predictions)
         return {"accuracy": p, "se": math.sqrt(p * (1 - p) / len(predictions)), "correct": correct,
                 "total": len(predictions)}
