@@ -421,9 +421,18 @@ def select_questions(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def subject_header(subject: str) -> str:
-    """lm-evaluation-harness's per-subject description (hendrycks/test's has a double space after 'about')."""
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+# lm-evaluation-harness's per-subject descriptions (`description` of tasks/mmlu/default/mmlu_<subject>.yaml and
+# tasks/mmlu/continuation/mmlu_<subject>.yaml, lm-eval 0.4.x): the letter form's names multiple choice questions, the
+# cloze form's, which shows no options, questions. hendrycks/test's header (letter form) has a double space after
+# "about".
+LETTER_HEADER = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+CLOZE_HEADER = "The following are questions (with answers) about {subject}.\n\n"
+
+
+def subject_header(subject: str, formulation: str = "letter") -> str:
+    """lm-evaluation-harness's per-subject description for a formulation (``mmlu`` for the letter form,
+    ``mmlu_continuation`` for the cloze form)."""
+    return MMLU_FORMULATIONS[formulation].header.format(subject=subject.replace("_", " "))
 
 
 def letter_prompt(question: MMLUQuestion, with_answer: bool = False) -> str:
@@ -441,7 +450,8 @@ def cloze_prompt(question: MMLUQuestion, with_answer: bool = False) -> str:
 def build_prompt(question: MMLUQuestion, shots: Sequence[MMLUQuestion], formulation: str) -> str:
     """The subject's header, the exemplars with their answers (each followed by a blank line), the question."""
     fmt = MMLU_FORMULATIONS[formulation].prompt
-    return subject_header(question.subject) + "".join(fmt(s, True) + "\n\n" for s in shots) + fmt(question, False)
+    return (subject_header(question.subject, formulation) + "".join(fmt(s, True) + "\n\n" for s in shots)
+            + fmt(question, False))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -561,6 +571,7 @@ class MMLUFormulation:
     prompt: Callable[[MMLUQuestion, bool], str]
     score: Callable[..., dict]  # (model, tokenizer, prompts, questions, batch_size, progress) -> {"scores", ...}
     description: str
+    header: str  # the per-subject description before the exemplars, with a {subject} field (spaces, no underscores)
 
 
 def _letter_scores(model, tokenizer, prompts, questions, batch_size, progress) -> dict:
@@ -580,9 +591,10 @@ def _cloze_scores(model, tokenizer, prompts, questions, batch_size, progress) ->
 # The formulations by name (a registry: a new one is a prompt, a scorer and an entry).
 MMLU_FORMULATIONS: dict[str, MMLUFormulation] = {
     "letter": MMLUFormulation(letter_prompt, _letter_scores,
-                              "next-token log-probability of the letters A-D after 'Answer:' (one forward)"),
+                              "next-token log-probability of the letters A-D after 'Answer:' (one forward)",
+                              LETTER_HEADER),
     "cloze": MMLUFormulation(cloze_prompt, _cloze_scores,
-                             "summed log-likelihood of each answer text after 'Answer:' (4 sequences)"),
+                             "summed log-likelihood of each answer text after 'Answer:' (4 sequences)", CLOZE_HEADER),
 }
 
 
@@ -724,8 +736,8 @@ class MMLUEvaluator:
     def describe(self) -> dict:
         """The settings and the question sample (``results.json`` → ``mmlu_questions``)."""
         s = self.selection
-        return {**self.config.to_dict(), "scoring": MMLU_FORMULATIONS[self.config.formulation].description,
-                "seed": self.seed, "num_questions": len(s.questions), "pool": s.pool,
+        form = MMLU_FORMULATIONS[self.config.formulation]
+        return {**self.config.to_dict(), "scoring": form.description, "header": form.header, "seed": self.seed, "num_questions": len(s.questions), "pool": s.pool,
                 "shots_from": s.shots_from, "dropped_overlap": dict(s.dropped_overlap),
                 "fingerprint": s.fingerprint()}
 
@@ -736,11 +748,10 @@ class MMLUEvaluator:
         ``normalized`` (per character) and ``with_eos`` accuracies from the same forwards)."""
         start = time.perf_counter()
         c = self.config
-        prompts, fewer = self._build_prompts(tokenizer, model)
-        out = MMLU_FORMULATIONS[c.formulation].score(model, tokenizer, prompts, self.questions, c.batch_size,
-                                                     self.progress)
+        out = self.score(model, tokenizer)
+        fewer = out["prompts_with_fewer_shots"]
         subjects = [q.subject for q in self.questions]
-        hits = [_argmax(s) == q.answer for s, q in zip(out["scores"], self.questions)]
+        hits = [p == q.answer for p, q in zip(out["predictions"], self.questions)]
         record = {"formulation": c.formulation, "shots": c.shots, "chance": CHANCE, **mmlu_summary(subjects, hits)}
         if "letter_mass" in out:
             record["letter_mass"] = sum(out["letter_mass"]) / len(out["letter_mass"])
@@ -752,6 +763,17 @@ class MMLUEvaluator:
         record["prompts_with_fewer_shots"] = fewer
         record["seconds"] = time.perf_counter() - start
         return record
+
+    def score(self, model, tokenizer) -> dict:
+        """Per selected question (in :attr:`questions` order): ``prompts``, the four options' ``scores`` and the
+        ``predictions`` (the best option's index, ties to the earlier one), plus the formulation's other per-question
+        scores (``letter_mass``; ``normalized_scores``, ``with_eos_scores``) and ``prompts_with_fewer_shots``."""
+        c = self.config
+        prompts, fewer = self._build_prompts(tokenizer, model)
+        out = MMLU_FORMULATIONS[c.formulation].score(model, tokenizer, prompts, self.questions, c.batch_size,
+                                                     self.progress)
+        return {"prompts": prompts, **out, "predictions": [_argmax(s) for s in out["scores"]],
+                "prompts_with_fewer_shots": fewer}
 
     def _build_prompts(self, tokenizer, model) -> tuple[list[str], int]:
         c = self.config
@@ -778,6 +800,8 @@ def evaluate_mmlu(model, tokenizer, config: MMLUConfig | dict | None = None, **k
 
 __all__ = [
     "CHANCE",
+    "CLOZE_HEADER",
+    "LETTER_HEADER",
     "MMLU_CATEGORIES",
     "MMLU_FORMULATIONS",
     "MMLU_SUBJECTS",

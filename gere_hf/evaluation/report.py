@@ -510,12 +510,17 @@ def _final_mmlu(results: dict) -> dict:
     return max(rows, key=lambda m: m["stage"]) if rows else {}
 
 
+# The header every MMLU prompt began with before each form took lm-evaluation-harness's own (results without "header").
+_MMLU_HEADER_OF_OLDER_RESULTS = "The following are multiple choice questions (with answers) about {subject}.\n\n"
+
+
 def _mmlu_key(results: dict) -> tuple | None:
-    """What must agree for two runs' MMLU to compare: the questions and exemplars (fingerprint) and the form."""
+    """What must agree for two runs' MMLU to compare: the questions and exemplars (fingerprint), the form and the
+    prompts' header (the cloze form's moved option scores by up to 4 nats when it changed)."""
     if not results.get("mmlu"):
         return None
     q = results.get("mmlu_questions") or {}
-    return q.get("fingerprint"), q.get("formulation")
+    return q.get("fingerprint"), q.get("formulation"), q.get("header", _MMLU_HEADER_OF_OLDER_RESULTS)
 
 
 _METRIC_COLUMNS = (("AP", "ap", False), ("BWT", "bwt", True), ("FWT", "fwt", True),
@@ -592,8 +597,8 @@ def compare_runs(
     has_mmlu = all(k is not None for k in mmlu_keys)
     same_mmlu = has_mmlu and len(set(mmlu_keys)) == 1
     if has_mmlu and not same_mmlu:
-        message = (f"The runs measured MMLU on different questions or forms ({dict(zip(names, mmlu_keys))}); the MMLU "
-                   "columns are left out.")
+        message = (f"The runs measured MMLU on different questions, forms or prompt headers "
+                   f"({dict(zip(names, mmlu_keys))}); the MMLU columns are left out.")
         logger.warning(message)
         notes.append(message)
     elif not has_mmlu and any(mmlu_keys):

@@ -239,7 +239,10 @@ def test_prompt_formats():
     assert build_prompt(q, [], "letter") == header + "Find x.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:"
     assert build_prompt(q, [shot], "letter") == (
         header + "Find y.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: C\n\nFind x.\nA. 0\nB. 4\nC. 2\nD. 6\nAnswer:")
-    assert build_prompt(q, [shot], "cloze") == header + "Question: Find y.\nAnswer: 3\n\nQuestion: Find x.\nAnswer:"
+    # The cloze form's header is lm-eval's mmlu_continuation description: its prompts show no options.
+    cloze_header = "The following are questions (with answers) about abstract algebra.\n\n"
+    assert build_prompt(q, [shot], "cloze") == (
+        cloze_header + "Question: Find y.\nAnswer: 3\n\nQuestion: Find x.\nAnswer:")
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -81,7 +81,7 @@ def test_compare_runs_mmlu_columns_and_stage_curves(tmp_path, caplog):
     write_report(c, with_mmlu(make_results("other", MATRIX, NLLS), [10, 10, 10, 10], fingerprint="fp2"))
     with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.report"):
         table = compare_runs([a, c])
-    assert "MMLU on different questions or forms" in caplog.text and "Final MMLU" not in table
+    assert "MMLU on different questions, forms or prompt headers" in caplog.text and "Final MMLU" not in table
     d = tmp_path / "without"
     write_report(d, make_results("without", MATRIX, NLLS))
     table = compare_runs([a, d])
@@ -97,3 +97,22 @@ def _plain_comparison(tmp_path):
                                  fingerprint="f2"))
     compare_runs([x, y], out_dir=tmp_path / "plain_cmp")
     return tmp_path / "plain_cmp" / "compare.png"
+
+
+def test_compare_runs_leaves_out_mmlu_measured_under_another_header(tmp_path):
+    """The cloze form took lm-eval's mmlu_continuation header; results written before say no header and had the
+    multiple-choice one, which moves option scores by up to 4 nats: their MMLU does not compare with today's."""
+    from gere_hf.evaluation.mmlu import CLOZE_HEADER, LETTER_HEADER
+
+    def run(name, header):
+        results = with_mmlu(make_results(name, MATRIX, NLLS), [10, 10, 10, 10])
+        results["mmlu_questions"]["formulation"] = "cloze"
+        if header is not None:
+            results["mmlu_questions"]["header"] = header
+        write_report(tmp_path / name, results)
+        return tmp_path / name
+
+    old, new, newer = run("old", None), run("new", CLOZE_HEADER), run("newer", CLOZE_HEADER)
+    assert "Final MMLU" in compare_runs([new, newer])
+    assert "Final MMLU" not in compare_runs([old, new])
+    assert "Final MMLU" in compare_runs([old, run("old_header", LETTER_HEADER)])  # the header older results had
