@@ -17,7 +17,7 @@ See ``docs/losses.md`` for the equations, normalisations and the dynamic ("dy") 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -407,6 +407,9 @@ class StepLoss:
     replay_term: torch.Tensor | None = None
     replay_weight: torch.Tensor | None = None
     share: float = 0.0
+    # The three addends of ``total`` (differentiable; they sum to it): what each part of the loss pulls the weights
+    # towards, for diagnostics that take their gradients apart (benchmarks/grad_shares.py).
+    parts: dict = field(default_factory=dict)
 
 
 def _per_sample_means(nll_sums: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -459,6 +462,7 @@ def replay_step_loss(
         task_ce = task_nll.detach().sum() / task_targets.sum().to(task_nll.dtype).clamp(min=1)
     # A micro-batch without replay samples in a step with some (per-device batch 1, accumulation) adds its task part.
     result = StepLoss(total=(1.0 - s) * task_part * world_size, task_ce=task_ce, share=s)
+    result.parts["task"] = result.total
     if replay_nll is None or replay_nll.numel() == 0 or s == 0.0:
         return result
     replay_means = _per_sample_means(replay_nll, replay_targets)
@@ -480,9 +484,8 @@ def replay_step_loss(
         violated = replay_term.detach() > 0  # at a zero term the dy weight is CE/1e-8 and multiplies nothing
         if bool(violated.any()):
             result.replay_weight = w.detach()[violated].mean()
-    if share is None:
-        step = (1.0 - s) * task_part + s * (replay_part + term_part)
-    else:
-        step = (1.0 - s) * task_part + s * replay_part + term_part
-    result.total = step * world_size
+    term_scale = s if share is None else 1.0
+    result.parts["replay_ce"] = s * replay_part * world_size
+    result.parts["replay_term"] = term_scale * term_part * world_size
+    result.total = result.parts["task"] + result.parts["replay_ce"] + result.parts["replay_term"]
     return result

@@ -580,3 +580,83 @@ def test_token_nll_sums_to_causal_lm_loss():
     assert not targets[:, -1].any() and torch.all(nll[~targets] == 0)
     assert float(nll.sum() / targets.sum()) == pytest.approx(float(causal_lm_loss(logits, labels)), rel=1e-6)
     assert float(nll.sum()) == pytest.approx(ref_ce(logits, labels) * int(targets.sum()), rel=1e-5)
+
+
+# -- the step loss (docs/losses.md, "Total loss used by the trainer") -------------------------------------------------
+
+
+def _reference_step_loss(task, replay, share, weight, reduction):
+    """Each row of the total-loss table, written out with plain Python over (nll sum, targets[, term]) tuples."""
+    n_t, n_r = len(task), len(replay)
+    ce = [nll / max(t, 1) for nll, t in task]
+    ce_r = [nll / max(t, 1) for nll, t, _ in replay]
+    if reduction == "sample_mean":
+        big_t, big_r = sum(ce) / n_t, sum(ce_r) / n_r
+    else:
+        big_t = sum(nll for nll, _ in task) / sum(t for _, t in task)
+        big_r = sum(nll for nll, _, _ in replay) / sum(t for _, t, _ in replay)
+    s = n_r / (n_t + n_r) if share is None else share
+    task_mb = big_t  # one micro-batch: the micro-batch's task CE is the step's
+    weights = []
+    for (_, _, term), c in zip(replay, ce_r):
+        if weight is not None:
+            weights.append(weight)
+        else:
+            target = c if share is None else (1 - s) * task_mb + s * c
+            weights.append(target / (term + 1e-8))
+    term_mean = sum(w * term for w, (_, _, term) in zip(weights, replay)) / n_r
+    if share is None:
+        return (1 - s) * big_t + s * (big_r + term_mean)
+    return (1 - s) * big_t + s * big_r + term_mean
+
+
+@pytest.mark.parametrize("reduction", ["sample_mean", "token_mean"])
+@pytest.mark.parametrize("share", [None, 0.5, 0.2])
+@pytest.mark.parametrize("weight", [None, 1.0, 100.0])
+def test_each_row_of_the_total_loss_table(reduction, share, weight):
+    from gere_hf.losses import StepCounts, replay_step_loss
+
+    g = torch.Generator().manual_seed(0)
+    task = [(float(torch.rand(1, generator=g)) * 20, int(t)) for t in (1, 3, 17, 2, 9)]
+    replay = [(float(torch.rand(1, generator=g)) * 200, int(t), float(torch.rand(1, generator=g)))
+              for t in (40, 12, 63)]
+    counts = StepCounts(task_samples=5, replay_samples=3, task_targets=sum(t for _, t in task),
+                        replay_targets=sum(t for _, t, _ in replay))
+    got = replay_step_loss(torch.tensor([x for x, _ in task]), torch.tensor([t for _, t in task]), counts,
+                           torch.tensor([x for x, _, _ in replay]), torch.tensor([t for _, t, _ in replay]),
+                           torch.tensor([x for _, _, x in replay]), share=share, weight=weight, reduction=reduction)
+    expected = _reference_step_loss(task, replay, share, weight, reduction)
+    assert float(got.total) == pytest.approx(expected, rel=1e-6)
+    assert float(sum(got.parts.values())) == pytest.approx(float(got.total), rel=1e-6)
+    assert got.share == pytest.approx(3 / 8 if share is None else share)
+
+
+@pytest.mark.parametrize("reduction", ["sample_mean", "token_mean"])
+def test_the_step_loss_does_not_depend_on_the_micro_batch_split(reduction):
+    """Two micro-batches (replay in the second only) sum to the one-micro-batch step, and 2 processes (world 2, each
+    half) average to it, as DDP averages their gradients."""
+    from gere_hf.losses import StepCounts, replay_step_loss
+
+    task_nll, task_t = torch.tensor([3.0, 8.0, 1.0, 40.0]), torch.tensor([2, 5, 1, 30])
+    rep_nll, rep_t, term = torch.tensor([90.0, 20.0]), torch.tensor([50, 10]), torch.tensor([0.3, 0.1])
+    counts = StepCounts(4, 2, int(task_t.sum()), int(rep_t.sum()))
+
+    def loss(a, b, replay, world=1):
+        r = (rep_nll[replay], rep_t[replay], term[replay]) if replay is not None else (None, None, None)
+        return replay_step_loss(task_nll[a:b], task_t[a:b], counts, *r, weight=2.0, reduction=reduction,
+                                world_size=world).total
+
+    whole = loss(0, 4, slice(0, 2))
+    split = loss(0, 2, None) + loss(2, 4, slice(0, 2))
+    processes = (loss(0, 2, slice(0, 1), world=2) + loss(2, 4, slice(1, 2), world=2)) / 2
+    assert float(split) == pytest.approx(float(whole), rel=1e-6)
+    assert float(processes) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_a_step_without_replay_is_the_task_ce():
+    from gere_hf.losses import StepCounts, replay_step_loss
+
+    got = replay_step_loss(torch.tensor([4.0, 6.0]), torch.tensor([2, 3]), StepCounts(2, 0, 5, 0))
+    assert float(got.total) == pytest.approx((2.0 + 2.0) / 2) and got.share == 0.0 and got.replay_ce is None
+    with pytest.raises(ValueError, match="reduction"):
+        replay_step_loss(torch.tensor([1.0]), torch.tensor([1]), StepCounts(1, 0, 1, 0), reduction="tokens")
