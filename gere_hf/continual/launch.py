@@ -156,6 +156,28 @@ def check_fsdp_saves_full_weights(accelerator_state) -> None:
         )
 
 
+def on_main_process(fn) -> None:
+    """Run ``fn`` on the main process only (taking the run folder's lock); its refusal is raised on every rank as the
+    same :class:`RecipeError`, so that no rank goes on alone into a collective the others never reach."""
+    import torch.distributed as dist
+
+    from ..locks import FolderLockedError, NotAFolderError
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            fn()
+        except (RecipeError, FolderLockedError, NotAFolderError) as err:
+            error = str(err)
+    if distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise RecipeError(error)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 TINY_MODEL = "tiny-random-llama"
 # Sections that change neither the training nor the evaluation: a resumed run may change them.
 UNHASHED_KEYS = ("hub", "tracking", "overwrite_output_dir", "keep_checkpoints")
+# Settings inside sections that say how to get a result, not what it is: `gere.rebuild_store` rebuilds the same store
+# (from the same base model, checked), e.g. after a shared store was damaged.
+UNHASHED_NESTED_KEYS = {"gere": ("rebuild_store",)}
+# dtypes a model can be loaded in (model.dtype), as adapters.load_causal_lm reads them.
+MODEL_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
 # Training arguments the recipe sets elsewhere, and where.
 RESERVED_TRAINING_KEYS = {
     "output_dir": "the top-level output_dir (each stage trains in output_dir/stages/<t>-<name>/checkpoints)",
@@ -79,6 +84,12 @@ class ModelConfig:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to from_pretrained."})
 
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in MODEL_DTYPES:
+            close = difflib.get_close_matches(str(self.dtype), MODEL_DTYPES, n=1)
+            raise ValueError(f"dtype {self.dtype!r} is not a dtype a model loads in; use float32 (the default), "
+                             "bfloat16, float16 or auto." + (f" Did you mean {close[0]!r}?" if close else ""))
+
 
 @dataclass
 class StageConfig:
@@ -123,6 +134,8 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.scoring is not None:
             check_scoring(self.scoring, "scoring")
+        if self.num_eval is not None and self.num_eval < 1:
+            raise ValueError(f"num_eval must be at least 1 (or absent: all), got {self.num_eval}.")
 
 
 @dataclass
@@ -169,6 +182,12 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         check_scoring(self.scoring, "scoring")
+        for key, low in (("general_texts", 0), ("general_max_length", 2), ("batch_size", 1),
+                         ("general_batch_size", 1), ("max_new_tokens", 1)):
+            value = getattr(self, key)
+            if value < low:
+                what = " (0: no general texts measured)" if key == "general_texts" else ""
+                raise ValueError(f"{key} must be at least {low}{what}, got {value}.")
 
 
 @dataclass
@@ -320,9 +339,17 @@ def _list_index(items: list, part: str, where: str) -> int:
     )
 
 
-def recipe_hash(raw: dict) -> str:
+def _hashed(raw: dict) -> dict:
+    """What a recipe's hash covers: the raw recipe without the sections and settings a resumed run may change."""
     kept = {k: v for k, v in raw.items() if k not in UNHASHED_KEYS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    for section, keys in UNHASHED_NESTED_KEYS.items():
+        if isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k not in keys}
+    return kept
+
+
+def recipe_hash(raw: dict) -> str:
+    return hashlib.sha256(json.dumps(_hashed(raw), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def recipe_differences(old: dict, new: dict) -> list[str]:
@@ -341,7 +368,7 @@ def recipe_differences(old: dict, new: dict) -> list[str]:
         elif a != b:
             out.append(f"{prefix}: {_short(a)} (run) vs {_short(b)} (recipe)")
 
-    walk(old, new, "")
+    walk(_hashed(old), _hashed(new), "")
     return out
 
 
@@ -406,10 +433,11 @@ def build_dataclass(cls, data: Any, where: str, hint: str = ""):
         raise RecipeError(f"{where} lacks the required key(s) {missing}.")
     try:
         return cls(**data)
-    except (GeReConfigError, HubError, AdapterError) as err:
-        raise RecipeError(f"{where}: {err}") from None
-    except (TypeError, ValueError) as err:
-        raise RecipeError(f"{where}: {err}") from None
+    except (TypeError, ValueError, GeReConfigError, HubError, AdapterError) as err:
+        text = str(err)
+        # "dtype 'x' is not ..." from ModelConfig reads "model.dtype 'x' is not ...": the message names the key.
+        sep = "." if text.split(" ", 1)[0] in fields else ": "
+        raise RecipeError(f"{where}{sep}{text}") from None
 
 
 def _training_fields() -> list[str]:
@@ -471,10 +499,9 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
         if not isinstance(peft, dict):
             raise RecipeError("peft must be a mapping of LoRA options (peft.LoraConfig fields), or null.")
         check_keys(peft, adapters_mod.lora_fields(), "peft", " See peft.LoraConfig for the LoRA options.")
-        try:
-            adapters_mod.lora_config(peft)
-        except AdapterError as err:
-            raise RecipeError(str(err)) from None
+        from .arguments import check_peft
+
+        check_peft(peft)
     adapters = None
     if data.get("adapters") is not None:
         if peft is None:
@@ -484,9 +511,11 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
             )
         adapters = build_dataclass(AdapterConfig, data["adapters"], "adapters")
 
-    gere_data = dict(data.get("gere") or {})
     if not isinstance(data.get("gere") or {}, dict):
         raise RecipeError("gere must be a mapping of GeReConfig fields (loss, weight, replay_source, ...).")
+    if "seed" in data:  # before gere: the seed is gere.replay_seed's default, which would be blamed for it
+        _check_type(data["seed"], "int", "seed")
+    gere_data = dict(data.get("gere") or {})
     gere_data.setdefault("replay_seed", data.get("seed", 42))
     for key in ("weight", "replay_share"):  # `weight: 0.5`: GeReConfig takes numbers as strings and checks the value
         value = gere_data.get(key)
@@ -512,6 +541,9 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
                     path=path, **rest)
     if recipe.name is not None:
         _check_name(recipe.name, "name")
+    from .arguments import check_training
+
+    check_training(recipe)
     return recipe
 
 

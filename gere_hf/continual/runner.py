@@ -6,11 +6,14 @@ from the base model at stage 1 and reused by every stage. Every stage writes ``o
 (:mod:`gere_hf.continual.state`) lets ``--resume`` go on after the last finished stage. The accuracy matrix is
 filled before stage 1 and after every stage (:mod:`gere_hf.evaluation`); the report is written at the end. Every check
 that can fail on bad input (unknown keys, datasets and their fields, DeepSpeed configs, Hub access, ``--resume``
-against another recipe, too little evaluation data) runs before any training.
+against another recipe or changed files, the model's module names and positions, what survives ``max_length``, too
+little evaluation data) runs before anything is written (:mod:`gere_hf.continual.preflight`). The run folder is locked
+while the run lives (:mod:`gere_hf.locks`): a second run, or a ``--resume`` beside a live run, is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,8 +23,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from ..locks import folder_lock
 from . import adapters as adapters_mod
-from . import data, launch
+from . import data, launch, preflight
 from . import state as run_state
 from .hub import HubTarget, hub_preflight, model_card, push_stage
 from .launch import barrier
@@ -63,7 +67,9 @@ class RecipeRunner:
         self.mmlu = None
         self.base_path: str = ""
         self._log_history: dict[int, list] = {}
-        self.overwrite = False
+        self.clear = run_state.CLEAR_NOTHING  # what a fresh start removes first (check_previous_run)
+        self.facts: preflight.ModelFacts | None = None
+        self.examples: list[dict] = []
 
     # -- the whole run --------------------------------------------------------------------------------------------------
 
@@ -71,46 +77,85 @@ class RecipeRunner:
         """Run the recipe; returns the results (on the main process; None elsewhere or without evaluation)."""
         r = self.recipe
         t0 = time.time()
-        self.check_inputs()
-        self.prepare()
-        for index in range(1, len(r.stages) + 1):
-            if self._finished(index):
-                logger.info("Stage %d (%s) is finished; skipping it.", index, r.stages[index - 1].name)
-                continue
-            self.train_stage(index)
-            self.finish_stage(index)
+        with contextlib.ExitStack() as held:
+            self.check_inputs(held)
+            self.prepare()
+            for index in range(1, len(r.stages) + 1):
+                if self._finished(index):
+                    logger.info("Stage %d (%s) is finished; skipping it.", index, r.stages[index - 1].name)
+                    continue
+                self.train_stage(index)
+                self.finish_stage(index)
+                self.push_pending()
             self.push_pending()
-        self.push_pending()
-        self.write_report()
-        self.state["finished"] = True
-        self.state["seconds"] = round(time.time() - t0, 2)
-        self.save_state()
-        barrier()
+            self.write_report()
+            self.state["finished"] = True
+            self.state["seconds"] = round(time.time() - t0, 2)
+            self.save_state()
+            barrier()
         logger.info("The run is finished: %s", self.output_dir)
         return self.results() if self.is_main else None
 
-    def check_inputs(self) -> None:
-        """Everything that can fail on bad input, before anything heavy or written."""
+    def check_inputs(self, held: contextlib.ExitStack | None = None) -> None:
+        """Everything that can fail on bad input, before anything heavy or written. ``held`` keeps the run folder's
+        lock until the run ends."""
         r = self.recipe
         if r.training.get("deepspeed"):
             r.training["deepspeed"] = launch.check_deepspeed_config(r.training["deepspeed"], r)
+        self.build_training_args()  # sets up the process group: the lock's outcome reaches every rank through it
+        if held is not None:
+            launch.on_main_process(lambda: held.enter_context(
+                folder_lock(self.output_dir, "gere-hf run", wait=False, remove_if_empty=True)))
         self.check_previous_run()
         if r.hub.push:
             self.hub = hub_preflight(r.hub, r.run_name, [s.name for s in r.stages])
         if r.evaluation.lm_eval_tasks and launch.zero3_config(r.training.get("deepspeed")):
             raise RecipeError("evaluation.lm_eval_tasks is not supported under ZeRO-3 (lm-eval runs on the main "
                               "process only); drop it or use ZeRO-2.")
-        self.build_training_args()
         try:
             check_integrations(self.stage_args)
         except TrackingError as err:
             raise RecipeError(str(err)) from None
+        self.check_model()
         # The replay texts first: the tasks' eval examples and then the held-out general texts are chosen disjoint
         # from them (and the general texts from the tasks), all before anything is written.
         self.check_replay()
         self.load_tasks()
+        self.examples = preflight.check_examples_kept(r, self.tasks, self.facts.tokenizer, self.stage_args)
         self.select_general_texts()
         self.select_mmlu()
+        if r.gere.replay_enabled or r.gere.store_dir:
+            preflight.check_store_dir(self.store_dir, "gere.store_dir" if r.gere.store_dir else
+                                      "the store folder (output_dir/gere_store)")
+
+    def check_model(self) -> None:
+        """The base model's config, module names and tokenizer against the recipe; on ``--resume``, the base model's
+        files and the finished stages' saved weights against the run's record of them."""
+        r = self.recipe
+        self.resolve_base_path()
+        self.facts = preflight.model_facts(r, self.base_path)
+        if r.peft is not None:
+            preflight.check_target_modules(r.peft.get("target_modules"), self.facts, r.model.name_or_path)
+        preflight.check_lengths(r, self.facts)
+        if not self.state:
+            return
+        changed = run_state.base_weights_changes(self.base_path, (self.state.get("model") or {}).get("weights"))
+        if changed:
+            raise RecipeError(
+                f"--resume: {changed}. The finished stages and the reference store were made from the old weights: "
+                "put them back, or start a new run (another output_dir, or overwrite_output_dir: true)."
+            )
+        for index in range(1, len(r.stages) + 1):
+            entry = self._stage_entry(index)
+            problem = None
+            if entry.get("status") == "finished":
+                problem = run_state.stage_files_problem(self.stage_dir(index), entry.get("files"))
+            if problem:
+                raise RecipeError(
+                    f"--resume: stage {index} ({entry['name']}) in {self.stage_dir(index)} is not what the run saved "
+                    f"({problem}): it was truncated, altered or replaced. Restore the stage folder from a copy, or "
+                    "start the run over (overwrite_output_dir: true)."
+                )
 
     def prepare(self) -> None:
         """The run folder, the base model and tokenizer, the replay set, run_state.json and row 0."""
@@ -119,8 +164,9 @@ class RecipeRunner:
         if fresh:
             if self.is_main:
                 os.makedirs(self.output_dir, exist_ok=True)
-                if self.overwrite:  # only an overwrite_output_dir start removes earlier outputs
-                    run_state.clear_previous_outputs(self.output_dir, None if r.gere.store_dir else self.store_dir)
+                if self.clear is not run_state.CLEAR_NOTHING:  # an overwrite_output_dir start, or a never-trained run
+                    own_store = self.clear == run_state.CLEAR_ALL and not r.gere.store_dir
+                    run_state.clear_previous_outputs(self.output_dir, self.store_dir if own_store else None)
             barrier()
         self.prepare_base_model()
         self.tokenizer = adapters_mod.load_tokenizer(self.base_path, r.model.trust_remote_code)
@@ -133,8 +179,9 @@ class RecipeRunner:
         # run_state.json is written once the inputs are known good: a run refused for its tokenizer or replay texts
         # leaves no state behind that a second attempt would have to --resume or overwrite.
         if fresh:
+            weights = run_state.base_weights_record(self.base_path) if self.is_main else None
             self.state = run_state.fresh_run_state(r, self.output_dir, self.base_path,
-                                                   [self.stage_dir(i) for i in range(1, len(r.stages) + 1)])
+                                                   [self.stage_dir(i) for i in range(1, len(r.stages) + 1)], weights)
         self.state["world_size"] = self.world_size
         self.save_state()
         if r.evaluation.enabled and self.is_main:
@@ -166,7 +213,7 @@ class RecipeRunner:
 
     def check_previous_run(self) -> None:
         """``--resume`` needs the same recipe; a fresh run refuses to overwrite a run unless told to."""
-        self.state, self.overwrite = run_state.check_previous_run(self.recipe, self.output_dir, self.resume)
+        self.state, self.clear = run_state.check_previous_run(self.recipe, self.output_dir, self.resume)
 
     def build_training_args(self) -> None:
         self.stage_args = launch.build_stage_args(
@@ -199,22 +246,30 @@ class RecipeRunner:
         m = self.recipe.model
         return adapters_mod.load_causal_lm(path, m.dtype, m.trust_remote_code)
 
+    def resolve_base_path(self) -> None:
+        """The base model's path, written nowhere in the run folder: a built-in model is converted once into the
+        cache (by one process); the tiny random Llama's path is its folder in the run (saved by prepare_base_model)."""
+        name = self.recipe.model.name_or_path
+        if name == TINY_MODEL:
+            self.base_path = os.path.join(self.output_dir, BASE_MODEL_DIR)
+            return
+        from ..models import BUILTIN_MODELS, resolve_model_path
+
+        if name in BUILTIN_MODELS:
+            if self.is_main:
+                resolve_model_path(name)  # converted once, by one process
+            barrier()
+            self.base_path = resolve_model_path(name)
+        else:
+            local = data.resolve_recipe_path(name, self.recipe)
+            self.base_path = local if local is not None and os.path.isdir(local) else name
+
     def prepare_base_model(self) -> None:
         """The base model's path; the built-in tiny random Llama is saved once into the run folder (main process)."""
-        name = self.recipe.model.name_or_path
-        if name != TINY_MODEL:
-            from ..models import BUILTIN_MODELS, resolve_model_path
-
-            if name in BUILTIN_MODELS:
-                if self.is_main:
-                    resolve_model_path(name)  # converted once, by one process
-                barrier()
-                self.base_path = resolve_model_path(name)
-            else:
-                local = data.resolve_recipe_path(name, self.recipe)
-                self.base_path = local if local is not None and os.path.isdir(local) else name
+        if not self.base_path:
+            self.resolve_base_path()
+        if self.recipe.model.name_or_path != TINY_MODEL:
             return
-        self.base_path = os.path.join(self.output_dir, BASE_MODEL_DIR)
         if self.is_main and not os.path.isfile(os.path.join(self.base_path, "config.json")):
             from transformers import ByT5Tokenizer
 
@@ -278,7 +333,8 @@ class RecipeRunner:
             "method": adapters_mod.method_name(self.recipe.peft, self.recipe.strategy),
             "gere": self.recipe.gere.to_dict(),
             "world_size": self.world_size,
-            "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "hub", "tracking")}
+            "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "examples", "hub",
+                                              "tracking")}
                        for s in self.state["stages"]],
         }
         results["data_overlap"] = self.data_overlap()
@@ -347,6 +403,10 @@ class RecipeRunner:
         checkpoint = None
         if self.resume and os.path.isdir(args.output_dir):
             checkpoint = run_state.last_complete_checkpoint(args.output_dir)
+        entry.setdefault("examples", {}).update(self.examples[index - 1] if self.examples else {})
+        if run_state.final_checkpoint(checkpoint):
+            self.adopt_final_checkpoint(index, checkpoint)
+            return
         logger.info("Stage %d/%d (%s): %d training examples%s", index, len(r.stages), stage.name, len(task.train),
                     f", resuming from {checkpoint}" if checkpoint else "")
         if getattr(args, "hf_deepspeed_config", None) is not None:
@@ -373,6 +433,7 @@ class RecipeRunner:
             )
             entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
                                                     trainer.accelerator.distributed_type))
+            entry["examples"]["trained"] = len(trainer.train_dataset)  # what TRL kept (max_length drops some)
             if args.fsdp and entry["distributed_type"] != "FSDP":
                 logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on "
                                "GPUs/accelerators.", entry["distributed_type"])
@@ -394,6 +455,26 @@ class RecipeRunner:
         launch.free_memory()
         barrier()
 
+    def adopt_final_checkpoint(self, index: int, checkpoint: str) -> None:
+        """A complete checkpoint at the stage's last step is the trained stage: its saved model becomes the stage's
+        (byte for byte what save_model would write), with the checkpoint's trainer state, without training."""
+        stage_dir = self.stage_dir(index)
+        entry = self._stage_entry(index)
+        logger.info("Stage %d (%s): %s is the stage's last step; taking its model as the stage's result.", index,
+                    self.recipe.stages[index - 1].name, checkpoint)
+        if self.is_main:
+            state = run_state.adopt_checkpoint(checkpoint, stage_dir)
+            summary = {"epoch": state.get("epoch"), "step": state.get("global_step"),
+                       "total_flos": state.get("total_flos"), "finished_from_checkpoint": os.path.basename(checkpoint)}
+            state["log_history"] = [*state.get("log_history", []), summary]
+            run_state.write_json(os.path.join(stage_dir, "trainer_state.json"), state)
+            entry["train"] = {"global_step": state.get("global_step"), "epoch": state.get("epoch"),
+                              "total_flos": state.get("total_flos")}
+            self._log_history[index] = state["log_history"]
+        entry["status"] = "running"
+        self.save_state()
+        barrier()
+
     def finish_stage(self, index: int) -> None:
         """After training: evaluate, write metrics and the model card, mark the stage finished (main process)."""
         r = self.recipe
@@ -411,6 +492,7 @@ class RecipeRunner:
             run_state.write_json(os.path.join(stage_dir, METRICS_FILE), metrics)
             with open(os.path.join(stage_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(self._model_card(index, record, entry.get("train") or {}, entry.get("tracking")))
+            entry["files"] = run_state.stage_files_record(stage_dir)  # what eval --run and --resume check it against
             entry["status"] = "finished"
             if record is not None:
                 entry["accuracy"] = record.get("accuracy")

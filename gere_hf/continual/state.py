@@ -1,8 +1,12 @@
 """The folder of a continual run: its layout, ``run_state.json``, and what ``--resume`` may continue.
 
-``output_dir/run_state.json`` records the recipe (and its hash), the base model, every stage's folder and status, and
-every evaluated row, so ``--resume`` goes on after the last finished stage (and from the last complete checkpoint inside
-an unfinished one). It is written atomically by the main process only.
+``output_dir/run_state.json`` records the recipe (and its hash), the base model (and a fingerprint of its weights),
+every stage's folder and status (and, once finished, a fingerprint of its saved weights), and every evaluated row, so
+``--resume`` goes on after the last finished stage (and from the last complete checkpoint inside an unfinished one).
+It is written atomically by the main process only.
+
+A stage is finished by its checkpoints too: a complete checkpoint at the stage's last step *is* the trained stage
+(:func:`final_checkpoint`), whose saved model is taken as it is (:func:`adopt_checkpoint`) rather than trained further.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import shutil
 import time
 from typing import Any
 
+from .fingerprints import changed_digest, folder_differences, folder_records, records_digest
 from .recipe import TINY_MODEL, Recipe, RecipeError, recipe_differences
 
 logger = logging.getLogger(__name__)
@@ -69,16 +74,51 @@ def read_run_state(output_dir: str) -> dict | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path} is corrupted ({err}); move it away to start over.") from None
+    problem = run_state_problem(state)
+    if problem is not None:
+        raise RecipeError(
+            f"{path} is not a run state gere-hf wrote: {problem}. It was edited or damaged; restore it from a copy, "
+            "or move it away to start the run over."
+        )
+    return state
 
 
-def check_previous_run(recipe: Recipe, output_dir: str, resume: bool) -> tuple[dict, bool]:
-    """``(state to continue or {}, whether a fresh start must clear an earlier run's outputs)``.
+def run_state_problem(state: Any) -> str | None:
+    """What makes ``state`` unusable as a run state (a missing or mistyped field), or None."""
+    if not isinstance(state, dict):
+        return f"it holds a JSON {type(state).__name__}, not an object"
+    for key, kind in (("stages", list), ("model", dict), ("recipe", dict)):
+        if not isinstance(state.get(key), kind):
+            found = "missing" if key not in state else type(state[key]).__name__
+            return f"its {key!r} is {found}, not a {kind.__name__}"
+    if not state["stages"]:
+        return "its 'stages' list is empty"
+    for i, stage in enumerate(state["stages"]):
+        if not isinstance(stage, dict) or not all(isinstance(stage.get(k), str) for k in ("name", "dir", "status")):
+            return f"stages[{i}] lacks its name, dir or status"
+    if not isinstance(state["model"].get("path"), str):
+        return "model.path is missing"
+    return None
+
+
+def ever_trained(state: dict) -> bool:
+    """Whether any stage of a run began training (its status left 'pending')."""
+    return any(s.get("status", "pending") != "pending" for s in state.get("stages", []))
+
+
+# What a fresh start clears (check_previous_run): nothing, an earlier run's outputs, or those and its default store.
+CLEAR_NOTHING, CLEAR_OUTPUTS, CLEAR_ALL = None, "outputs", "all"
+
+
+def check_previous_run(recipe: Recipe, output_dir: str, resume: bool) -> tuple[dict, str | None]:
+    """``(state to continue or {}, what a fresh start clears first: CLEAR_NOTHING, CLEAR_OUTPUTS or CLEAR_ALL)``.
 
     ``--resume`` needs the same recipe; a fresh run refuses to overwrite a run (or files named like a run's outputs)
-    unless ``overwrite_output_dir`` says so.
+    unless ``overwrite_output_dir`` says so. A run that stopped before its first stage trained is started afresh,
+    with or without ``--resume``, whatever the recipe: a corrected recipe must not need ``overwrite_output_dir``.
     """
     previous = read_run_state(output_dir)
     if previous is None:
@@ -92,8 +132,13 @@ def check_previous_run(recipe: Recipe, output_dir: str, resume: bool) -> tuple[d
             )
         if resume:
             logger.warning("--resume: %s holds no run yet; starting from the beginning.", output_dir)
-        return {}, bool(foreign)
+        return {}, CLEAR_ALL if foreign else CLEAR_NOTHING
     finished = [s["name"] for s in previous.get("stages", []) if s.get("status") == "finished"]
+    if not ever_trained(previous) and (previous.get("recipe_hash") != recipe.recipe_hash or not resume):
+        # It stopped before training anything: only its base-model evaluation is lost by starting over. Its own
+        # outputs are cleared; a store at the default place was not its (stores are built when stage 1 trains).
+        logger.warning("%s holds a run that stopped before its first stage trained; starting it afresh.", output_dir)
+        return {}, CLEAR_OUTPUTS
     if not resume:
         if not recipe.overwrite_output_dir:
             raise RecipeError(
@@ -101,7 +146,7 @@ def check_previous_run(recipe: Recipe, output_dir: str, resume: bool) -> tuple[d
                 f"{', '.join(finished) or 'none'}). Pass --resume to continue it, set overwrite_output_dir: true "
                 "(or --set overwrite_output_dir=true) to start over, or choose another output_dir."
             )
-        return {}, True
+        return {}, CLEAR_ALL
     if previous.get("recipe_hash") != recipe.recipe_hash:
         diffs = recipe_differences(previous.get("recipe") or {}, recipe.raw)
         shown = "\n  ".join(diffs[:12]) + (f"\n  ... and {len(diffs) - 12} more" if len(diffs) > 12 else "")
@@ -110,10 +155,11 @@ def check_previous_run(recipe: Recipe, output_dir: str, resume: bool) -> tuple[d
             f"{shown or '(the recipe hashes differ)'}\nResume with the recipe (and --set overrides) the run was "
             "started with, or start a new run in another output_dir."
         )
-    return previous, False
+    return previous, CLEAR_NOTHING
 
 
-def fresh_run_state(recipe: Recipe, output_dir: str, base_path: str, stage_dirs: list[str]) -> dict:
+def fresh_run_state(recipe: Recipe, output_dir: str, base_path: str, stage_dirs: list[str],
+                    base_weights: dict | None = None) -> dict:
     return {
         "schema_version": RUN_STATE_VERSION,
         "recipe_hash": recipe.recipe_hash,
@@ -122,7 +168,8 @@ def fresh_run_state(recipe: Recipe, output_dir: str, base_path: str, stage_dirs:
         "name": recipe.run_name,
         "model": {"name_or_path": recipe.model.name_or_path,
                   "path": BASE_MODEL_DIR if recipe.model.name_or_path == TINY_MODEL else base_path,
-                  "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code},
+                  "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
+                  "weights": base_weights},
         "peft": recipe.peft,
         "adapters": {"strategy": recipe.strategy} if recipe.peft is not None else None,
         "stages": [{"index": i, "name": s.name, "dir": os.path.relpath(stage_dirs[i - 1], output_dir),
@@ -131,6 +178,39 @@ def fresh_run_state(recipe: Recipe, output_dir: str, base_path: str, stage_dirs:
         "finished": False,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def base_weights_record(base_path: str) -> dict | None:
+    """The fingerprint of a local base model's files (config and weights); None for a Hub id (not a folder)."""
+    if not os.path.isdir(base_path):
+        return None
+    records = folder_records(base_path)
+    return {"files": records, "digest": records_digest(records)}
+
+
+def base_weights_changes(base_path: str, record: dict | None) -> str | None:
+    """A message when the base model's files differ from the run's record of them, else None."""
+    if not record or not os.path.isdir(base_path):
+        return None
+    differences = folder_differences(base_path, record["files"])
+    if not differences:
+        return None
+    return (f"the base model at {base_path} changed since the run started: its files hash {record['digest']} in the "
+            f"run's record and {changed_digest(base_path, record['files'])} now ({'; '.join(differences[:4])})")
+
+
+def stage_files_record(stage_dir: str) -> dict:
+    """The fingerprint of a finished stage's saved model (adapter or full weights, and their configs)."""
+    return folder_records(stage_dir)
+
+
+def stage_files_problem(stage_dir: str, record: dict | None) -> str | None:
+    """What differs between a finished stage's folder and the run's record of it, or None (no record: not checked,
+    a run of an older gere_hf)."""
+    if not record:
+        return None
+    differences = folder_differences(stage_dir, record)
+    return "; ".join(differences[:4]) if differences else None
 
 
 def clear_previous_outputs(output_dir: str, store_dir: str | None) -> None:
@@ -170,3 +250,40 @@ def last_complete_checkpoint(folder: str) -> str | None:
             logger.warning("Skipping %s: it was not written to the end (the run was interrupted while saving it).",
                            path)
     return None
+
+
+def checkpoint_state(checkpoint: str) -> dict:
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def final_checkpoint(checkpoint: str | None) -> bool:
+    """Whether a complete checkpoint is the stage's last step: the Trainer trained the whole stage before it.
+
+    Resuming from it would not be a no-op: the Trainer runs one more step of an epoch that ``max_steps`` ends in the
+    middle of (transformers checks ``max_steps`` after a step), so a run killed between that checkpoint and the stage's
+    end trained past ``max_steps`` on ``--resume``.
+    """
+    if checkpoint is None:
+        return False
+    state = checkpoint_state(checkpoint)
+    return int(state.get("max_steps") or 0) > 0 and int(state.get("global_step") or 0) >= int(state["max_steps"])
+
+
+# What a checkpoint holds to resume training, beside the saved model (which is what save_model writes).
+_RESUME_ONLY = ("optimizer", "scheduler", "rng_state", "scaler", "trainer_state.json", "latest", "zero_to_fp32.py",
+                "global_step", "pytorch_model_fsdp", "optimizer_")
+
+
+def adopt_checkpoint(checkpoint: str, stage_dir: str) -> dict:
+    """Copy a final checkpoint's saved model (byte for byte what ``Trainer.save_model`` writes) into the stage folder;
+    returns the checkpoint's trainer state. Each file goes in atomically; resume-only files are left out."""
+    os.makedirs(stage_dir, exist_ok=True)
+    for name in sorted(os.listdir(checkpoint)):
+        source = os.path.join(checkpoint, name)
+        if not os.path.isfile(source) or name.startswith(_RESUME_ONLY):
+            continue
+        tmp = os.path.join(stage_dir, f".{name}.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, os.path.join(stage_dir, name))
+    return checkpoint_state(checkpoint)

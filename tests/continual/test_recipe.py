@@ -105,10 +105,10 @@ def test_bad_values_and_reserved_keys(tmp_path):
 
 
 def test_scoring_per_stage_and_its_errors(tmp_path):
-    with pytest.raises(RecipeError, match=r"stages\[0\] \(polarity\): scoring must be one of loglik, loglik_norm, "
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(polarity\)\.scoring must be one of loglik, loglik_norm, "
                        r"generate, got 'generat'. Did you mean 'generate'\?"):
         parse_recipe(tiny_recipe(tmp_path, "stages.0.scoring=generat"))
-    with pytest.raises(RecipeError, match=r"evaluation: scoring must be one of .*'loglik_nrm'. Did you mean"):
+    with pytest.raises(RecipeError, match=r"evaluation\.scoring must be one of .*'loglik_nrm'. Did you mean"):
         parse_recipe(tiny_recipe(tmp_path, "evaluation.scoring=loglik_nrm"))
     with pytest.raises(RecipeError, match=r"evaluation.choice_eos must be bool, got 'maybe'"):
         parse_recipe(tiny_recipe(tmp_path, "evaluation.choice_eos=maybe"))
@@ -212,7 +212,9 @@ def test_existing_run_is_not_overwritten_and_resume_needs_the_same_recipe(tmp_pa
     out.mkdir()
     (out / "run_state.json").write_text(json.dumps({
         "recipe_hash": recipe_hash(old_raw), "recipe": {k: v for k, v in old_raw.items() if k != "hub"},
-        "stages": [{"index": 1, "name": "polarity", "status": "finished"}, {"index": 2, "name": "trivia"}],
+        "model": {"name_or_path": "tiny-random-llama", "path": "base_model"},
+        "stages": [{"index": 1, "name": "polarity", "dir": "stages/1-polarity", "status": "finished"},
+                   {"index": 2, "name": "trivia", "dir": "stages/2-trivia", "status": "pending"}],
     }))
     with pytest.raises(RecipeError, match=r"already holds a run \(1 finished stage\(s\): polarity\). Pass --resume"):
         run_recipe(recipe)

@@ -41,9 +41,9 @@ def test_the_field_parses_into_an_mmlu_config(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("evaluation.mmlu={num_question: 20}", "Unknown key 'num_question' in evaluation.mmlu. Did you mean 'num_questions'?"),
-    ("evaluation.mmlu={shots: 7}", "evaluation.mmlu: shots must be an integer 0..5"),
+    ("evaluation.mmlu={shots: 7}", "evaluation.mmlu.shots must be an integer 0..5"),
     ("evaluation.mmlu={formulation: lettre}", "evaluation.mmlu: Unknown formulation 'lettre'; did you mean 'letter'?"),
-    ("evaluation.mmlu={num_questions: 0}", "evaluation.mmlu: num_questions must be a positive integer or null"),
+    ("evaluation.mmlu={num_questions: 0}", "evaluation.mmlu.num_questions must be a positive integer or null"),
     ("evaluation.mmlu={num_questions: '500'}", "evaluation.mmlu.num_questions must be int or None"),
     ("evaluation.mmlu=500", "evaluation.mmlu must be a mapping of MMLUConfig fields"),
     ("evaluation.mmlu={shots: 1.5}", "evaluation.mmlu.shots must be int"),

@@ -140,7 +140,7 @@ def test_a_fixed_numeric_weight_is_accepted(tmp_path):
 
 def test_replay_per_step_below_one_is_refused(tmp_path, user_dir, capsys):
     message = _refused(tmp_path, user_dir, capsys, "gere.replay_per_step=0")
-    assert "gere: replay_per_step must be ≥ 1 (or None), got 0" in message
+    assert "gere.replay_per_step must be ≥ 1 (or None), got 0" in message
 
 
 def test_tokenizer_without_pad_or_eos_token(tmp_path, user_dir, capsys):
