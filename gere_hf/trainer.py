@@ -356,6 +356,7 @@ class GeReMixin:
         step = replay_step_loss(task_nll, task_targets, self._gere_step, replay_nll, replay_targets, replay_term,
                                 share=cfg.replay_share_value, weight=cfg.weight_value, reduction=cfg.ce_reduction,
                                 world_size=self.args.world_size)
+        self.gere_last_step_loss = step  # its parts, for diagnostics (benchmarks/grad_shares.py)
         total = step.total
         for extra in (empty_part, aux):
             if extra is not None:
