@@ -92,13 +92,41 @@ def zero3_hidden():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-def _base_with_merged(load: Callable[[str], object], base: str, adapter_dirs: Sequence[str]):
-    """The base model with the LoRA adapters in ``adapter_dirs`` merged into its weights, in order."""
+def _unreadable(folder: str, err: Exception) -> AdapterError:
+    names = [n for n in ("adapter_model.safetensors", "model.safetensors") if os.path.isfile(os.path.join(folder, n))]
+    shown = os.path.join(folder, names[0]) if names else folder
+    detail = str(err).splitlines()[0] if str(err) else ""
+    return AdapterError(f"{shown} cannot be read ({type(err).__name__}: {detail}): it is truncated or damaged. Restore "
+                        "the stage folder from a copy, or rerun the stage.")
+
+
+def load_adapter(model, adapter_dir: str, is_trainable: bool = False):
+    """``PeftModel.from_pretrained``, with a damaged adapter file named instead of a safetensors traceback."""
     from peft import PeftModel
 
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
+    except Exception as err:  # SafetensorError, a header that does not parse, a truncated file
+        if not os.path.isdir(adapter_dir):
+            raise
+        raise _unreadable(adapter_dir, err) from err
+
+
+def load_saved(load: Callable[[str], object], folder: str):
+    """A stage's full weights through ``load``, with a damaged weights file named."""
+    try:
+        return load(folder)
+    except Exception as err:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise
+        raise _unreadable(folder, err) from err
+
+
+def _base_with_merged(load: Callable[[str], object], base: str, adapter_dirs: Sequence[str]):
+    """The base model with the LoRA adapters in ``adapter_dirs`` merged into its weights, in order."""
     model = load(base)
     for adapter_dir in adapter_dirs:
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model = load_adapter(model, adapter_dir).merge_and_unload()
     return model
 
 
@@ -119,11 +147,11 @@ def training_model(
         strategy: 'continue' or 'stack' (ignored for full fine-tuning).
     """
     if peft_options is None:
-        return load(previous[-1] if previous else base)
-    from peft import PeftModel, get_peft_model
+        return load_saved(load, previous[-1]) if previous else load(base)
+    from peft import get_peft_model
 
     if strategy == "continue" and previous:
-        return PeftModel.from_pretrained(load(base), previous[-1], is_trainable=True)
+        return load_adapter(load(base), previous[-1], is_trainable=True)
     if strategy == "stack" and previous:
         # Merging needs the full weights: loaded whole on every rank; DeepSpeed partitions the result at its start.
         with zero3_hidden():
@@ -151,11 +179,9 @@ def stage_result_model(
     if not stage_dirs:
         return load(base)
     if peft_options is None:
-        return load(stage_dirs[-1])
-    from peft import PeftModel
-
+        return load_saved(load, stage_dirs[-1])
     model = _base_with_merged(load, base, stage_dirs[:-1] if strategy == "stack" else ())
-    model = PeftModel.from_pretrained(model, stage_dirs[-1])
+    model = load_adapter(model, stage_dirs[-1])
     return model.merge_and_unload() if merge else model
 
 

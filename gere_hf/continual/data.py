@@ -23,6 +23,40 @@ logger = logging.getLogger(__name__)
 _DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
+def read_error_text(err: BaseException, what: str) -> str:
+    """Why ``what`` (a file or source, named) could not be read, and the fix: a file that is not UTF-8, or one that
+    does not parse. ``datasets`` wraps both in a bare DatasetGenerationError; the cause is found in its chain."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    bad_text = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+    if bad_text is not None:
+        return (f"{what} is not UTF-8 text ({bad_text.reason}: byte {bad_text.object[bad_text.start:bad_text.start + 1]!r}"
+                f" at offset {bad_text.start}). Convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > NEW`.")
+    root = next((e for e in chain if type(e).__name__ != "DatasetGenerationError" and str(e)), chain[0])
+    detail = str(root).splitlines()[0] if str(root) else ""
+    return f"{what} could not be read ({type(root).__name__}: {detail}). Fix the file: it must be valid {{kind}}."
+
+
+def _local_files(kwargs: dict) -> list[str]:
+    """The local files a load_dataset call reads (its data_files, or the file given as path)."""
+    files = kwargs.get("data_files")
+    if isinstance(files, dict):
+        files = [f for v in files.values() for f in (v if isinstance(v, list) else [v])]
+    elif isinstance(files, str):
+        files = [files]
+    return [f for f in files or [] if isinstance(f, str) and os.path.isfile(f)]
+
+
+def without_api_hints(message: str, key: str) -> str:
+    """A :class:`~gere_hf.replay.ReplayDataError`'s text for a recipe or CLI user: the API's ``num_samples`` is the
+    setting ``key`` they gave, and ``allow_fewer=True`` is no option of theirs."""
+    return (message.replace(", or pass allow_fewer=True to use all of them", "")
+            .replace("num_samples=", f"{key}=").replace("Lower num_samples", f"Lower {key}"))
+
+
 def resolve_recipe_path(path: str, recipe: Recipe) -> str | None:
     """An existing file/folder: as given (relative to the working directory), else next to the recipe file."""
     candidates = [path]
@@ -90,6 +124,13 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as err:  # offline Hub ids, bad files: say which stage and what was tried
+        files = _local_files(kwargs)
+        if files:  # a local file that does not parse or is not UTF-8: the file is to blame, not the Hub
+            kind = {"json": "JSON (one object a line for .jsonl)", "csv": "CSV with a header row",
+                    "parquet": "Parquet", "text": "text"}.get(str(kwargs.get("path")), "data")
+            shown = files[0] if len(files) == 1 else f"one of {files}"
+            raise RecipeError(f"{where}: " + read_error_text(err, f"the dataset file {shown}").format(kind=kind)) \
+                from None
         raise RecipeError(
             f"{where}: datasets.load_dataset({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Check the path (the Hub cannot be "
@@ -148,17 +189,30 @@ def load_run_replay_texts(recipe: Recipe) -> list[str] | None:
     g = recipe.gere
     source = resolve_recipe_path(g.replay_source, recipe) or g.replay_source
     try:
-        return load_replay_texts(source, g.replay_num_samples, g.replay_seed, g.replay_text_column)
+        # allow_fewer: the same selection whenever the source has enough texts; fewer is refused below in the
+        # recipe's terms (allow_fewer is no recipe key).
+        texts = load_replay_texts(source, g.replay_num_samples, g.replay_seed, g.replay_text_column, allow_fewer=True)
+        if len(texts) < g.replay_num_samples and g.replay_enabled:
+            raise RecipeError(
+                f"gere.replay_num_samples={g.replay_num_samples}, but gere.replay_source ({g.replay_source}) holds "
+                f"{len(texts)} non-empty texts. Lower gere.replay_num_samples to at most {len(texts)}, or give a "
+                "larger source."
+            )
+        return texts
+    except RecipeError:
+        raise
     except ReplayDataError as err:
         if g.replay_enabled:
-            raise RecipeError(f"gere.replay_source: {err}") from None
+            raise RecipeError(f"gere.replay_source: {without_api_hints(str(err), 'gere.replay_num_samples')}") \
+                from None
         logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s): the evaluation data is not "
                        "kept disjoint from it.", err)
-    except Exception as err:  # a Hub id offline, say: a run without replay must not fail on its replay source
+    except Exception as err:  # a file that does not parse, a Hub id offline: name the source
+        text = read_error_text(err, f"the replay source {source}").format(kind="jsonl/json/parquet/csv/txt")
         if g.replay_enabled:
-            raise
-        logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s: %s): the evaluation data "
-                       "is not kept disjoint from it.", type(err).__name__, err)
+            raise RecipeError(f"gere.replay_source: {text}") from None
+        logger.warning("gere.loss is 'none' and gere.replay_source cannot be read (%s): the evaluation data is not "
+                       "kept disjoint from it.", text)
     return None
 
 
@@ -188,8 +242,12 @@ def select_general_texts(recipe: Recipe, replay_texts: list[str] | None, tasks: 
         return select_heldout_texts(ev.general_texts, seed, source, text_column=ev.general_text_column, exclude=exclude)
     except ReplayDataError as err:
         raise RecipeError(
-            f"evaluation.general_source ({ev.general_source}, general_texts={ev.general_texts}): {err}"
+            f"evaluation.general_source ({ev.general_source}, general_texts={ev.general_texts}): "
+            + without_api_hints(str(err), "evaluation.general_texts").replace("The replay source", "The general source")
         ) from None
+    except Exception as err:  # a file that does not parse or is not UTF-8
+        text = read_error_text(err, f"the general source {source}").format(kind="jsonl/json/parquet/csv/txt")
+        raise RecipeError(f"evaluation.general_source: {text}") from None
 
 
 def select_mmlu(recipe: Recipe, replay_texts: list[str] | None, tasks: list):

@@ -10,8 +10,10 @@ Two kinds of input:
   its base). Tasks are built-in ones by name; the held-out texts and the MMLU questions are kept apart from them.
   A stage folder of a run is refused (its adapters may stack on earlier stages): give the run and the stage.
 
-Every check that can fail on bad input runs before the model is loaded (:func:`prepare_saved_eval`); the results go
-to ``out/eval.json`` and ``out/eval.md``, which are never overwritten unless asked.
+Every check that can fail on bad input runs before the model is loaded (:func:`prepare_saved_eval`), ``out`` is
+created and written to once before anything is measured, and the run's stage folders are checked against the run's
+record of them; the results go to ``out/eval.json`` and ``out/eval.md``, neither of which is ever overwritten unless
+asked.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,11 +136,54 @@ def _mmlu_config(value: Any):
 
 
 def _check_out(config: SavedEvalConfig) -> None:
-    path = os.path.join(config.out, EVAL_FILE)
-    if os.path.exists(path) and not config.overwrite:
-        raise SavedEvalError(f"{path} exists; choose another --out or pass --overwrite to replace it.")
     if os.path.exists(config.out) and not os.path.isdir(config.out):
-        raise SavedEvalError(f"--out {config.out} is a file; give a folder.")
+        raise SavedEvalError(f"--out {config.out} is a file; give a folder (it is created if missing).")
+    for name in (EVAL_FILE, EVAL_REPORT):
+        path = os.path.join(config.out, name)
+        if os.path.exists(path) and not config.overwrite:
+            raise SavedEvalError(f"{path} exists; choose another --out or pass --overwrite to replace it.")
+
+
+def _make_out(config: SavedEvalConfig) -> None:
+    """Create ``out`` and write into it once, before the model is loaded: a folder that cannot be written is found
+    now, not after the measurement."""
+    probe = os.path.join(config.out, f".gere-eval-probe-{os.getpid()}")
+    try:
+        os.makedirs(config.out, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as err:
+        raise SavedEvalError(f"--out {config.out} cannot be written ({err.strerror or err}); give a folder you can "
+                             "write to.") from None
+
+
+def _check_stage_folders(run: str, state: dict, stage: int) -> None:
+    """Stages 1..stage must hold what the run saved: a truncated adapter or another run's copied in is refused."""
+    from .state import stage_files_problem
+
+    for entry in state["stages"][:stage]:
+        problem = stage_files_problem(os.path.join(run, entry["dir"]), entry.get("files"))
+        if problem:
+            raise SavedEvalError(
+                f"Stage {entry.get('index')} ({entry['name']}) of {run} is not what the run saved ({problem}): it was "
+                f"truncated, altered or replaced. Restore {entry['dir']} from a copy, or rerun the stage."
+            )
+
+
+def _check_base_exists(base: str, where: str) -> None:
+    """A base model named by a path that is not there (a moved run, an adapter made elsewhere) fails in transformers
+    as an invalid Hub id; say what is missing instead."""
+    from ..models import BUILTIN_MODELS
+    from ..replay import looks_like_path
+
+    if base in BUILTIN_MODELS or os.path.exists(base):
+        return
+    if os.path.isabs(base) or looks_like_path(base) or base.count("/") != 1:
+        raise SavedEvalError(
+            f"{where} names the base model {base!r}, which does not exist here. Put the base model there, or point "
+            "it at the base model's folder or Hub id."
+        )
 
 
 def _prepare_run(config: SavedEvalConfig) -> PreparedEval:
@@ -148,6 +194,11 @@ def _prepare_run(config: SavedEvalConfig) -> PreparedEval:
     run = os.path.abspath(config.run)
     state = _read_state(run)
     stage = _run_stage(state, config.stage, run)
+    _check_stage_folders(run, state, stage)
+    base = state["model"]["path"]
+    if not os.path.isabs(base) and os.path.isdir(os.path.join(run, base)):
+        base = os.path.join(run, base)
+    _check_base_exists(base, f"The run state of {run} (model.path)")
     raw = dict(state["recipe"], output_dir=run)
     try:
         recipe = parse_recipe(raw, path=state.get("recipe_path"))
@@ -174,7 +225,8 @@ def _prepare_run(config: SavedEvalConfig) -> PreparedEval:
         selection = data.select_general_texts(recipe, replay, tasks)
         mmlu_evaluator = data.select_mmlu(recipe, replay, tasks)
     except RecipeError as err:
-        raise SavedEvalError(str(err)) from None
+        text = str(err) if config.general is None else str(err).replace("evaluation.general_texts", "--general")
+        raise SavedEvalError(text) from None
     describe = {"run": run, "stage": stage, "stage_name": "base" if stage == 0 else state["stages"][stage - 1]["name"],
                 "model": state["model"]["name_or_path"], "seed": recipe.seed,
                 "replay_texts_excluded": None if replay is None else len(replay)}
@@ -209,12 +261,25 @@ def _load_plain(name: str, dtype: str | None):
     return load(name), load_tokenizer(name)
 
 
+def _num_eval_text(message: str, num_eval: int | None) -> str:
+    """A built-in task's size error in ``--num-eval``'s terms: the task's training examples are held apart (the eval
+    examples are those a run evaluates), so only the rest can be evaluated."""
+    sizes = re.search(r"Task '([^']+)' has (\d+) examples but num_train \+ num_eval = (\d+) \+ (\d+)", message)
+    if sizes is None or num_eval is None:
+        return f"--tasks: {message}"
+    name, available, train = sizes.group(1), int(sizes.group(2)), int(sizes.group(3))
+    return (f"--num-eval {num_eval}: the built-in task {name!r} has {available} examples, {train} of them its training "
+            f"examples (held apart so that the eval examples are those a run evaluates): at most {available - train} "
+            f"can be evaluated. Ask for --num-eval {available - train} or fewer.")
+
+
 def _prepare_model(config: SavedEvalConfig) -> PreparedEval:
     from ..evaluation.mmlu import MMLUDataError, MMLUEvaluator
     from ..evaluation.retention import DEFAULT_GENERAL_MAX_LENGTH
     from ..evaluation.tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task
     from ..models import BUILTIN_MODELS
     from ..replay import ReplayDataError, select_heldout_texts
+    from .data import read_error_text, without_api_hints
 
     name = config.model
     looks_local = os.sep in name or name.startswith(".") or os.path.exists(name)
@@ -231,9 +296,11 @@ def _prepare_model(config: SavedEvalConfig) -> PreparedEval:
         adapter_config = os.path.join(name, "adapter_config.json")
         if os.path.isfile(adapter_config):
             with open(adapter_config, encoding="utf-8") as f:
-                if not json.load(f).get("base_model_name_or_path"):
-                    raise SavedEvalError(f"--model {name}: the adapter config names no base model "
-                                         "(base_model_name_or_path); load and merge it yourself.")
+                base = json.load(f).get("base_model_name_or_path")
+            if not base:
+                raise SavedEvalError(f"--model {name}: the adapter config names no base model "
+                                     "(base_model_name_or_path); load and merge it yourself.")
+            _check_base_exists(base, f"--model {name}: its {adapter_config} (base_model_name_or_path)")
     elif name not in BUILTIN_MODELS and name.count("/") != 1:
         raise SavedEvalError(f"--model {name}: not a folder, a built-in model ({', '.join(BUILTIN_MODELS)}) or a Hub "
                              "id (owner/name).")
@@ -246,14 +313,18 @@ def _prepare_model(config: SavedEvalConfig) -> PreparedEval:
     try:
         tasks = [load_builtin_task(n, num_eval=config.num_eval, seed=seed) for n in names]
     except TaskDataError as err:
-        raise SavedEvalError(f"--tasks: {err}") from None
+        raise SavedEvalError(_num_eval_text(str(err), config.num_eval)) from None
     exclude = {"tasks": [text for task in tasks for text in task.texts()]}
     selection = None
     if config.general:
         try:
             selection = select_heldout_texts(config.general, seed, config.general_source or "wiki", exclude=exclude)
         except ReplayDataError as err:
-            raise SavedEvalError(f"--general {config.general}: {err}") from None
+            text = without_api_hints(str(err), "--general").replace("The replay source", "The general source")
+            raise SavedEvalError(f"--general {config.general}: {text}") from None
+        except Exception as err:  # a general source that does not parse or is not UTF-8
+            text = read_error_text(err, f"--general-source {config.general_source}")
+            raise SavedEvalError(text.format(kind="jsonl/json/parquet/csv/txt")) from None
     mmlu = None
     config_mmlu = _mmlu_config(config.mmlu)
     if config_mmlu is not None:
@@ -285,6 +356,7 @@ def prepare_saved_eval(config: SavedEvalConfig) -> PreparedEval:
     prepared = _prepare_run(config) if config.run is not None else _prepare_model(config)
     if not prepared.tasks and not prepared.general_texts and prepared.mmlu is None:
         raise SavedEvalError("Nothing to evaluate: give --tasks, --general N or --mmlu N.")
+    _make_out(config)
     return prepared
 
 
@@ -346,10 +418,11 @@ def evaluate_saved(config: SavedEvalConfig) -> dict:
         result["mmlu_questions"] = prepared.mmlu.describe()
     result["seconds"] = time.perf_counter() - start
     result["versions"] = package_versions()
-    os.makedirs(config.out, exist_ok=True)
     write_json(os.path.join(config.out, EVAL_FILE), result)
-    with open(os.path.join(config.out, EVAL_REPORT), "w", encoding="utf-8") as f:
+    tmp = os.path.join(config.out, f"{EVAL_REPORT}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(_markdown(result))
+    os.replace(tmp, os.path.join(config.out, EVAL_REPORT))
     logger.info("Wrote %s", os.path.join(config.out, EVAL_FILE))
     return result
 

@@ -125,3 +125,116 @@ def test_an_existing_eval_is_not_overwritten(finished_run, tmp_path, capsys, no_
     assert cli.main(["eval", "--run", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert read_json(tmp_path / "out" / "eval.json") == {"mine": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reliability II (docs/reliability.md): the output folder before any measurement, stage folders checked against the
+# run's record, messages in the command's own terms
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of the finished run (times kept, as `cp -p` or `rsync -a` would) that a test may damage."""
+    run, _ = finished_run
+    copy = tmp_path / "run_copy"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_model_loads(finished_run, tmp_path, capsys,
+                                                                              no_model_load):
+    run, _ = finished_run
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "out"  # its parent is a file: the folder cannot be created
+    assert cli.main(["eval", "--run", str(run), "--tasks", "polarity", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert f"--out {out} cannot be written" in message and "give a folder you can write to" in message
+
+
+def test_a_users_eval_md_is_never_overwritten(finished_run, tmp_path, capsys, no_model_load):
+    run, _ = finished_run
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "eval.md").write_text("# my notes")
+    assert cli.main(["eval", "--run", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path / 'out' / 'eval.md'} exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "out" / "eval.md").read_text() == "# my notes"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another_runs_adapter"])
+def test_a_damaged_or_swapped_stage_adapter_is_named(run_copy, tmp_path, capsys, no_model_load, damage):
+    adapter = run_copy / "stages" / "1-polarity" / "adapter_model.safetensors"
+    if damage == "truncated":
+        adapter.write_bytes(adapter.read_bytes()[:-100])
+        why = "adapter_model.safetensors: it has"
+    else:  # the same shapes and size: only the content tells
+        shutil.copy(run_copy / "stages" / "2-trivia" / "adapter_model.safetensors", adapter)
+        why = "adapter_model.safetensors: its SHA-256 is"
+    assert cli.main(["eval", "--run", str(run_copy), "--stage", "1", "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert f"Stage 1 (polarity) of {run_copy} is not what the run saved ({why}" in message, message
+    assert "Restore stages/1-polarity from a copy, or rerun the stage." in message
+
+
+def test_a_damaged_adapter_without_a_record_is_named_not_a_traceback(run_copy, tmp_path, capsys):
+    """A run of an older gere_hf has no record of its stage files: loading the damaged file is what fails."""
+    state = read_json(run_copy / "run_state.json")
+    for stage in state["stages"]:
+        stage.pop("files", None)
+    (run_copy / "run_state.json").write_text(json.dumps(state))
+    adapter = run_copy / "stages" / "1-polarity" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])
+    assert cli.main(["eval", "--run", str(run_copy), "--stage", "1", "--tasks", "polarity", "--general", "0",
+                     "--mmlu", "0", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{adapter} cannot be read (SafetensorError" in err and "it is truncated or damaged" in err
+    assert "Traceback" not in err
+
+
+def test_a_run_state_without_its_stages_is_refused(run_copy, tmp_path, capsys, no_model_load):
+    state = read_json(run_copy / "run_state.json")
+    del state["stages"]
+    (run_copy / "run_state.json").write_text(json.dumps(state))
+    assert cli.main(["eval", "--run", str(run_copy), "--out", str(tmp_path / "out")]) == 2
+    assert (f"{run_copy / 'run_state.json'} is not a run state gere-hf wrote: its 'stages' is missing, not a list"
+            in capsys.readouterr().err)
+
+
+def test_an_adapter_whose_base_model_is_missing_is_named(run_copy, tmp_path, capsys, no_model_load):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_copy / "stages" / "1-polarity", adapter)
+    config = read_json(adapter / "adapter_config.json")
+    config["base_model_name_or_path"] = str(tmp_path / "moved" / "base_model")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert cli.main(["eval", "--model", str(adapter), "--general", "2", "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert f"names the base model {str(tmp_path / 'moved' / 'base_model')!r}, which does not exist here" in message
+    assert "Repo id" not in message
+
+
+def test_too_many_eval_examples_are_counted_in_the_commands_terms(tmp_path, capsys, no_model_load):
+    assert cli.main(["eval", "--model", "smollm2-135m", "--tasks", "polarity", "--num-eval", "5000",
+                     "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "--num-eval 5000: the built-in task 'polarity' has 200 examples, 150 of them its training examples" in message
+    assert "Ask for --num-eval 50 or fewer." in message and "150 + 5000" not in message
+
+
+def test_too_many_general_texts_name_the_option_not_an_api_argument(tmp_path, capsys, no_model_load):
+    source = tmp_path / "general.jsonl"
+    source.write_text("".join(json.dumps({"text": f"General text {i} about rivers."}) + "\n" for i in range(5)))
+    assert cli.main(["eval", "--model", "smollm2-135m", "--general", "1000", "--general-source", str(source),
+                     "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "--general 1000: The general source has 5 non-empty texts but --general=1000. Lower --general to at most 5" \
+        in message
+    assert "allow_fewer" not in message
+
+
+def test_a_general_source_that_is_not_utf8_is_named(tmp_path, capsys, no_model_load):
+    source = tmp_path / "general.txt"
+    source.write_bytes("Caf\xe9 au lait is a general text.\n".encode("latin-1"))
+    assert cli.main(["eval", "--model", "smollm2-135m", "--general", "1", "--general-source", str(source),
+                     "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert f"--general-source {source} is not UTF-8 text" in message and "iconv" in message
