@@ -120,6 +120,7 @@ class RecipeRunner:
         # The replay texts first: the tasks' eval examples and then the held-out general texts are chosen disjoint
         # from them (and the general texts from the tasks), all before anything is written.
         self.check_replay()
+        preflight.check_replay_per_step(r, self.replay_texts)
         self.load_tasks()
         self.examples = preflight.check_examples_kept(r, self.tasks, self.facts.tokenizer, self.stage_args)
         self.select_general_texts()

@@ -7,6 +7,7 @@ use the shipped tiny recipe made smaller (tests/recipe_utils.py): a random 2-lay
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -141,6 +142,97 @@ def test_a_fixed_numeric_weight_is_accepted(tmp_path):
 def test_replay_per_step_below_one_is_refused(tmp_path, user_dir, capsys):
     message = _refused(tmp_path, user_dir, capsys, "gere.replay_per_step=0")
     assert "gere.replay_per_step must be ≥ 1 (or None), got 0" in message
+
+
+# Values the libraries accept and misuse later (a traceback, or a silently wrong run), each refused before any work
+# with its recipe key: docs/reliability.md, "Bad input" 30-52.
+BAD_VALUES = [
+    ("training.learning_rate=fast", "training.learning_rate must be float, got 'fast' (str)."),
+    ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps must be at least 1, got 0."),
+    ('training.max_steps="4"', "training.max_steps must be int, got '4' (str)."),
+    ("training.max_steps=-3", "training.max_steps must be a number of optimizer steps ≥ 1, or -1 to train "
+                              "num_train_epochs, got -3."),
+    ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size must be at least 1, got 0."),
+    ("training.learning_rate=-1", "training.learning_rate must be a finite number ≥ 0 (e.g. 2e-4), got -1."),
+    ("training.lr_scheduler_type=bogus", "training.lr_scheduler_type: bogus is not a valid SchedulerType"),
+    ("stages.0.learning_rate=-2", "stages[0] (polarity).learning_rate must be a finite number ≥ 0"),
+    ("peft.r=four", "peft.r must be int, got 'four' (str)."),
+    ("peft.r=0", "peft.r must be a rank ≥ 1 (e.g. 8 or 16), got 0."),
+    ("peft.peft_type=IA3", "peft.peft_type: recipes train LoRA adapters (adapters.strategy continues or stacks them "
+                           "across stages), got 'IA3'. Remove peft_type"),
+    ("peft.target_modules=[qq_proj]", "peft.target_modules: ['qq_proj'] name no module of tiny-random-llama; its "
+                                      "linear layers are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj,"
+                                      " up_proj, v_proj."),
+    ("model={name_or_path: tiny-random-llama, dtype: float8}", "model.dtype 'float8' is not a dtype a model loads in;"
+                                                               " use float32 (the default), bfloat16, float16 or auto"),
+    ("evaluation.general_texts=-1", "evaluation.general_texts must be at least 0 (0: no general texts measured), "
+                                    "got -1."),
+    ("gere.replay_per_step=1000", "gere.replay_per_step=1000 is more than the 8 replay texts: every step would replay "
+                                  "the same texts several times. Lower gere.replay_per_step to at most 8"),
+    ("gere.replay_max_length=3000", "gere.replay_max_length=3000 is longer than the 1024 positions tiny-random-llama "
+                                    "was built for"),
+    ("gere.replay_num_samples=5000", "gere.replay_num_samples=5000, but gere.replay_source (wiki) holds 4000 non-empty "
+                                     "texts. Lower gere.replay_num_samples to at most 4000"),
+    ("seed=abc", "seed must be int, got 'abc' (str)."),
+    ("training.max_length=72", "stages[0] (polarity): training.max_length=72 leaves 1 of its 8 training examples: TRL "
+                               "drops the 7 whose prompt fills max_length"),
+    ("training.max_length=8", "stages[0] (polarity): training.max_length=8 leaves 0 of its 8 training examples"),
+]
+
+
+@pytest.mark.parametrize("override, expected", BAD_VALUES, ids=[o.split("=")[0] + "=" + o.split("=")[1][:12]
+                                                                for o, _ in BAD_VALUES])
+def test_bad_values_are_refused_before_any_work_naming_the_key(tmp_path, user_dir, capsys, override, expected):
+    message = _refused(tmp_path, user_dir, capsys, override)
+    assert expected in message, message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_store_dir_that_is_a_file_is_refused(tmp_path, user_dir, capsys):
+    (tmp_path / "store_file").write_text("not a store")
+    message = _refused(tmp_path, user_dir, capsys, f"gere.store_dir={tmp_path / 'store_file'}")
+    assert f"gere.store_dir: {tmp_path / 'store_file'} is a file. Give the path of a folder" in message
+    assert (tmp_path / "store_file").read_text() == "not a store"
+
+
+def test_a_refused_run_leaves_no_new_output_folder(tmp_path, capsys):
+    out = tmp_path / "new_run"
+    path = _write_recipe(tmp_path / "recipe.yaml", out, "peft.target_modules=[qq_proj]")
+    assert cli.main(["run", path]) == 2
+    assert "peft.target_modules" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("case", ["stage_not_utf8", "stage_malformed_jsonl", "general_not_utf8", "replay_not_utf8"])
+def test_unreadable_data_files_are_named_with_the_fix(tmp_path, user_dir, capsys, case):
+    bad = tmp_path / ("bad.jsonl" if case == "stage_malformed_jsonl" else "bad.csv" if case == "stage_not_utf8"
+                      else "bad.txt")
+    if case == "stage_not_utf8":
+        bad.write_bytes("prompt,completion\ncaf\xe9 au lait?, yes\n".encode("latin-1"))
+    elif case == "stage_malformed_jsonl":
+        bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n')
+    else:
+        bad.write_bytes("A general text about caf\xe9s and rivers.\n".encode("latin-1"))
+    key = {"stage_not_utf8": "stages.0.dataset", "stage_malformed_jsonl": "stages.0.dataset",
+           "general_not_utf8": "evaluation.general_source", "replay_not_utf8": "gere.replay_source"}[case]
+    message = _refused(tmp_path, user_dir, capsys, f"{key}={bad}")
+    if case == "stage_malformed_jsonl":
+        assert (f"stages[0] (polarity): the dataset file {bad} could not be read (ArrowInvalid: JSON parse error"
+                in message and "Fix the file: it must be valid JSON" in message and "Hub" not in message), message
+    else:
+        where = {"stage_not_utf8": f"stages[0] (polarity): the dataset file {bad}",
+                 "general_not_utf8": f"evaluation.general_source: the general source {bad}",
+                 "replay_not_utf8": f"gere.replay_source: the replay source {bad}"}[case]
+        assert f"{where} is not UTF-8 text" in message and "iconv -f latin1 -t utf-8" in message, message
+
+
+def test_too_many_replay_texts_name_the_recipe_key_not_an_api_argument(tmp_path, user_dir, capsys):
+    source = tmp_path / "replay.jsonl"
+    source.write_text("".join(json.dumps({"text": f"General text {i} about rivers and stars."}) + "\n"
+                              for i in range(16)))
+    message = _refused(tmp_path, user_dir, capsys, f"gere.replay_source={source}", "gere.replay_num_samples=100")
+    assert (f"gere.replay_num_samples=100, but gere.replay_source ({source}) holds 16 non-empty texts. Lower "
+            "gere.replay_num_samples to at most 16, or give a larger source." in message)
+    assert "allow_fewer" not in message
 
 
 def test_tokenizer_without_pad_or_eos_token(tmp_path, user_dir, capsys):
