@@ -83,6 +83,7 @@ class RecipeRunner:
             for index in range(1, len(r.stages) + 1):
                 if self._finished(index):
                     logger.info("Stage %d (%s) is finished; skipping it.", index, r.stages[index - 1].name)
+                    self.remove_checkpoints(index)  # a run killed while it removed them left some
                     continue
                 self.train_stage(index)
                 self.finish_stage(index)
@@ -499,10 +500,14 @@ class RecipeRunner:
                 entry["accuracy"] = record.get("accuracy")
                 entry["general"] = record.get("general")
             self.save_state()
-            checkpoints = os.path.join(stage_dir, CHECKPOINTS_DIR)
-            if not r.keep_checkpoints and os.path.isdir(checkpoints):
-                shutil.rmtree(checkpoints)  # the stage's result is saved; its optimizer states are not needed
+            self.remove_checkpoints(index)
         barrier()
+
+    def remove_checkpoints(self, index: int) -> None:
+        """A finished stage's result is saved: its checkpoints (optimizer states) are not needed (main process)."""
+        checkpoints = os.path.join(self.stage_dir(index), CHECKPOINTS_DIR)
+        if self.is_main and not self.recipe.keep_checkpoints and os.path.isdir(checkpoints):
+            shutil.rmtree(checkpoints)
 
     def _model_card(self, index: int, record: dict | None, train: dict, tracking: dict | None = None) -> str:
         r = self.recipe
