@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from gere_hf import cli
 from gere_hf.continual import parse_recipe
+from gere_hf.continual.recipe import recipe_hash
 
 # Every run here is the same recipe (checkpoints every step, so a kill finds some), in another output_dir.
 RUN = ("training.max_steps=4", "training.save_strategy=steps", "training.save_steps=1")
@@ -526,3 +527,133 @@ def test_replay_samples_seen_continues_after_resume(killed_at_every_file):
     uninterrupted, out, _, _ = killed_at_every_file
     seen = [h["replay_samples_seen"] for h in _log_history(out, "2-trivia") if "loss" in h]
     assert seen == [h["replay_samples_seen"] for h in _log_history(uninterrupted, "2-trivia") if "loss" in h]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Locks: a run folder in use is refused naming its holder; runs sharing a store build it once
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+    """A live `gere-hf run` (another process) holds its output_dir: a second run and a --resume beside it are both
+    refused, naming its pid and host, and change nothing; after it ends the folder is free."""
+    out = tmp_path / "run"
+    path = _write_recipe(tmp_path / "r.yaml", out)
+    first = subprocess.Popen(["gere-hf", "run", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and first.poll() is None and not (out / "run_state.json").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before it could be met"
+        for extra in ([], ["--resume"]):
+            assert cli.main(["run", path, *extra]) == 2
+            message = capsys.readouterr().err.strip().splitlines()[-1]
+            assert f"{out} is in use by pid {first.pid} on host {socket.gethostname()} (gere-hf run, since" in message
+            assert "Wait until it ends, stop it, or choose another folder." in message
+        output = first.communicate(timeout=300)[0].decode(errors="replace")
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, output[-3000:]
+    assert read_json(out / "run_state.json")["finished"] and not (out / ".gere.lock").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_store_started_together_both_finish(tmp_path):
+    """Two runs with one gere.store_dir, launched at once: one builds the store, the other waits for it and uses it;
+    both finish with the same store (before the store lock, one try in two left a store of a lone manifest.json)."""
+    store = tmp_path / "shared_store"
+    paths = [_write_recipe(tmp_path / f"{n}.yaml", tmp_path / n, f"gere.store_dir={store}") for n in ("a", "b")]
+    procs = [subprocess.Popen(["gere-hf", "run", p], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+             for p in paths]
+    outputs = [p.communicate(timeout=400)[0].decode(errors="replace") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    manifest = read_json(store / "manifest.json")
+    assert sorted(os.listdir(store)) == sorted([*manifest["files"], "manifest.json"])
+    for n in ("a", "b"):
+        assert read_json(tmp_path / n / "run_state.json")["finished"]
+    assert _final_adapter(tmp_path / "a").keys() == _final_adapter(tmp_path / "b").keys()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs that stopped before training, and --resume against files that changed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_stage_reruns_with_the_corrected_recipe(tmp_path, capsys):
+    """A store of another base model is found when stage 1 loads the model, after run_state.json and row 0: the
+    corrected recipe (another store_dir) runs without overwrite_output_dir, and --resume is not needed either."""
+    from transformers import ByT5Tokenizer
+
+    from gere_hf import ReferenceStates, ReplaySet
+    from gere_hf.models import tiny_llama
+
+    recipe = tiny_recipe(tmp_path / "run", *RUN)
+    g = recipe["gere"]
+    replay = ReplaySet.load(ByT5Tokenizer(), "wiki", g["replay_num_samples"], g["replay_max_length"], recipe["seed"])
+    wrong = tmp_path / "wrong_store"
+    ReferenceStates.build(tiny_llama(seed=recipe["seed"] + 1), replay, str(wrong), progress=False)
+    small = ("training.max_steps=1", "evaluation.general_texts=2")
+    with one_thread():
+        path = _write_recipe(tmp_path / "r.yaml", tmp_path / "run", f"gere.store_dir={wrong}", *small)
+        assert cli.main(["run", path]) == 2
+        assert "was built from other base-model weights" in capsys.readouterr().err
+        state = read_json(tmp_path / "run" / "run_state.json")
+        assert "0" in state["evaluation"] and [s["status"] for s in state["stages"]] == ["pending", "pending"]
+        path = _write_recipe(tmp_path / "r.yaml", tmp_path / "run", f"gere.store_dir={tmp_path / 'right'}", *small)
+        assert cli.main(["run", path]) == 0, capsys.readouterr().err[-3000:]
+    assert read_json(tmp_path / "run" / "run_state.json")["finished"]
+
+
+@pytest.fixture
+def finished_copy(tmp_path, uninterrupted):
+    """A copy of the uninterrupted run (times kept) whose stage 2 is marked unfinished, as a kill would leave it."""
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    state = read_json(copy / "run_state.json")
+    state["stages"][1]["status"] = "running"
+    state["finished"] = False
+    state["recipe"]["output_dir"] = str(copy)  # the copy's own recipe (output_dir is part of the recipe's hash)
+    state["recipe_hash"] = recipe_hash(tiny_recipe(copy, *RUN))
+    (copy / "run_state.json").write_text(json.dumps(state))
+    return copy
+
+
+@pytest.mark.slow
+def test_resume_on_a_changed_base_model_is_refused_with_both_hashes(tmp_path, finished_copy, capsys):
+    from safetensors.torch import save_file
+
+    weights = finished_copy / "base_model" / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    before = tree_snapshot(finished_copy)
+    path = _write_recipe(tmp_path / "r.yaml", finished_copy)
+    assert cli.main(["run", path, "--resume"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    recorded = read_json(finished_copy / "run_state.json")["model"]["weights"]["digest"]
+    assert f"--resume: the base model at {finished_copy / 'base_model'} changed since the run started: its files " \
+           f"hash {recorded} in the run's record and " in message
+    assert "model.safetensors: its SHA-256 is" in message and "put them back, or start a new run" in message
+    assert tree_snapshot(finished_copy) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "another_runs_adapter"])
+def test_resume_over_a_damaged_or_swapped_finished_stage_is_refused(tmp_path, finished_copy, capsys, damage):
+    adapter = finished_copy / "stages" / "1-polarity" / "adapter_model.safetensors"
+    if damage == "truncated":
+        adapter.write_bytes(adapter.read_bytes()[:-64])
+    else:
+        shutil.copy(finished_copy / "stages" / "2-trivia" / "adapter_model.safetensors", adapter)
+    before = tree_snapshot(finished_copy)
+    path = _write_recipe(tmp_path / "r.yaml", finished_copy)
+    assert cli.main(["run", path, "--resume"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--resume: stage 1 (polarity) in {finished_copy / 'stages' / '1-polarity'} is not what the run saved " \
+           "(adapter_model.safetensors: " in message
+    assert "Restore the stage folder from a copy, or start the run over" in message
+    assert tree_snapshot(finished_copy) == before
