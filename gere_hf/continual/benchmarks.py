@@ -40,8 +40,9 @@ from .state import file_sha256, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
-"""Bumped whenever the same settings would give other files: a manifest of another version is rebuilt."""
+BUILDER_VERSION = 2
+"""Bumped whenever the same settings would give other files: a manifest of another version is rebuilt.
+2: test rows that overlap a training row by content are passed over (version 1 kept them)."""
 
 MANIFEST_FILE = "manifest.json"
 ORDERS_FILE = "orders.json"
@@ -374,9 +375,22 @@ class TaskSource:
 
     def identity(self) -> dict:
         """What must match for files built from another source to count as built from this one: the Hub dataset,
-        or the local copy's files (not the folder: a copy moved elsewhere is the same copy)."""
+        or the local copy's files and their content (not the folder: a copy moved elsewhere is the same copy; another
+        copy with the same file names is not)."""
         described = self.describe()
-        return {k: v for k, v in described.items() if k != "path"} if self.kind == "local" else described
+        if self.kind != "local":
+            return described
+        return {**{k: v for k, v in described.items() if k != "path"}, "content": self.content_fingerprint()}
+
+    def content_fingerprint(self) -> str:
+        """A fingerprint of the local copy's bytes (every data file, in a fixed order)."""
+        from .fingerprints import sources_fingerprint
+
+        if self.disk:
+            files = sorted(os.path.join(root, n) for root, _, names in os.walk(self.where) for n in names)
+        else:
+            files = [f for split in sorted(self.files) for f in self.files[split]]
+        return sources_fingerprint(files)
 
     def describe(self) -> dict:
         if self.kind == "hub":
@@ -482,6 +496,10 @@ def load_source_splits(source: TaskSource) -> dict[str, Any]:
                 )
             splits = {ours: loaded[split] for ours, split in task.splits.items()}
         else:
+            empty = [f for fs in source.files.values() for f in fs if os.path.getsize(f) == 0]
+            if empty:  # datasets would fail with a bare StopIteration
+                raise BenchmarkDataError(f"Task {task.name!r}: {empty[0]} is empty (0 bytes). Give the split's rows "
+                                         f"with the columns {task.schema()}, or leave the task out with --tasks.")
             kind = _LOCAL_SUFFIXES[os.path.splitext(source.files["train"][0])[1].lower()]
             header = True
             if kind == "csv" and task.csv_columns is not None:
@@ -495,11 +513,16 @@ def load_source_splits(source: TaskSource) -> dict[str, Any]:
     except BenchmarkDataError:
         raise
     except Exception as err:  # the Hub offline, a broken file: say which task and what was read
+        if source.kind != "hub":  # a file that does not parse or is not UTF-8: its cause, not datasets' wrapper
+            from .data import read_error_text
+
+            files = ", ".join(f for fs in source.files.values() for f in fs) or source.where
+            text = read_error_text(err, f"Task {task.name!r}: the local copy ({files})")
+            raise BenchmarkDataError(text.format(kind=f"data with the columns {task.schema()}")) from None
         detail = str(err).splitlines()[0] if str(err) else ""
-        hint = ("The Hub cannot be reached offline: give local copies with --from DIR." if source.kind == "hub"
-                else f"Check the files; the expected columns are {task.schema()}.")
         raise BenchmarkDataError(
-            f"Task {task.name!r}: reading {source.where} failed ({type(err).__name__}: {detail}). {hint}"
+            f"Task {task.name!r}: reading {source.where} failed ({type(err).__name__}: {detail}). The Hub cannot be "
+            "reached offline: give local copies with --from DIR."
         ) from None
     for ours, ds in splits.items():
         _check_schema(task, ds, source, ours)
@@ -530,10 +553,14 @@ def _check_schema(task: BenchmarkTask, ds, source: TaskSource, split: str) -> No
             f"the ids {list(task.hub_label_names)} (the Hub's) to {list(task.label_words)}: every row would get "
             "another label. Give the dataset in the Hub's label order."
         )
-    if isinstance(feature, datasets.Value) and not feature.dtype.startswith(("int", "uint")):
+    if not isinstance(feature, datasets.ClassLabel) and not (
+            isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else f"{type(feature).__name__} (a list per row)" \
+            if isinstance(feature, (datasets.Sequence, getattr(datasets, "List", datasets.Sequence))) \
+            else type(feature).__name__
         raise BenchmarkDataError(
-            f"Task {task.name!r}: {where} has {task.label_column!r} values of type {feature.dtype}; expected the "
-            f"integer ids of {task.schema()}."
+            f"Task {task.name!r}: {where} has {task.label_column!r} values of type {kind}; expected one integer id a "
+            f"row: {task.schema()}."
         )
 
 
@@ -545,16 +572,24 @@ def _non_empty(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def usable_labels(task: BenchmarkTask, ds, label_base: int, fmt: TextFormat) -> tuple[np.ndarray, dict]:
-    """The label id of every row (``-1`` for a row that cannot be used: its label is out of range, e.g. GLUE's -1 of
-    unlabelled rows, or its required text is empty), and the counts of what was left out."""
+def usable_labels(task: BenchmarkTask, ds, label_base: int, fmt: TextFormat,
+                  where: str = "the source") -> tuple[np.ndarray, dict]:
+    """The label id of every row (``-1`` for a row that cannot be used: GLUE's -1 of unlabelled rows, or an empty
+    required text), and the counts of what was left out. A label id outside the task's range is refused."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")  # columns as Arrow arrays: no Python object per row for millions of rows
-    labels = pc.fill_null(table[task.label_column].cast(pa.int64()), -1).to_numpy(zero_copy_only=False)
-    labels = labels.astype(np.int64) - label_base
-    bad_label = (labels < 0) | (labels >= task.num_classes)
+    raw = pc.fill_null(table[task.label_column].cast(pa.int64()), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    # -1 (or none) is "no label" (GLUE's unlabelled rows): passed over. Any other id outside the task's range means
+    # another label scheme, in which every row would get a wrong label or vanish: refused.
+    unlabelled = raw == -1
+    labels = raw - label_base
+    out_of_range = ~unlabelled & ((labels < 0) | (labels >= task.num_classes))
+    if out_of_range.any():
+        raise BenchmarkDataError(_label_range_message(task, raw[~unlabelled], int(out_of_range.sum()), label_base,
+                                                      where))
+    bad_label = unlabelled
     empty = np.zeros(len(labels), dtype=bool)
     any_text = np.zeros(len(labels), dtype=bool)
     for column in fmt.columns:
@@ -567,8 +602,22 @@ def usable_labels(task: BenchmarkTask, ds, label_base: int, fmt: TextFormat) -> 
             empty |= ~filled
     empty |= ~any_text
     out = np.where(bad_label | empty, -1, labels)
-    return out, {"rows": int(len(labels)), "label_out_of_range": int(bad_label.sum()),
+    return out, {"rows": int(len(labels)), "unlabelled": int(bad_label.sum()),
                  "empty_text": int((empty & ~bad_label).sum())}
+
+
+def _label_range_message(task: BenchmarkTask, labelled: np.ndarray, bad: int, label_base: int, where: str) -> str:
+    low, high = int(labelled.min()), int(labelled.max())
+    expected = f"{label_base}..{label_base + task.num_classes - 1}"
+    text = (f"Task {task.name!r}: {bad} of {len(labelled)} labelled rows of {where} have {task.label_column!r} ids "
+            f"outside {expected} (they run {low}..{high}): the builder maps ids {expected} to "
+            f"{list(task.label_words)}, so every row would get another label or be dropped.")
+    if label_base == 0 and low == 1 and high == task.num_classes:
+        text += (f" They look 1-based (1..{task.num_classes}): subtract 1 from every id, or give Zhang et al.'s "
+                 "header-less CSV (label first), which the builder reads as 1-based.")
+    else:
+        text += f" Give the ids in the Hub's scheme: {task.schema()}."
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -645,6 +694,30 @@ def task_status(folder: str, settings: BuildSettings, source: TaskSource | None 
     return "complete"
 
 
+def _test_disjoint_from_train(task, splits, fmt, labels, chosen, select_test) -> tuple[np.ndarray, int]:
+    """The test rows, none overlapping a chosen training row by content (the project's rule,
+    :class:`gere_hf.replay.ExcludedTexts`: equal after normalisation, or one containing the other): an overlapping
+    test row is passed over and the protocol chooses again without it. Returns (test rows, rows passed over)."""
+    from ..replay import ExcludedTexts
+
+    def texts(split, indices):
+        rows = splits[split].select(indices.tolist()) if len(indices) else []
+        return [fmt[split].render({c: ("" if r.get(c) is None else r[c]) for c in fmt[split].columns}) for r in rows]
+
+    excluded = ExcludedTexts({"train": texts("train", np.asarray(chosen["train"]))})
+    test_labels, checked, dropped = labels["test"].copy(), set(), 0
+    test = np.asarray(chosen["test"])
+    while True:
+        new = np.array([i for i in test.tolist() if i not in checked], dtype=np.int64)
+        checked.update(new.tolist())
+        overlapping = [i for i, t in zip(new.tolist(), texts("test", new)) if excluded.overlaps(t)]
+        if not overlapping:
+            return test, dropped
+        dropped += len(overlapping)
+        test_labels[overlapping] = -1
+        test = np.asarray(select_test(test_labels))
+
+
 def build_task(task: BenchmarkTask, source: TaskSource, out_dir: str, settings: BuildSettings) -> dict:
     """Read one task's source, sample it, and write ``out_dir/<task>/{train,test}.jsonl`` and ``manifest.json``.
 
@@ -659,12 +732,16 @@ def build_task(task: BenchmarkTask, source: TaskSource, out_dir: str, settings: 
     fmt = {s: _pick_format(task, ds.column_names) for s, ds in splits.items()}
     labels, skipped = {}, {}
     for split, ds in splits.items():
-        labels[split], skipped[split] = usable_labels(task, ds, label_base, fmt[split])
+        labels[split], skipped[split] = usable_labels(task, ds, label_base, fmt[split],
+                                                      _source_file_text(source, split))
 
     def rank(indices: np.ndarray, key: str) -> np.ndarray:
         return ranked(indices, f"{settings.protocol}/{task.name}/{key}", settings.seed)
 
     chosen = dict(zip(("train", "test"), protocol.select(task, labels["train"], labels["test"], rank)))
+    chosen["test"], skipped["test"]["overlap_train"] = _test_disjoint_from_train(
+        task, splits, fmt, labels, chosen, lambda test_labels: protocol.select(task, labels["train"], test_labels,
+                                                                               rank)[1])
     rows = {s: task_rows(task, splits[s], np.sort(chosen[s]), labels[s], fmt[s], prompt) for s in ("train", "test")}
     for split, split_rows in rows.items():
         if not split_rows:
@@ -695,6 +772,17 @@ def build_task(task: BenchmarkTask, source: TaskSource, out_dir: str, settings: 
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json(os.path.join(folder, MANIFEST_FILE), manifest)
     return manifest
+
+
+def _other_build(manifest: dict, settings: BuildSettings, source: TaskSource | None) -> str:
+    """Why a complete build is not this call's: other settings, or another source (or the same files changed)."""
+    if manifest.get("settings") != settings.to_dict():
+        return f"built with other settings ({json.dumps(manifest.get('settings'))})"
+    built = manifest.get("source_identity") or {}
+    if source is not None and built.get("content") and built.get("content") != source.identity().get("content"):
+        return (f"built from a source whose files held other content ({built['content'][:12]}…, now "
+                f"{source.identity()['content'][:12]}…: another copy, or the files changed since)")
+    return f"built from another source ({json.dumps(manifest.get('source'))})"
 
 
 def _check_task_names(names: Sequence[str]) -> list[str]:
@@ -731,15 +819,24 @@ def stages_yaml(out_dir: str, order: str, tasks: Sequence[str] | None = None) ->
     )
 
 
-def _write_orders(out_dir: str) -> None:
+def _write_orders(out_dir: str, settings: BuildSettings) -> list[str]:
+    """``orders.json`` and ``stages_order{4,5,6}.yaml``, the latter listing the tasks complete in ``out_dir`` only
+    (a comment names those not built yet): a recipe given the file reads only files that exist. Returns the
+    tasks not built yet."""
     write_json(os.path.join(out_dir, ORDERS_FILE), {"source": ORDERS_SOURCE,
                                                     "orders": {k: list(v) for k, v in TASK_ORDERS.items()}})
+    built = [n for n in LONG_SEQUENCE_TASKS if task_status(os.path.join(out_dir, n), settings) == "complete"]
+    missing = [n for n in LONG_SEQUENCE_TASKS if n not in built]
     for order in TASK_ORDERS:
         path = os.path.join(out_dir, f"stages_order{order}.yaml")
         tmp = f"{path}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(stages_yaml(out_dir, order))
+            if missing:
+                f.write(f"# Not built yet, so not listed: {', '.join(n for n in TASK_ORDERS[order] if n in missing)}"
+                        "\n")
+            f.write(stages_yaml(out_dir, order, built))
         os.replace(tmp, path)
+    return missing
 
 
 def build_long_sequence(
@@ -768,6 +865,8 @@ def build_long_sequence(
         raise BenchmarkDataError(f"Unknown --prompt {prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}.")
     if from_dir is not None and not os.path.isdir(from_dir):
         raise BenchmarkDataError(f"--from {from_dir}: no such folder. Give the folder holding one folder per task.")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BenchmarkDataError(f"--out {out_dir} is a file. Give a folder (it is created if missing).")
     names = _check_task_names(tasks if tasks else list(LONG_SEQUENCE_TASKS))
     settings = BuildSettings(protocol, prompt_style, seed)
     overrides = parse_hub_overrides(hub_datasets)
@@ -785,9 +884,8 @@ def build_long_sequence(
     refused = {n: s for n, s in statuses.items() if s in ("other", "foreign")}
     if refused and not overwrite:
         detail = "; ".join(
-            f"{n}: " + ("built with other settings or another source (" + json.dumps(
-                (read_manifest(os.path.join(out_dir, n)) or {}).get("settings")) + ")" if s == "other"
-                        else "holds train/test files this builder did not write")
+            f"{n}: " + (_other_build(read_manifest(os.path.join(out_dir, n)) or {}, settings, sources[n])
+                        if s == "other" else "holds train/test files this builder did not write")
             for n, s in refused.items())
         raise BenchmarkDataError(
             f"{out_dir} already holds tasks that this call would replace ({detail}). Use another --out, the same "
@@ -807,7 +905,7 @@ def build_long_sequence(
         files = results[name]["files"]
         logger.info("Task %s: %d train / %d test rows written to %s", name, files["train"]["rows"],
                     files["test"]["rows"], folder)
-    _write_orders(out_dir)
+    _write_orders(out_dir, settings)
     return results
 
 
