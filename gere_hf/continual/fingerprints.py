@@ -93,12 +93,33 @@ def changed_digest(folder: str, records: dict[str, dict]) -> str:
     return records_digest(current)
 
 
+# Sources up to this size are hashed whole; larger ones (a local SlimPajama) by size, time and their ends.
+FULL_HASH_BYTES = 1 << 30
+_END_BYTES = 1 << 20
+
+
+def _ends_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_END_BYTES))
+        f.seek(max(os.path.getsize(path) - _END_BYTES, 0))
+        h.update(f.read(_END_BYTES))
+    return h.hexdigest()
+
+
 def sources_fingerprint(paths: Iterable[str]) -> str:
-    """One SHA-256 over the contents of data files (in the given order): the same files give the same value wherever
-    they lie and whatever they are called; any changed byte gives another."""
+    """One SHA-256 over data files (in the given order): the same files give the same value wherever they lie and
+    whatever they are called. Up to :data:`FULL_HASH_BYTES` in all their contents are hashed (any changed byte gives
+    another value); beyond, each file's size, modification time and first and last MiB (a rewritten file changes)."""
+    paths = list(paths)
+    whole = sum(os.path.getsize(p) for p in paths) <= FULL_HASH_BYTES
     h = hashlib.sha256()
     for path in paths:
-        h.update(file_sha256(path).encode())
+        if whole:
+            h.update(file_sha256(path).encode())
+        else:
+            stat = os.stat(path)
+            h.update(f"{stat.st_size}:{stat.st_mtime_ns}:{_ends_sha256(path)}".encode())
     return h.hexdigest()
 
 

@@ -7,9 +7,11 @@ jsonl/json/parquet/csv/txt file or folder is read the same way) and writes:
 * ``DIR/replay.jsonl``: the first ``num`` non-empty, distinct documents (``{"text": ...}`` a line): GeRe's replay set
   is the head of SlimPajama (the official ``slimpajama_6B_chunk0_head1k.jsonl``), so no seed is involved;
 * ``DIR/heldout.jsonl``: the next ``heldout`` documents that overlap no replay text by content
-  (:class:`gere_hf.replay.ExcludedTexts`: equal after normalisation, or one containing the other) nor each other;
-* ``DIR/manifest.json``: the source, the counts (documents examined, passed over and why), each file's SHA-256 and a
-  hash of its texts, and, where the source has SlimPajama's ``meta.redpajama_set_name``, the mix of sets per file.
+  (:class:`gere_hf.replay.ExcludedTexts`: equal after normalisation, or one containing the other) nor each other
+  (the same rule);
+* ``DIR/manifest.json``: the source (for a local one, a fingerprint of its content: a changed or other source is not
+  taken for this build), the counts (documents examined, passed over and why), each file's SHA-256 and a hash of its
+  texts, and, where the source has SlimPajama's ``meta.redpajama_set_name``, the mix of sets per file.
 
 A recipe then reads ``gere.replay_source: DIR/replay.jsonl`` and ``evaluation.general_source: DIR/heldout.jsonl``.
 """
@@ -24,13 +26,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from ..replay import ExcludedTexts, looks_like_path, text_key
+from ..replay import MIN_CONTAINED_CHARS, ExcludedTexts, looks_like_path, normalize_text, text_key
+from .fingerprints import sources_fingerprint
 from .state import file_sha256, write_json, write_jsonl
 
 MANIFEST_FILE = "manifest.json"
 REPLAY_FILE = "replay.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: held-out documents contained in one another are passed over
 _LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
@@ -113,10 +116,43 @@ def texts_hash(texts: list[str]) -> str:
     return h.hexdigest()
 
 
+def _local_files(source: str) -> list[str]:
+    if os.path.isfile(source):
+        return [source]
+    return sorted(os.path.join(root, n) for root, _, names in os.walk(source) for n in names
+                  if os.path.splitext(n)[1].lower() in _LOCAL_SUFFIXES)
+
+
 def _settings(source: str, name: str | None, split: str, text_column: str, num: int, heldout: int) -> dict:
     local = os.path.exists(source)
     return {"source": os.path.abspath(source) if local else source, "config": name, "split": None if local else split,
-            "text_column": text_column, "num": num, "heldout": heldout, "builder_version": BUILDER_VERSION}
+            "text_column": text_column, "num": num, "heldout": heldout, "builder_version": BUILDER_VERSION,
+            "source_fingerprint": sources_fingerprint(_local_files(source)) if local else None}
+
+
+def _why_other(previous: dict, settings: dict) -> str:
+    old = previous.get("settings") or {}
+    if {k: v for k, v in old.items() if k != "source_fingerprint"} == \
+            {k: v for k, v in settings.items() if k != "source_fingerprint"}:
+        return (f"were built from {settings['source']} when its content was different (fingerprint "
+                f"{str(old.get('source_fingerprint'))[:12]}…, now {str(settings['source_fingerprint'])[:12]}…)")
+    return f"were built from other settings ({json.dumps(old)})"
+
+
+class _Contained:
+    """Texts already taken, for the containment half of the overlap rule among themselves (equality is ``seen``)."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+
+    def overlaps(self, text: str) -> bool:
+        n = normalize_text(text)
+        if len(n) < MIN_CONTAINED_CHARS:
+            return False
+        return any((len(t) >= MIN_CONTAINED_CHARS) and (n in t or t in n) for t in self.texts)
+
+    def add(self, text: str) -> None:
+        self.texts.append(normalize_text(text))
 
 
 def build_replay_data(
@@ -140,6 +176,8 @@ def build_replay_data(
 
     if num < 1 or heldout < 0:
         raise ReplayBuildError(f"--num must be at least 1 and --heldout at least 0 (got {num} and {heldout}).")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ReplayBuildError(f"--out {out_dir} is a file. Give a folder (it is created if missing).")
     if not os.path.exists(source) and looks_like_path(source):  # before judging the output folder by it
         raise ReplayBuildError(f"--source {source} does not exist. Give an existing file or folder, or a Hub id.")
     settings = _settings(source, name, split, text_column, num, heldout)
@@ -159,19 +197,19 @@ def build_replay_data(
         (previous.get("settings") == settings or previous.get("status") == "writing")
     present = [p for p in outputs if os.path.exists(p)]
     if present and not ours and not overwrite:
-        what = "were built from other settings" if previous is not None else "were not written by this builder"
+        what = _why_other(previous, settings) if previous is not None else "were not written by this builder"
         raise ReplayBuildError(
-            f"{out_dir} already holds {', '.join(os.path.basename(p) for p in present)}, which {what}"
-            + (f" ({json.dumps(previous.get('settings'))})" if previous is not None else "")
-            + ". Use another --out, the same settings, or --overwrite to replace them."
+            f"{out_dir} already holds {', '.join(os.path.basename(p) for p in present)}, which {what}. Use another "
+            "--out, the same settings and source, or --overwrite to replace them."
         )
 
     replay: list[str] = []
     held: list[str] = []
     sets: dict[str, Counter] = {REPLAY_FILE: Counter(), HELDOUT_FILE: Counter()}
-    counts = {"examined": 0, "empty": 0, "duplicate": 0, "overlap_replay": 0}
+    counts = {"examined": 0, "empty": 0, "duplicate": 0, "overlap_replay": 0, "overlap_heldout": 0}
     seen: set[str] = set()
     excluded: ExcludedTexts | None = None
+    taken = _Contained()
     bar = tqdm(total=num + heldout, desc="replay documents", unit="doc", disable=not progress)
     for row in _rows(source, name, split, text_column):
         if len(replay) >= num and len(held) >= heldout:
@@ -196,7 +234,11 @@ def build_replay_data(
         if excluded.overlaps(text):
             counts["overlap_replay"] += 1
             continue
+        if taken.overlaps(text):  # one held-out document inside another: not two independent texts
+            counts["overlap_heldout"] += 1
+            continue
         held.append(text)
+        taken.add(text)
         seen.add(key)
         sets[HELDOUT_FILE][_set_name(row) or "-"] += 1
         bar.update(1)
@@ -205,7 +247,8 @@ def build_replay_data(
         raise ReplayBuildError(
             f"--source {source}: {num} replay and {heldout} held-out documents were asked, but its "
             f"{counts['examined']} documents gave {len(replay)} and {len(held)} (passed over: {counts['empty']} "
-            f"empty, {counts['duplicate']} duplicates, {counts['overlap_replay']} overlapping a replay text). Ask for "
+            f"empty, {counts['duplicate']} duplicates, {counts['overlap_replay']} overlapping a replay text, "
+            f"{counts['overlap_heldout']} contained in or containing another held-out one). Ask for "
             f"fewer, or give a larger source. Nothing was written."
         )
     os.makedirs(out_dir, exist_ok=True)

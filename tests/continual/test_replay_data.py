@@ -17,7 +17,7 @@ import pytest
 
 from gere_hf.cli import main
 from gere_hf.continual.replay_data import ReplayBuildError, build_replay_data, texts_hash
-from gere_hf.replay import ExcludedTexts, load_replay_texts, select_heldout_texts
+from gere_hf.replay import ExcludedTexts, load_replay_texts, normalize_text, select_heldout_texts
 
 SETS = ["RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaGithub", "RedPajamaBook", "RedPajamaArXiv",
         "RedPajamaWikipedia", "RedPajamaStackExchange"]
@@ -54,7 +54,7 @@ def _expected(rows, num, heldout):
             continue
         if len(replay) < num:
             replay.append(text)
-        elif len(held) < heldout and not any(r in text or text in r for r in replay):
+        elif len(held) < heldout and not any(r in text or text in r for r in replay + held):
             held.append(text)
     return replay, held
 
@@ -68,7 +68,7 @@ def test_slimpajama_jsonl_row_by_row(tmp_path):
     replay, held = _expected(rows, 6, 5)
     assert _texts(out / "replay.jsonl") == replay == [rows[i]["text"] for i in (0, 1, 3, 4, 6, 7)]
     assert _texts(out / "heldout.jsonl") == held == [rows[i]["text"] for i in (8, 10, 11, 12, 13)]
-    assert manifest["counts"] == {"examined": 14, "empty": 1, "duplicate": 1, "overlap_replay": 1}
+    assert manifest["counts"] == {"examined": 14, "empty": 1, "duplicate": 1, "overlap_replay": 1, "overlap_heldout": 0}
     files = manifest["files"]
     assert files["replay.jsonl"]["rows"] == 6 and files["replay.jsonl"]["texts_sha256"] == texts_hash(replay)
     assert files["replay.jsonl"]["redpajama_set_name"] == dict(Counter(SETS[i % 7] for i in (0, 1, 3, 4, 6, 7)))
@@ -172,3 +172,49 @@ def test_cli(tmp_path, capsys):
     assert len(_texts(out / "replay.jsonl")) == 5
     assert main(["data", "replay", "--source", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 2
     assert "gere-hf data: error: --source" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reliability II (docs/reliability.md): a changed source is not "already complete", held-out texts disjoint from each
+# other, an --out that is a file
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_source_whose_content_changed_is_not_complete(tmp_path, capsys):
+    source, out = tmp_path / "source.jsonl", tmp_path / "out"
+    _write_jsonl(source, slimpajama_rows(20))
+    build_replay_data(str(source), str(out), num=5, heldout=3, progress=False)
+    rows = slimpajama_rows(20)
+    rows[0]["text"] = "An edited first document, about something else entirely, long enough to matter here."
+    _write_jsonl(source, rows)
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert main(["data", "replay", "--source", str(source), "--out", str(out), "--num", "5", "--heldout", "3",
+                 "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert f"which were built from {source} when its content was different (fingerprint" in message
+    assert "or --overwrite to replace them" in message and "already complete" not in message
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    rebuilt = build_replay_data(str(source), str(out), num=5, heldout=3, overwrite=True, progress=False)
+    assert _texts(out / "replay.jsonl")[0] == rows[0]["text"] and not rebuilt.get("skipped")
+    assert build_replay_data(str(source), str(out), num=5, heldout=3, progress=False)["skipped"]
+
+
+def test_held_out_documents_contained_in_one_another_are_passed_over(tmp_path):
+    rows = slimpajama_rows(20)
+    rows[13]["text"] = "Preface. " + rows[12]["text"] + " Afterword."  # held-out 12 inside held-out 13
+    source = tmp_path / "source.jsonl"
+    _write_jsonl(source, rows)
+    manifest = build_replay_data(str(source), str(tmp_path / "out"), num=5, heldout=6, progress=False)
+    held = _texts(tmp_path / "out" / "heldout.jsonl")
+    assert rows[12]["text"] in held and rows[13]["text"] not in held and manifest["counts"]["overlap_heldout"] == 1
+    keys = [normalize_text(t) for t in held]
+    assert not any(a != b and (a in b) for a in keys for b in keys)
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path, capsys):
+    source, out = tmp_path / "source.jsonl", tmp_path / "out"
+    _write_jsonl(source, slimpajama_rows(20))
+    out.write_text("mine")
+    assert main(["data", "replay", "--source", str(source), "--out", str(out), "--num", "5", "--heldout", "3",
+                 "--no-progress"]) == 2
+    assert f"--out {out} is a file. Give a folder" in capsys.readouterr().err and out.read_text() == "mine"
