@@ -158,3 +158,63 @@ def test_cache_smollm2_builds_and_reopens(smollm2, tmp_path, capsys):
     assert (labels != expected).float().mean() < 1e-4
     assert main(args) == 0  # reopens the finished store instead of rebuilding
     assert "samples=32 " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `gere-hf report`: messages a user can act on (docs/reliability.md)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _results(label):
+    """A minimal results.json of a finished 2-stage run, as write_report writes it."""
+    from gere_hf.evaluation import continual_metrics
+
+    matrix = [[0.5, 0.1], [0.9, 0.15], [0.8, 0.6]]
+    return {"schema_version": 1, "label": label, "tasks": ["polarity", "trivia"], "stages": ["base", "polarity",
+            "trivia"], "matrix": matrix, "num_stages_evaluated": 2, "metrics": continual_metrics(matrix),
+            "task_info": [{"name": t, "num_train": 8, "num_eval": 4, "scoring": "loglik", "choices": [" a", " b"],
+                           "meta": {}} for t in ("polarity", "trivia")]}
+
+
+def _run_folder(path, results):
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["truncated", "json_list", "unfinished", "given_twice", "out_is_a_file"])
+def test_report_refusals_name_the_file_and_the_fix(tmp_path, capsys, case):
+    good = _run_folder(tmp_path / "good", _results("good"))
+    out = []
+    if case == "truncated":
+        bad = _run_folder(tmp_path / "bad", json.dumps(_results("bad"))[:40])
+        expected = f"{os.path.join(bad, 'results.json')} is not valid JSON ("
+    elif case == "json_list":
+        bad = _run_folder(tmp_path / "bad", [1, 2])
+        expected = f"{os.path.join(bad, 'results.json')} holds a JSON list, not the object write_report writes"
+    elif case == "unfinished":
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "run_state.json").write_text(json.dumps({"finished": False, "stages": [
+            {"name": "polarity", "status": "finished"}, {"name": "trivia", "status": "running"}]}))
+        bad = str(tmp_path / "bad")
+        expected = f"{bad} is a run that has not finished (1 of 2 stages finished); its report is written at its end. " \
+                   "Finish it first: `gere-hf run RECIPE --resume`."
+    elif case == "given_twice":
+        bad = good + os.sep
+        expected = f"The run {good} is given more than once; give each run once."
+    else:
+        bad = _run_folder(tmp_path / "other", _results("other"))
+        (tmp_path / "cmp").write_text("mine")
+        out = ["--out", str(tmp_path / "cmp")]
+        expected = f"--out {tmp_path / 'cmp'} is a file. Give a folder for comparison.md and compare.png."
+    assert main(["report", good, bad, *out]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+
+
+def test_report_rows_of_runs_sharing_a_label_name_their_folders(tmp_path, capsys):
+    a = _run_folder(tmp_path / "a" / "probe", _results("probe"))
+    b = _run_folder(tmp_path / "b" / "probe", _results("probe"))
+    assert main(["report", a, b]) == 0
+    table = capsys.readouterr().out
+    assert f"| probe ({a}) |" in table and f"| probe ({b}) |" in table

@@ -109,6 +109,10 @@ def scoring_description(info: dict) -> str:
     return text if eos is None else f"{text}, eos {'scored' if eos else 'not scored'}"
 
 
+class RunFolderError(ValueError):
+    """A run folder (or --out) that cannot be reported: the message names the file and the fix."""
+
+
 class MixedScoringError(ValueError):
     """Runs whose tasks were scored differently, compared without ``allow_mixed_scoring``."""
 
@@ -493,11 +497,36 @@ def load_results(run_dir: str | os.PathLike) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, RESULTS_FILE)
     if not os.path.isfile(path):
+        state = _unfinished_run(os.path.dirname(path))
+        if state is not None:
+            raise RunFolderError(f"{os.path.dirname(path)} is a run that has not finished ({state}); its report is written "
+                             "at its end. Finish it first: `gere-hf run RECIPE --resume`.")
         raise FileNotFoundError(
             f"No {RESULTS_FILE} at {path!r}. Give run folders written by write_report (the recipe's output_dir)."
         )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path} is not valid JSON ({err}): it was cut short or edited. Rewrite it from the run "
+                         "(`gere-hf run RECIPE --resume` writes the report again) or restore it.") from None
+    if not isinstance(results, dict):
+        raise RunFolderError(f"{path} holds a JSON {type(results).__name__}, not the object write_report writes. Give "
+                         "run folders written by `gere-hf run`.")
+    return results
+
+
+def _unfinished_run(folder: str) -> str | None:
+    """How far an unfinished run is (``1 of 2 stages finished``), from its run_state.json; None if it is no run or
+    has finished."""
+    try:
+        with open(os.path.join(folder, "run_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        stages = state["stages"]
+        done = sum(1 for s in stages if s.get("status") == "finished")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None if state.get("finished") else f"{done} of {len(stages)} stages finished"
 
 
 def _final_general(results: dict) -> dict:
@@ -547,15 +576,21 @@ def compare_runs(
     """
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run folder.")
+    folders = [os.path.realpath(os.fspath(d)) for d in run_dirs]
+    twice = sorted({d for d in folders if folders.count(d) > 1})
+    if twice:
+        raise RunFolderError(f"The run {twice[0]} is given more than once; give each run once.")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise RunFolderError(f"--out {os.fspath(out_dir)} is a file. Give a folder for comparison.md and compare.png.")
     runs = [load_results(d) for d in run_dirs]
     if labels is not None and len(labels) != len(runs):
         raise ValueError(f"Got {len(labels)} labels for {len(runs)} runs.")
     names = list(labels) if labels is not None else [
         r.get("label") or os.path.basename(os.path.normpath(os.fspath(d))) for r, d in zip(runs, run_dirs)
     ]
-    for i, name in enumerate(names):  # keep labels unique
-        if names.count(name) > 1:
-            names[i] = f"{name} ({os.path.basename(os.path.normpath(os.fspath(run_dirs[i])))}#{i})"
+    shared = {name for name in names if names.count(name) > 1}
+    # Runs that share a label are told apart by their folders, as given.
+    names = [f"{name} ({os.path.normpath(os.fspath(d))})" if name in shared else name for name, d in zip(names, run_dirs)]
 
     notes = []
     sequences = [tuple(r.get("tasks", [])) for r in runs]
