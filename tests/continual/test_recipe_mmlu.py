@@ -114,3 +114,21 @@ def test_tiny_run_measures_mmlu_at_every_row(tmp_path):
     assert "## MMLU (general knowledge)" in report and "1-shot (exemplars: the first of each subject" in report
     assert "MMLU: 8 questions of 16" in report
     assert os.path.getsize(out / "mmlu.png") > 0
+
+
+def test_a_local_mmlu_file_whose_rows_repeat_draws_each_question_once(tmp_path, caplog):
+    """A file written twice over: a sample of all its questions holds each once (not twice, with an SE that counts
+    the copies as independent), and a warning says how many repeated."""
+    import logging
+
+    from gere_hf.evaluation.mmlu import MMLUEvaluator, load_mmlu
+
+    path = tmp_path / "mmlu.jsonl"
+    write_mmlu_file(path, per_subject=2)
+    path.write_text(path.read_text() * 2)
+    with caplog.at_level(logging.WARNING, logger="gere_hf.evaluation.mmlu"):
+        questions = load_mmlu(str(path))
+    assert len(questions) == 16 and len({(q.subject, q.question) for q in questions}) == 16
+    assert "16 of its 32 questions repeat another one" in caplog.text
+    drawn = MMLUEvaluator({"source": str(path), "num_questions": None}, seed=0, progress=False).questions
+    assert len(drawn) == 16 and len({(q.subject, q.question) for q in drawn}) == 16
