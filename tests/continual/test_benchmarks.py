@@ -20,7 +20,6 @@ from benchmark_utils import LAYOUTS, make_rows, source_rows, write_all, write_lo
 from gere_hf.cli import main
 from gere_hf.continual.benchmarks import (
     LONG_SEQUENCE_TASKS,
-    TASK_ORDERS,
     BenchmarkDataError,
     build_long_sequence,
     stage_entries,

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from gere_hf import cli
 from gere_hf.continual import parse_recipe
-from gere_hf.continual.recipe import recipe_hash
+from gere_hf.continual.recipe import apply_overrides, recipe_hash
 
 # Every run here is the same recipe (checkpoints every step, so a kill finds some), in another output_dir.
 RUN = ("training.max_steps=4", "training.save_strategy=steps", "training.save_steps=1")
@@ -657,3 +657,24 @@ def test_resume_over_a_damaged_or_swapped_finished_stage_is_refused(tmp_path, fi
            "(adapter_model.safetensors: " in message
     assert "Restore the stage folder from a copy, or start the run over" in message
     assert tree_snapshot(finished_copy) == before
+
+
+def test_rebuilding_a_store_is_no_other_recipe():
+    """gere.rebuild_store says how to get the store, not what it is: a --resume may set it (a shared store left
+    damaged by a crash is rebuilt without starting the run over)."""
+    raw = tiny_recipe("/tmp/x")
+    assert recipe_hash(apply_overrides(raw, ["gere.rebuild_store=true"])) == recipe_hash(raw)
+    assert recipe_hash(apply_overrides(raw, ["gere.replay_num_samples=9"])) != recipe_hash(raw)
+
+
+@pytest.mark.slow
+def test_examples_that_max_length_drops_are_counted_in_the_results(tmp_path):
+    """training.max_length=150 keeps 4 of polarity's 8 examples (half: a warning, not a refusal); results.json says
+    how many were given, kept and trained, not only num_train."""
+    out = tmp_path / "run"
+    with one_thread():
+        assert cli.main(["run", _write_recipe(tmp_path / "r.yaml", out, "training.max_length=150",
+                                              "training.max_steps=1", "evaluation.general_texts=2")]) == 0
+    stages = read_json(out / "results.json")["run"]["stages"]
+    assert stages[0]["examples"] == {"given": 8, "kept_by_max_length": 4, "longest_tokens": 241, "trained": 4}
+    assert stages[1]["examples"]["trained"] == stages[1]["examples"]["given"] == 8
