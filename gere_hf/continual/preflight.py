@@ -51,9 +51,10 @@ class ModelFacts:
 def model_facts(recipe: Recipe, base_path: str) -> ModelFacts:
     """The base model's config, module names (from an empty instance) and tokenizer, read without its weights."""
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .adapters import load_tokenizer
+    from .adapters import load_tokenizer, zero3_hidden
 
     trust = recipe.model.trust_remote_code
     if recipe.model.name_or_path == TINY_MODEL:
@@ -72,11 +73,17 @@ def model_facts(recipe: Recipe, base_path: str) -> ModelFacts:
                 f"{str(err).splitlines()[0] if str(err) else ''}). Give a local model folder (config.json, weights, "
                 "tokenizer), a Hub id in the Hugging Face cache, or a built-in name (smollm2-135m)."
             ) from None
-    with torch.device("meta"):
-        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    names = [name for name, _ in empty.named_modules() if name]
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in empty.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
+    names, linear = [], []
+    try:
+        # Parameters on the meta device (no memory, no weights read); ZeRO-3's partitioning hooks kept out of it.
+        with zero3_hidden(), init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        names = [name for name, _ in empty.named_modules() if name]
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in empty.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+    except Exception as err:  # a model class that cannot be built empty: its module names are not checked here
+        logger.warning("Cannot build an empty %s to check peft.target_modules against (%s: %s); PEFT checks them "
+                       "when stage 1 starts.", type(config).__name__, type(err).__name__, err)
     return ModelFacts(config, names, linear, tokenizer)
 
 
@@ -87,7 +94,7 @@ def _matches(name: str, key: str) -> bool:
 
 def check_target_modules(target_modules: Any, facts: ModelFacts, model_name: str) -> None:
     """Every entry of ``peft.target_modules`` must name modules of the model (a string is a regex over full names)."""
-    if target_modules is None or target_modules == "all-linear":
+    if target_modules is None or target_modules == "all-linear" or not facts.module_names:
         return
     if isinstance(target_modules, str):
         if not any(re.fullmatch(target_modules, n) for n in facts.module_names):
