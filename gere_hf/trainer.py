@@ -183,6 +183,11 @@ class GeReMixin:
             need_labels=cfg.replay_term is not None and cfg.replay_term.needs_labels,
         )
         self.gere_schedule = self._gere_make_schedule(self._gere_steps_per_epoch or 1)
+        # Resumed from a checkpoint: the replay samples of the steps before it were seen (counted on the main process;
+        # the logged count is summed over processes).
+        done = self.state.global_step
+        self._gere_samples_seen = (sum(self.gere_schedule.step_range(step)[1] for step in range(done))
+                                   if self.args.process_index == 0 else 0)
         _, self._gere_norm = find_final_norm(self.model)
         device = self.args.device
         self._gere_lower = self.gere_store.lower.to(device)

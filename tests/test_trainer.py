@@ -669,3 +669,24 @@ def test_cuda_step_matches_the_cpu_step_in_fp32(tmp_path, replay_store, loss):
     assert {"loss", "replay_ce", "grad_norm"} <= set(keys)
     for key in keys:
         assert logs[True][key] == pytest.approx(logs[False][key], rel=2e-4, abs=1e-6), key
+
+
+def test_replay_samples_seen_goes_on_after_a_resume(tmp_path, replay_store):
+    """Resumed from a checkpoint, the logged count of replay samples continues from the checkpoint's step."""
+    _, store = replay_store
+
+    def trainer(out, **kw):
+        args = TrainingArguments(str(out / "out"), per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+                                 report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, seed=0,
+                                 disable_tqdm=True, learning_rate=1e-3, **kw)
+        return GeReTrainer(model=_model(), args=args,
+                           train_dataset=_lm_dataset(), data_collator=DataCollatorForLanguageModeling(TOK, mlm=False),
+                           processing_class=TOK, gere_config=GeReConfig(loss="tm", replay_per_step=3),
+                           reference_states=store)
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    resumed = trainer(tmp_path / "whole")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "out" / "checkpoint-2"))
+    seen = [h["replay_samples_seen"] for h in resumed.state.log_history if "loss" in h]
+    assert seen[-2:] == [9, 12]

@@ -521,8 +521,6 @@ def test_each_kill_point_was_reached_where_it_was_meant(killed_at_every_file):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="gere_hf/trainer.py restarts its replay_samples_seen count at 0 on "
-                                       "resume_from_checkpoint (the trainer core's to fix; issue 19)")
 def test_replay_samples_seen_continues_after_resume(killed_at_every_file):
     uninterrupted, out, _, _ = killed_at_every_file
     seen = [h["replay_samples_seen"] for h in _log_history(out, "2-trivia") if "loss" in h]

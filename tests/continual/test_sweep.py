@@ -117,7 +117,7 @@ def test_bad_sweep_files_are_refused_before_any_run(tmp_path):
 
 
 def test_a_resumed_sweep_must_keep_its_settings(tmp_path):
-    path = _sweep_file(tmp_path, seeds=[0], arms={"none": {"gere.loss": "none", **_small()}})
+    path = _sweep_file(tmp_path, seeds=[0], baseline="none", arms={"none": {"gere.loss": "none", **_small()}})
     proc = _cli(path)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
