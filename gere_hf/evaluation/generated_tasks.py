@@ -5,13 +5,13 @@ Each generator returns ``(prompt, completion)`` pairs, all distinct by prompt, i
 numbers, names and a small closed vocabulary, so they overlap neither the replay texts nor the held-out general text
 (the task layer still checks, as for every task). Kinds, for a sequence that exercises different skills:
 
-* ``comparison``: is a sum greater than, less than or equal to a number ("Is 37 + 45 greater than, less than or equal
+* ``comparison``: is one number greater than, less than or equal to another ("Is 437 greater than, less than or equal
   to 80?" → " greater"): a closed task with three labels, scored by ranking them.
 * ``arithmetic``: one operation on two numbers ("What is 37 + 45?" → " 82"): a short exact answer, generated.
 * ``spelling``: a pseudo-word spelled out letter by letter ("Spell the word: tamoruki" → " t-a-m-o-r-u-k-i"): a long
   answer (every letter and hyphen a token) that must be generated exactly.
-* ``word_problems``: two steps of arithmetic in a short story ("Ana has 12 shells. She finds 7 more and gives 5 to
-  Ben. How many shells does Ana have now?" → " 14"): reasoning-like, generated.
+* ``word_problems``: arithmetic told as a short story ("Ana has 12 shells. Ana gives 5 to Ben. How many shells does
+  Ana have now?" → " 7"): reasoning-like (the operation is in the words), generated.
 """
 
 from __future__ import annotations
@@ -48,15 +48,15 @@ def _unique(make: Callable[[random.Random], tuple[str, str]], n: int, seed: int,
 
 
 def comparison_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """A sum of two numbers below 50 against a number near it; the three answers in equal shares (the label is drawn
-    first, then a question that has it)."""
+    """Two numbers below 10,000, compared; the three answers in equal shares (the label is drawn first, then a pair
+    that has it)."""
     labels = [" greater", " less", " equal"]
 
     def make(rng: random.Random) -> tuple[str, str]:
         label = rng.choice(labels)
-        a, b = rng.randint(5, 49), rng.randint(5, 49)
-        offset = {" greater": -rng.randint(1, 9), " less": rng.randint(1, 9), " equal": 0}[label]
-        return f"Is {a} + {b} greater than, less than or equal to {a + b + offset}?\nAnswer:", label
+        a = rng.randint(10, 9999)
+        b = {" greater": rng.randint(1, a - 1), " less": rng.randint(a + 1, 10000), " equal": a}[label]
+        return f"Is {a} greater than, less than or equal to {b}?\nAnswer:", label
 
     return _unique(make, n, seed, "comparison")
 
@@ -90,16 +90,19 @@ def spelling_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def word_problem_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """A person starts with some objects, gains some and gives some away: the count left (always ≥ 0)."""
+    """A person has some objects and gains or gives away some: how many are left (always ≥ 0)."""
 
     def make(rng: random.Random) -> tuple[str, str]:
         person, friend = rng.sample(_NAMES, 2)
         thing = rng.choice(_OBJECTS)
-        start, gain = rng.randint(3, 30), rng.randint(2, 20)
-        give = rng.randint(1, start + gain)
-        prompt = (f"{person} has {start} {thing}. {person} finds {gain} more and gives {give} to {friend}. "
-                  f"How many {thing} does {person} have now?\nAnswer:")
-        return prompt, f" {start + gain - give}"
+        start = rng.randint(3, 60)
+        if rng.random() < 0.5:
+            change = rng.randint(2, 40)
+            event, value = f"{person} finds {change} more", start + change
+        else:
+            change = rng.randint(1, start)
+            event, value = f"{person} gives {change} to {friend}", start - change
+        return f"{person} has {start} {thing}. {event}. How many {thing} does {person} have now?\nAnswer:", f" {value}"
 
     return _unique(make, n, seed, "word_problems")
 
