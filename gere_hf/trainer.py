@@ -59,6 +59,40 @@ logger = logging.getLogger(__name__)
 _METRICS = ("task_loss", "replay_ce", "replay_term", "replay_weight", "replay_share")
 
 
+class _LoggedTerms:
+    """The replay terms' sums and counts since the last log (averaged over the micro-batches that had each term), the
+    samples seen and the non-finite micro-batches skipped: reduced over processes as one vector, by field name."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = dict.fromkeys(_METRICS, 0.0)
+        self.counts = dict.fromkeys(_METRICS, 0)
+
+    def add(self, terms: dict) -> None:
+        for name in _METRICS:
+            if name in terms:
+                self.sums[name] += float(terms[name])
+                self.counts[name] += 1
+
+    def reduced(self, trainer, samples_seen: int, nonfinite_skipped: int) -> dict:
+        """The log entries: each term's mean, replay_samples_seen, and nonfinite_skipped when some were."""
+        names = [*_METRICS]
+        vector = torch.tensor([self.sums[n] for n in names] + [self.counts[n] for n in names]
+                              + [samples_seen, nonfinite_skipped], dtype=torch.float64, device=trainer.args.device)
+        if trainer.args.world_size > 1:
+            vector = trainer.accelerator.reduce(vector, reduction="sum")
+        values = dict(zip(["sum_" + n for n in names] + ["count_" + n for n in names]
+                          + ["samples_seen", "nonfinite_skipped"], vector.cpu().tolist()))
+        logs = {n: round(values["sum_" + n] / values["count_" + n], 6) for n in names if values["count_" + n] > 0}
+        logs["replay_samples_seen"] = int(values["samples_seen"])
+        if values["nonfinite_skipped"] > 0:
+            logs["nonfinite_skipped"] = int(values["nonfinite_skipped"])
+        self.reset()
+        return logs
+
+
 class GeReTrainingError(RuntimeError):
     """Training cannot go on: a batch GeRe cannot use, or a non-finite loss."""
 
@@ -99,9 +133,9 @@ class GeReMixin:
         self._gere_steps_per_epoch = None
         self._gere_last_step = -1
         self._gere_micro = 0
-        self._gere_step = StepCounts()
+        self._gere_step_counts = StepCounts()
         self._gere_task_counts: tuple[int, int] | None = None  # (samples, targets) of the step being fetched
-        self._gere_sums = torch.zeros(2 * len(_METRICS), dtype=torch.float64)
+        self._gere_logged = _LoggedTerms()
         self._gere_samples_seen = 0
         self._gere_nonfinite_skipped = 0
         self.gere_data_seconds = 0.0
@@ -192,7 +226,7 @@ class GeReMixin:
         device = self.args.device
         self._gere_lower = self.gere_store.lower.to(device)
         self._gere_upper = self.gere_store.upper.to(device)
-        self._gere_sums = torch.zeros(2 * len(_METRICS), dtype=torch.float64)
+        self._gere_logged = _LoggedTerms()
         logger.info(
             "GeRe: %s replay of %d samples (%d tokens) from %s; %s; replay share %s", cfg.loss, len(self.gere_store),
             self.gere_store.num_tokens, self.gere_store.path,
@@ -305,7 +339,7 @@ class GeReMixin:
             step = self.state.global_step
             if step != self._gere_last_step:
                 self._gere_last_step, self._gere_micro = step, 0
-                self._gere_step = self._gere_count_step(step)
+                self._gere_step_counts = self._gere_count_step(step)
             indices = self.gere_schedule.indices(
                 step, self._gere_micro, self.args.process_index, self.current_gradient_accumulation_steps
             )
@@ -358,7 +392,7 @@ class GeReMixin:
             replay_nll, replay_targets, replay_term = self._gere_replay_losses(model, replay)
         task_nll, task_targets, outputs, aux = self._gere_task_losses(model, task_inputs, num_items_in_batch)
         cfg = self.gere_config
-        step = replay_step_loss(task_nll, task_targets, self._gere_step, replay_nll, replay_targets, replay_term,
+        step = replay_step_loss(task_nll, task_targets, self._gere_step_counts, replay_nll, replay_targets, replay_term,
                                 share=cfg.replay_share_value, weight=cfg.weight_value, reduction=cfg.ce_reduction,
                                 world_size=self.args.world_size)
         self.gere_last_step_loss = step  # its parts, for diagnostics (benchmarks/grad_shares.py)
@@ -374,7 +408,7 @@ class GeReMixin:
         if replay:
             self._gere_samples_seen += int(replay["input_ids"].shape[0])
         total = self._gere_check_finite(total, terms, model)
-        self._gere_accumulate(terms)
+        self._gere_logged.add(terms)
         return (total, outputs) if return_outputs else total
 
     def _gere_check_task_loss(self) -> None:
@@ -477,28 +511,9 @@ class GeReMixin:
 
     # -- logging ------------------------------------------------------------------------------------------------------
 
-    def _gere_accumulate(self, terms: dict) -> None:
-        for i, name in enumerate(_METRICS):
-            if name in terms:
-                self._gere_sums[2 * i] += float(terms[name])
-                self._gere_sums[2 * i + 1] += 1
-
     def log(self, logs, *args, **kwargs):
         if self.gere_config.replay_enabled and self.gere_collator is not None and "loss" in logs:
-            sums = self._gere_sums.to(self.args.device)
-            extra = torch.tensor([self._gere_samples_seen, self._gere_nonfinite_skipped], dtype=torch.float64,
-                                 device=self.args.device)
-            both = torch.cat([sums, extra])
-            if self.args.world_size > 1:
-                both = self.accelerator.reduce(both, reduction="sum")
-            both = both.cpu()
-            for i, name in enumerate(_METRICS):
-                if both[2 * i + 1] > 0:
-                    logs[name] = round(float(both[2 * i] / both[2 * i + 1]), 6)
-            logs["replay_samples_seen"] = int(both[-2])
-            if both[-1] > 0:
-                logs["nonfinite_skipped"] = int(both[-1])
-            self._gere_sums.zero_()
+            logs.update(self._gere_logged.reduced(self, self._gere_samples_seen, self._gere_nonfinite_skipped))
         return super().log(logs, *args, **kwargs)
 
 
