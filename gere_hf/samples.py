@@ -48,8 +48,11 @@ def sample_ids(batch: dict) -> tuple[torch.Tensor, int]:
     return torch.where(real, ids, -1), int(per_row.sum())
 
 
-def count_samples(batch: dict) -> int:
-    """Samples in a task batch (see the module docstring); 0 for a batch without ``input_ids`` tensors."""
+def count_samples(batch: dict | list) -> int:
+    """Samples in a task batch (see the module docstring); a list of examples (what TRL's on-policy trainers, SDFT
+    among them, collate: each example one rollout) counts its examples; 0 for a batch without ``input_ids``."""
+    if isinstance(batch, list):
+        return len(batch)
     if not hasattr(batch.get("input_ids"), "shape"):
         return 0
     return sample_ids(batch)[1]
@@ -66,7 +69,7 @@ def per_sample_sums(values: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Te
 
 def count_targets(batch: dict) -> int:
     """Next-token targets of a task batch: labels other than −100 after the first position of each row."""
-    labels = batch.get("labels")
+    labels = batch.get("labels") if isinstance(batch, dict) else None
     if not hasattr(labels, "shape"):
         return 0
     return int((labels[..., 1:] != -100).sum())

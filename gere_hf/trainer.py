@@ -344,16 +344,22 @@ class GeReMixin:
                 step, self._gere_micro, self.args.process_index, self.current_gradient_accumulation_steps
             )
             t0 = time.perf_counter()
+            replay = {}
             if indices:
-                inputs = {**inputs, **self.gere_collator.replay_batch(indices)}
+                replay = self.gere_collator.replay_batch(indices)
             elif self.args.world_size > 1 and self.gere_schedule.micro_has_replay(
                     step, self._gere_micro, self.current_gradient_accumulation_steps):
                 # Other processes replay in this micro-batch: their forward is a collective (ZeRO-3, FSDP, DDP's
                 # buffer broadcast), so this one runs an empty replay forward beside it.
-                inputs = {**inputs, **self.gere_collator.empty_replay_batch()}
+                replay = self.gere_collator.empty_replay_batch()
+            inputs = self._gere_with_replay(inputs, replay)
             self._gere_micro += 1
             self.gere_data_seconds += time.perf_counter() - t0
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _gere_with_replay(self, inputs, replay: dict):
+        """The micro-batch with the replay tensors under their reserved keys (a collated task batch is a mapping)."""
+        return {**inputs, **replay}
 
     def _gere_count_step(self, step: int) -> StepCounts:
         """The whole optimizer step over all processes: replay samples and targets (from the schedule), task samples
@@ -374,11 +380,6 @@ class GeReMixin:
         if not self._gere_active or not model.training:
             return super().compute_loss(model, task_inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        if task_inputs.get("labels") is None:
-            raise GeReTrainingError(
-                f"The task batch has no 'labels' (keys: {sorted(task_inputs)}). GeRe adds replay to a language-model "
-                "loss: use a collator that sets labels, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
-            )
         # The replay forward runs first: under ZeRO-3, TRL's fused LM head (SFTTrainer) reads lm_head.weight outside
         # the module and its backward fails on the re-partitioned weight when a later forward ran lm_head.
         empty_part = None
@@ -441,7 +442,12 @@ class GeReMixin:
         This class runs the model without labels and takes the NLL from the logits (one upcast, no second loss);
         GeReSFTTrainer takes the per-token log-probs of TRL's fused LM head instead (no logits at all).
         """
-        labels = inputs["labels"]
+        labels = inputs.get("labels")
+        if labels is None:
+            raise GeReTrainingError(
+                f"The task batch has no 'labels' (keys: {sorted(inputs)}). GeRe adds replay to a language-model "
+                "loss: use a collator that sets labels, e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False)."
+            )
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         logits = outputs.logits[:, self._gere_virtual_tokens:]
         nll, targets = token_nll(logits, labels)
