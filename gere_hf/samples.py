@@ -69,7 +69,7 @@ def per_sample_sums(values: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Te
 
 def count_targets(batch: dict) -> int:
     """Next-token targets of a task batch: labels other than −100 after the first position of each row."""
-    labels = batch.get("labels") if isinstance(batch, dict) else None
+    labels = None if isinstance(batch, list) else batch.get("labels")
     if not hasattr(labels, "shape"):
         return 0
     return int((labels[..., 1:] != -100).sum())
