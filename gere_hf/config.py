@@ -28,8 +28,9 @@ class GeReConfig:
     )
     weight: str = field(
         default="dy",
-        metadata={"help": "Weight w of the replay term: a non-negative number, or 'dy' (dynamic: w = CE / term, "
-                  "detached, as in the official code)."},
+        metadata={"help": "Weight w of the replay term: a non-negative number, 'dy' (dynamic: w = CE / term, "
+                  "detached, as in the official code), or 'dy:C' (dynamic, at most C: the term's gradient never exceeds "
+                  "C times its own, however small the violations; docs/losses.md)."},
     )
     threshold_k: float = field(
         default=1.0, metadata={"help": "Thresholds are mean ± k·std per hidden dimension over all replay tokens."}
@@ -128,16 +129,40 @@ class GeReConfig:
 
     @property
     def weight_value(self) -> float | None:
-        """The fixed weight, or None for the dynamic 'dy' weight."""
-        if isinstance(self.weight, str) and self.weight.strip().lower() == "dy":
+        """The fixed weight, or None for the dynamic weight ('dy', 'dy:C')."""
+        if self._dynamic_weight() is not None:
             return None
         try:
             value = float(self.weight)
         except (TypeError, ValueError):
-            raise GeReConfigError(f"Unknown weight {self.weight!r}; give a non-negative number or 'dy'.") from None
+            raise GeReConfigError(
+                f"Unknown weight {self.weight!r}; give a non-negative number, 'dy', or 'dy:C' (dynamic, at most C)."
+            ) from None
         if not math.isfinite(value) or value < 0:
             raise GeReConfigError(f"The replay weight must be a non-negative finite number or 'dy', got {self.weight!r}.")
         return value
+
+    @property
+    def weight_cap(self) -> float | None:
+        """The bound C of a capped dynamic weight ('dy:C'); None otherwise."""
+        dynamic = self._dynamic_weight()
+        return None if dynamic is None else dynamic[1]
+
+    def _dynamic_weight(self) -> tuple[str, float | None] | None:
+        text = self.weight.strip().lower() if isinstance(self.weight, str) else None
+        if text is None or not (text == "dy" or text.startswith("dy:")):
+            return None
+        if text == "dy":
+            return "dy", None
+        name, sep, cap = text.partition(":")
+        try:
+            value = float(cap) if name == "dy" and sep else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not (math.isfinite(value) and value > 0):
+            raise GeReConfigError(f"weight {self.weight!r}: a capped dynamic weight is 'dy:C' with C a positive "
+                                  "number, e.g. 'dy:10'.")
+        return "dy", value
 
     @property
     def replay_share_value(self) -> float | None:

@@ -427,6 +427,7 @@ def replay_step_loss(
     *,
     share: float | None = None,
     weight: float | None = None,
+    weight_cap: float | None = None,
     reduction: str = "sample_mean",
     world_size: int = 1,
 ) -> StepLoss:
@@ -446,7 +447,7 @@ def replay_step_loss(
       :math:`w_j = sg((1-s)\,T_{mb} + s\,CE_j)/sg(term_j)` with :math:`T_{mb}` the micro-batch's task CE (the
       official mixed micro-batch at :math:`s = 1/2`).
 
-    ``weight`` None is ``dy``, else a fixed :math:`w`. The returned ``total`` is the micro-batch's part, multiplied by
+    ``weight`` None is ``dy`` (at most ``weight_cap`` when given), else a fixed :math:`w`. The returned ``total`` is the micro-batch's part, multiplied by
     ``world_size`` (the processes' gradients are averaged), so that summing it over the step's micro-batches gives
     the step loss whatever their number or split.
     """
@@ -477,6 +478,8 @@ def replay_step_loss(
         if weight is None:  # 'dy': w_j·term_j takes the value of the CE it is weighed against
             target = replay_means if share is None else (1.0 - s) * task_ce + s * replay_means
             w = dynamic_weight(target, replay_term)
+            if weight_cap is not None:
+                w = w.clamp(max=weight_cap)
         else:
             w = torch.full_like(replay_term, float(weight), dtype=torch.float32)
         term_part = (w * replay_term).sum() / max(counts.replay_samples, 1)

@@ -394,7 +394,8 @@ class GeReMixin:
         task_nll, task_targets, outputs, aux = self._gere_task_losses(model, task_inputs, num_items_in_batch)
         cfg = self.gere_config
         step = replay_step_loss(task_nll, task_targets, self._gere_step_counts, replay_nll, replay_targets, replay_term,
-                                share=cfg.replay_share_value, weight=cfg.weight_value, reduction=cfg.ce_reduction,
+                                share=cfg.replay_share_value, weight=cfg.weight_value, weight_cap=cfg.weight_cap,
+                                reduction=cfg.ce_reduction,
                                 world_size=self.args.world_size)
         self.gere_last_step_loss = step  # its parts, for diagnostics (benchmarks/grad_shares.py)
         total = step.total

@@ -23,7 +23,7 @@ def test_usable_with_hf_argument_parser():
     "kwargs,match",
     [
         ({"loss": "mse"}, r"Unknown GeRe loss 'mse'; choose one of tm, ce, kl, l1, l2, none"),
-        ({"weight": "dynamic"}, r"Unknown weight 'dynamic'; give a non-negative number or 'dy'"),
+        ({"weight": "dynamic"}, r"Unknown weight 'dynamic'; give a non-negative number, 'dy', or 'dy:C'"),
         ({"weight": "-1"}, r"non-negative"),
         ({"weight": str(math.nan)}, r"non-negative finite"),
         ({"threshold_k": 0.0}, r"threshold_k must be a positive"),
@@ -37,3 +37,16 @@ def test_usable_with_hf_argument_parser():
 def test_bad_values_fail_with_the_choices(kwargs, match):
     with pytest.raises(GeReConfigError, match=match):
         GeReConfig(**kwargs)
+
+
+def test_the_weight_is_a_number_dy_or_a_capped_dy():
+    import pytest
+
+    from gere_hf import GeReConfig, GeReConfigError
+
+    assert (GeReConfig(weight="dy").weight_value, GeReConfig(weight="dy").weight_cap) == (None, None)
+    assert (GeReConfig(weight="dy:10").weight_value, GeReConfig(weight="dy:10").weight_cap) == (None, 10.0)
+    assert (GeReConfig(weight="100").weight_value, GeReConfig(weight="100").weight_cap) == (100.0, None)
+    for bad in ("dy:0", "dy:-1", "dy:x", "dy:", "dyy", "fast", "dynamic"):
+        with pytest.raises(GeReConfigError, match="weight"):
+            GeReConfig(weight=bad)

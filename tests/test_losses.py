@@ -660,3 +660,20 @@ def test_a_step_without_replay_is_the_task_ce():
     assert float(got.total) == pytest.approx((2.0 + 2.0) / 2) and got.share == 0.0 and got.replay_ce is None
     with pytest.raises(ValueError, match="reduction"):
         replay_step_loss(torch.tensor([1.0]), torch.tensor([1]), StepCounts(1, 0, 1, 0), reduction="tokens")
+
+
+def test_a_capped_dynamic_weight_is_dy_until_the_cap():
+    """'dy:C': w_j = min(CE_j / term_j, C). A large term keeps the dy value; a tiny one, whose dy weight would blow
+    its gradient up, is held at C."""
+    from gere_hf.losses import StepCounts, replay_step_loss
+
+    counts = StepCounts(2, 2, 4, 20)
+    args = (torch.tensor([4.0, 4.0]), torch.tensor([2, 2]), counts, torch.tensor([30.0, 30.0]),
+            torch.tensor([10, 10]), torch.tensor([1.5, 0.001]))
+    free = replay_step_loss(*args)
+    capped = replay_step_loss(*args, weight_cap=10.0)
+    weights = [3.0 / 1.5, min(3.0 / 0.001, 10.0)]
+    assert float(capped.replay_weight) == pytest.approx(sum(weights) / 2)
+    assert float(free.replay_weight) == pytest.approx((2.0 + 3000.0) / 2, rel=1e-4)
+    expected_term = (weights[0] * 1.5 + weights[1] * 0.001) / 2
+    assert float(capped.parts["replay_term"]) == pytest.approx(0.5 * expected_term, rel=1e-5)
