@@ -332,6 +332,27 @@ def _progress(run: SweepRun) -> str:
     return "base evaluation" if done == 0 else f"stage {done}/{len(stages)} evaluated"
 
 
+# What a resumed sweep may change: it may add arms and seeds (their runs join the finished ones), nothing else.
+EXTENDABLE = ("arms", "seeds")
+# Settings that change only how the runs are scheduled, never what they compute.
+SCHEDULING = ("parallel", "threads")
+
+
+def check_extension(before: dict, now: dict, out: str) -> None:
+    """A resumed sweep keeps its settings and its arms' overrides; it may add arms and seeds (``--resume`` with more
+    arms extends a comparison without running the finished arms again)."""
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in (*EXTENDABLE, *SCHEDULING) and before.get(k) != now.get(k))
+    changed += [f"arms.{a}" for a, o in before.get("arms", {}).items() if a in now.get("arms", {}) and
+                now["arms"][a] != o]
+    dropped = [f"arms.{a}" for a in before.get("arms", {}) if a not in now.get("arms", {})]
+    dropped += [f"seed {s}" for s in before.get("seeds", []) if s not in now.get("seeds", [])]
+    if changed or dropped:
+        what = ", ".join(changed + [f"{d} (dropped)" for d in dropped])
+        raise SweepError(f"--resume: the sweep in {out} was started with other settings ({what} differ). A resumed "
+                         "sweep may add arms and seeds; for anything else choose another output_dir.")
+
+
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     """Run every (arm, seed) not finished yet, ``parallel`` at a time, then write the comparison; returns it."""
     runs = plan_runs(cfg)
@@ -343,10 +364,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
             previous = json.load(f)
     if previous is not None and not resume:
         raise SweepError(f"{out} already holds a sweep. Pass --resume to continue it, or choose another output_dir.")
-    if previous is not None and previous.get("config") != json.loads(json.dumps(cfg.to_dict())):
-        changed = sorted(k for k, v in cfg.to_dict().items() if previous["config"].get(k) != v)
-        raise SweepError(f"--resume: the sweep in {out} was started with other settings ({', '.join(changed)} "
-                         "differ). Resume it with the same sweep file, or choose another output_dir.")
+    if previous is not None:
+        check_extension(previous["config"], json.loads(json.dumps(cfg.to_dict())), out)
     os.makedirs(out, exist_ok=True)
     write_json(state_path, {"config": cfg.to_dict(), "runs": [[r.arm, r.seed] for r in runs]})
     cpus = os.cpu_count() or 1

@@ -116,12 +116,22 @@ def test_bad_sweep_files_are_refused_before_any_run(tmp_path):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_resumed_sweep_must_keep_its_settings(tmp_path):
+def test_a_resumed_sweep_keeps_its_settings_and_may_add_arms(tmp_path):
     path = _sweep_file(tmp_path, seeds=[0], baseline="none", arms={"none": {"gere.loss": "none", **_small()}})
     proc = _cli(path)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    changed = _cli(path, "--resume", "--set", "seeds=[0, 1]")
+    changed = _cli(path, "--resume", "--set", "news_texts=2")
     out, _ = changed.communicate(timeout=60)
-    assert changed.returncode == 2 and "seeds" in out and "other settings" in out
+    assert changed.returncode == 2 and "news_texts" in out and "other settings" in out
+    changed = _cli(path, "--resume", "--set", "arms.none={gere.loss: ce}")
+    out, _ = changed.communicate(timeout=60)
+    assert changed.returncode == 2 and "arms.none" in out
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["config"]["seeds"] == [0]
+    # Adding an arm extends the sweep: the finished run is kept, the new arm runs, the comparison has both.
+    finished = os.path.getmtime(tmp_path / "sweep" / "runs" / "none" / "seed-0" / "results.json")
+    extended = _cli(path, "--resume", "--set", f"arms.ce={json.dumps({'gere.loss': 'ce', **_small()})}")
+    out, _ = extended.communicate(timeout=600)
+    assert extended.returncode == 0, out[-3000:]
+    assert os.path.getmtime(tmp_path / "sweep" / "runs" / "none" / "seed-0" / "results.json") == finished
+    assert set(read_json(tmp_path / "sweep" / "comparison.json")["arms"]) == {"none", "ce"}
