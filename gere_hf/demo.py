@@ -279,6 +279,30 @@ def _say(message: str) -> None:
     print(f"[gere-hf demo] {message}", file=sys.stderr, flush=True)
 
 
+def ap_standard_error(results: dict) -> float | None:
+    """AP's standard error from the eval examples alone (each task's final accuracy a binomial proportion): what one
+    run's AP cannot be more precise than, before the seed's own effect on training."""
+    matrix = results.get("matrix") or []
+    final = matrix[-1] if matrix else None
+    if not final:
+        return None
+    sizes = [info.get("num_eval") for info in results.get("task_info") or []]
+    if not sizes or any(not n for n in sizes):
+        return None
+    return (sum(p * (1 - p) / n for p, n in zip(final, sizes)) ** 0.5) / len(final)
+
+
+def uncertainty_note(results: dict[str, dict], settings: DemoSettings) -> str:
+    """What one seed of the demo can and cannot say, with the eval-sampling error of its AP column."""
+    errors = [e for e in (ap_standard_error(r or {}) for r in results.values()) if e is not None]
+    fewest = min(n for _, _, n in settings.tasks)
+    spread = f" (up to ±{max(errors):.3f} from its {fewest}+ eval examples per task alone)" if errors else ""
+    return (f"One seed (seed {settings.seed}): the table cannot decide between the methods. Each AP carries a "
+            f"standard error{spread}, and another seed moves a run by more: plain LoRA at this learning rate turns "
+            "float-order differences into different runs. For means and 95 % intervals over seeds, and which "
+            "differences they resolve: `gere-hf sweep recipes/sweep_benchmark.yaml` (docs/sweep.md).")
+
+
 def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
@@ -436,6 +460,8 @@ def run_demo(
           "0: general capability lost)."
           + (f" MMLU: accuracy on {settings.mmlu_questions} MMLU test questions ({settings.mmlu_formulation} form) ± "
              "its standard error, and its change from the base model." if settings.mmlu_questions else ""))
+    print()
+    print(uncertainty_note(results, settings))
     if news_md:
         print()
         print(news_md)
@@ -449,5 +475,5 @@ def run_demo(
     return result
 
 
-__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "choice_eos_table",
-           "measure_news_retention", "run_demo"]
+__all__ = ["DEMO_LOSSES", "DemoError", "DemoResult", "DemoSettings", "PRESETS", "ap_standard_error",
+           "choice_eos_table", "measure_news_retention", "run_demo", "uncertainty_note"]

@@ -72,6 +72,8 @@ def test_demo_runs_three_losses_shares_the_store_and_writes_the_report(tmp_path,
     assert len(builds) == 1, "the ce and tm runs must share one reference store"
     printed = capsys.readouterr().out
     assert result.table in printed
+    # One seed cannot decide: the table says so, with its AP's eval-sampling error, and points at the sweep.
+    assert "cannot decide" in printed and "gere-hf sweep" in printed and "standard error (up to ±" in printed
     for loss in ("none", "ce", "tm"):
         numbers = _row_numbers(result.table, demo_mod.LOSS_LABELS[loss])
         assert len(numbers) == 6 and all(math.isfinite(x) for x in numbers), numbers  # AP BWT FWT forg. ΔNLL PPL
