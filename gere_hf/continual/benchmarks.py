@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .state import file_sha256, write_json, write_jsonl
+from ..fileio import atomic_open, file_sha256, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -829,13 +829,11 @@ def _write_orders(out_dir: str, settings: BuildSettings) -> list[str]:
     missing = [n for n in LONG_SEQUENCE_TASKS if n not in built]
     for order in TASK_ORDERS:
         path = os.path.join(out_dir, f"stages_order{order}.yaml")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             if missing:
                 f.write(f"# Not built yet, so not listed: {', '.join(n for n in TASK_ORDERS[order] if n in missing)}"
                         "\n")
             f.write(stages_yaml(out_dir, order, built))
-        os.replace(tmp, path)
     return missing
 
 

@@ -12,20 +12,14 @@ import hashlib
 import os
 from collections.abc import Iterable
 
+from ..fileio import file_sha256
+
 # What a model folder holds that decides its weights (its config included: the same tensors under another config are
 # another model).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CONFIG_FILES = ("config.json", "adapter_config.json")
 # Trainer files saved beside the weights that say nothing about them (training_args.bin is a pickle of arguments).
 NOT_WEIGHTS = ("training_args.bin",)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def file_record(path: str) -> dict:
@@ -123,5 +117,5 @@ def sources_fingerprint(paths: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["changed_digest", "file_record", "file_sha256", "folder_differences", "folder_records", "model_files",
+__all__ = ["changed_digest", "file_record", "folder_differences", "folder_records", "model_files",
            "record_differs", "records_digest", "sources_fingerprint"]

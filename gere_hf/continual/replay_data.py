@@ -26,9 +26,9 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from ..fileio import file_sha256, write_json, write_jsonl
 from ..replay import MIN_CONTAINED_CHARS, ExcludedTexts, looks_like_path, normalize_text, text_key
 from .fingerprints import sources_fingerprint
-from .state import file_sha256, write_json, write_jsonl
 
 MANIFEST_FILE = "manifest.json"
 REPLAY_FILE = "replay.jsonl"

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from ..fileio import write_json
 from ..locks import folder_lock
 from . import adapters as adapters_mod
 from . import data, launch, preflight
@@ -354,7 +355,7 @@ class RecipeRunner:
     def save_state(self) -> None:
         if self.is_main:
             self.state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            run_state.write_json(os.path.join(self.output_dir, RUN_STATE_FILE), self.state)
+            write_json(os.path.join(self.output_dir, RUN_STATE_FILE), self.state)
 
     def _stage_entry(self, index: int) -> dict:
         return self.state["stages"][index - 1]
@@ -469,7 +470,7 @@ class RecipeRunner:
             summary = {"epoch": state.get("epoch"), "step": state.get("global_step"),
                        "total_flos": state.get("total_flos"), "finished_from_checkpoint": os.path.basename(checkpoint)}
             state["log_history"] = [*state.get("log_history", []), summary]
-            run_state.write_json(os.path.join(stage_dir, "trainer_state.json"), state)
+            write_json(os.path.join(stage_dir, "trainer_state.json"), state)
             entry["train"] = {"global_step": state.get("global_step"), "epoch": state.get("epoch"),
                               "total_flos": state.get("total_flos")}
             self._log_history[index] = state["log_history"]
@@ -491,7 +492,7 @@ class RecipeRunner:
                 "train": entry.get("train"), "train_seconds": entry.get("train_seconds"),
                 "evaluation": record, "log_history": self._log_history.pop(index, []),
             }
-            run_state.write_json(os.path.join(stage_dir, METRICS_FILE), metrics)
+            write_json(os.path.join(stage_dir, METRICS_FILE), metrics)
             with open(os.path.join(stage_dir, "README.md"), "w", encoding="utf-8") as f:
                 f.write(self._model_card(index, record, entry.get("train") or {}, entry.get("tracking")))
             entry["files"] = run_state.stage_files_record(stage_dir)  # what eval --run and --resume check it against

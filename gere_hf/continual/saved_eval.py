@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..fileio import atomic_write_text, write_json
 from .recipe import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -395,7 +396,6 @@ def evaluate_saved(config: SavedEvalConfig) -> dict:
     from ..evaluation.report import package_versions
     from ..evaluation.retention import general_perplexity, texts_fingerprint
     from ..evaluation.scoring import evaluate_tasks
-    from .state import write_json
 
     prepared = prepare_saved_eval(config)
     start = time.perf_counter()
@@ -419,10 +419,7 @@ def evaluate_saved(config: SavedEvalConfig) -> dict:
     result["seconds"] = time.perf_counter() - start
     result["versions"] = package_versions()
     write_json(os.path.join(config.out, EVAL_FILE), result)
-    tmp = os.path.join(config.out, f"{EVAL_REPORT}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(_markdown(result))
-    os.replace(tmp, os.path.join(config.out, EVAL_REPORT))
+    atomic_write_text(os.path.join(config.out, EVAL_REPORT), _markdown(result))
     logger.info("Wrote %s", os.path.join(config.out, EVAL_FILE))
     return result
 

@@ -14,8 +14,8 @@ import json
 import os
 from collections.abc import Callable
 
+from ..fileio import write_json
 from .runner import RecipeRunner
-from .state import write_json
 
 
 class SharedBaseRowRunner(RecipeRunner):

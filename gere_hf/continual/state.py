@@ -11,10 +11,8 @@ A stage is finished by its checkpoints too: a complete checkpoint at the stage's
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -33,39 +31,6 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 BASE_MODEL_DIR = "base_model"
 REPORT_FILES = ("results.json", "report.md", "accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png", "mmlu.png")
-
-
-def write_json(path: str, data: Any) -> None:
-    """Write JSON atomically (a temporary file, then a rename): an interrupted write never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: str, rows: Any) -> None:
-    """Write one JSON object a line, atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_default(value: Any):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)
 
 
 def read_run_state(output_dir: str) -> dict | None:
