@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from gere_hf.models import tiny_llama
-from gere_hf.reference import ReferenceStates, _Plan
+from gere_hf.reference import ChunkPlan, ReferenceStates
 from gere_hf.replay import ReplaySet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ class _Clock:
 
 def bare_forward(model, replay: ReplaySet, batch_size: int, chunk_size: int) -> _Clock:
     """The limit: the build's own batches, forwarded with nothing else done."""
-    plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+    plan = ChunkPlan.make(replay.lengths, batch_size, chunk_size)
     model.eval()
     with _Clock() as clock, torch.no_grad():
         for c in range(len(plan.chunks)):
@@ -161,7 +161,7 @@ def rounding_flips(model, replay: ReplaySet, store: ReferenceStates, batch_size:
     from gere_hf.losses import threshold_labels
     from gere_hf.models import find_final_norm
 
-    plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+    plan = ChunkPlan.make(replay.lengths, batch_size, chunk_size)
     captured = []
     handle = find_final_norm(model)[1].register_forward_hook(lambda _m, _i, out: captured.append(out))
     flips = {"bfloat16": 0, "float16": 0}

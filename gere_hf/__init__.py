@@ -18,7 +18,10 @@ _LAZY = {
     "GeReTrainer": ".trainer",
     "GeReTrainingError": ".trainer",
     "ExcludedTexts": ".replay",
-    "ReferenceStates": ".reference",
+    "ReferenceStore": ".reference",
+    "ReferenceStoreError": ".reference",
+    "ReferenceStoreMismatch": ".reference",
+    "ReferenceStates": ".reference",  # the store's name in gere_hf 0.1
     "ReferenceStatesError": ".reference",
     "ReferenceStatesMismatch": ".reference",
     "ReplayDataError": ".replay",

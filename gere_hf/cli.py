@@ -12,12 +12,12 @@ import traceback
 
 def _cache(args) -> int:
     from .models import load_model_and_tokenizer
-    from .reference import ReferenceStates, _validate_build_args, as_dtype
+    from .reference import ReferenceStore, as_dtype, validate_build_args
     from .replay import ReplayDataError, ReplaySet
 
     extras = [e for e in (args.extras or "").split(",") if e]
     # Cheap checks first: a bad option should not cost a model load.
-    _validate_build_args(args.k, args.batch_size, 1, extras, args.topk, "base", num_samples=1)
+    validate_build_args(args.k, args.batch_size, 1, extras, args.topk, "base", num_samples=1)
     as_dtype(args.dtype)  # an unknown --dtype fails here, not after the model load
     if args.max_length < 2:
         raise ReplayDataError(f"max_length must be at least 2 (a token and its successor), got {args.max_length} (--max-length).")
@@ -26,7 +26,7 @@ def _cache(args) -> int:
         tokenizer, args.replay, args.num_samples, args.max_length, args.seed, args.text_column, args.allow_fewer
     )
     t0 = time.time()
-    store = ReferenceStates.build(
+    store = ReferenceStore.build(
         model, replay, args.out, k=args.k, batch_size=args.batch_size, dtype=args.dtype, extras=extras,
         topk=args.topk, rebuild=args.rebuild,
     )
@@ -43,9 +43,9 @@ def _cache(args) -> int:
 
 
 def _inspect(args) -> int:
-    from .reference import ReferenceStates
+    from .reference import ReferenceStore
 
-    store = ReferenceStates.open(args.store, verify=not args.no_verify)
+    store = ReferenceStore.open(args.store, verify=not args.no_verify)
     m = dict(store.manifest)
     m.pop("files", None)
     print(json.dumps({"manifest": m, "statistics": store.summary()}, indent=2))

@@ -1,19 +1,19 @@
 """Replay tensors from the memory-mapped store, merged into the user's task batch under reserved keys.
 
-The user's (or TRL's) collator builds the task batch unchanged; :class:`GeReCollator` adds the replay samples that the
-:class:`~gere_hf.schedule.ReplaySchedule` assigns to the micro-batch. Everything under the ``gere_`` prefix is removed
+The user's (or TRL's) collator builds the task batch unchanged; the trainer adds to it what :class:`GeReCollator`
+builds for the replay samples that the :class:`~gere_hf.schedule.ReplaySchedule` assigns to the micro-batch. Everything under the ``gere_`` prefix is removed
 by the trainer before the model sees the batch. Labels travel packed (2 bits per element) and are unpacked on the
 training device in one fused op (:func:`gere_hf.reference.unpack_labels`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .reference import ReferenceStates
+from .reference import ReferenceStore
 
 RESERVED_PREFIX = "gere_"
 
@@ -26,34 +26,28 @@ def split_replay_inputs(inputs: dict) -> tuple[dict, dict]:
 
 
 class GeReCollator:
-    """Collates replay samples of a :class:`ReferenceStates` store and merges them into task batches.
+    """Collates replay samples of a :class:`~gere_hf.reference.ReferenceStore` into tensors under reserved keys,
+    which the trainer merges into its task batches (:meth:`replay_batch`, :meth:`empty_replay_batch`).
 
     Args:
         store: the reference store (its token ids, labels and extras are read per sample, memory-mapped).
         pad_token_id: padding id of the replay input ids (padding is masked and never enters a loss).
         extras: store extras the loss needs (``"hidden"``, ``"topk"``).
-        base_collator: the user's collator, for :meth:`__call__`.
+        need_labels: whether the loss reads the store's 2-bit labels (they are shipped packed when it does).
     """
 
     def __init__(
         self,
-        store: ReferenceStates,
+        store: ReferenceStore,
         pad_token_id: int,
         extras: Sequence[str] = (),
-        base_collator: Callable | None = None,
         need_labels: bool = True,
     ):
         self.store = store
         self.pad_token_id = int(pad_token_id)
         self.extras = tuple(extras)
-        self.base_collator = base_collator
         self.need_labels = need_labels
         store.require_extras(self.extras)
-
-    def __call__(self, features: list[dict], replay_indices: Sequence[int] = ()) -> dict:
-        batch = self.base_collator(features) if self.base_collator is not None else {}
-        batch.update(self.replay_batch(replay_indices))
-        return batch
 
     def empty_replay_batch(self) -> dict[str, torch.Tensor]:
         """A replay forward of two padding tokens and no targets, under reserved keys: for a process that has no

@@ -23,10 +23,11 @@ from typing import Any
 import torch
 
 from .losses import feature_imitation_loss, logit_imitation_loss, threshold_margin_loss
+from .reference import KNOWN_EXTRAS, unpack_labels
 
 # Replay losses that are not terms: the replay CE alone, and no replay at all.
 CE_ONLY, NO_REPLAY = "ce", "none"
-STORE_EXTRAS = ("hidden", "topk")  # what a store can hold besides tokens and labels (gere_hf.reference.EXTRA_FILES)
+STORE_EXTRAS = KNOWN_EXTRAS  # what a store can hold besides tokens and labels
 READS = ("hidden", "logits")
 
 
@@ -56,8 +57,6 @@ class ReplayTermInputs:
 
     def threshold_labels(self) -> torch.Tensor:
         """The store's int8 labels ``[B, T, H]``, unpacked on the device when they travelled packed."""
-        from .reference import unpack_labels
-
         if "packed_labels" in self.batch:
             packed = self.batch["packed_labels"]
             return unpack_labels(packed).view(*packed.shape[:2], -1)

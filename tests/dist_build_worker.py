@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import REPLAY_TEXTS, make_tiny_model  # noqa: E402
 from transformers import ByT5Tokenizer  # noqa: E402
 
-from gere_hf import reference  # noqa: E402
 from gere_hf.models import find_final_norm  # noqa: E402
-from gere_hf.reference import ReferenceStates  # noqa: E402
+from gere_hf.reference import ReferenceStates, builder  # noqa: E402
 from gere_hf.replay import ReplaySet  # noqa: E402
 
 
@@ -42,13 +41,13 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     writes: list[str] = []
-    atomic_write = reference._atomic_write_bytes
+    atomic_write = builder.atomic_write_bytes
 
     def logged_write(path, data):
         writes.append(os.path.relpath(path, args.out))
         atomic_write(path, data)
 
-    reference._atomic_write_bytes = logged_write
+    builder.atomic_write_bytes = logged_write
 
     model = make_tiny_model()
     forwards: list[int] = []

@@ -19,9 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from test_reliability import REPLAY_TEXTS, TOK, _model, data_files, manifest_without_build  # noqa: E402
 
-from gere_hf import reference  # noqa: E402
 from gere_hf.models import find_final_norm  # noqa: E402
-from gere_hf.reference import BUILDING, MANIFEST, ReferenceStates  # noqa: E402
+from gere_hf.reference import BUILDING, MANIFEST, ReferenceStates, builder  # noqa: E402
 from gere_hf.replay import ReplaySet  # noqa: E402
 
 
@@ -47,18 +46,18 @@ def build_filling_up(mount, replay, out, when):
         if len(calls) == at:
             fill(mount)
 
-    real_labels = reference.threshold_labels
+    real_labels = builder.threshold_labels
     if when == "chunks":
         handle = find_final_norm(model)[1].register_forward_hook(lambda *_: trigger())
     else:
-        reference.threshold_labels = lambda *a: (trigger(), real_labels(*a))[1]
+        builder.threshold_labels = lambda *a: (trigger(), real_labels(*a))[1]
     try:
         ReferenceStates.build(model, replay, out, batch_size=4, chunk_size=4, progress=False)
         return None, len(calls) >= at
     except Exception as e:  # what a user would see
         return e, len(calls) >= at
     finally:
-        reference.threshold_labels = real_labels
+        builder.threshold_labels = real_labels
         if when == "chunks":
             handle.remove()
 

@@ -54,17 +54,17 @@ def _row_numbers(table: str, label: str) -> list[float]:
 
 
 def test_demo_runs_three_losses_shares_the_store_and_writes_the_report(tmp_path, monkeypatch, capsys):
-    from gere_hf import reference as reference_module
+    from gere_hf.reference import StoreBuilder
 
     # Counted where the forwards run: ReferenceStates.build also opens an existing store (the trainer calls it then).
     builds = []
-    original_run = reference_module._Builder.run
+    original_run = StoreBuilder.run
 
     def counting_run(self, *args, **kwargs):
         builds.append(self.reference)
         return original_run(self, *args, **kwargs)
 
-    monkeypatch.setattr(reference_module._Builder, "run", counting_run)
+    monkeypatch.setattr(StoreBuilder, "run", counting_run)
     out = tmp_path / "demo"
     result = run_demo(str(out), model="tiny-random-llama", overrides=TINY)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import REPLAY_TEXTS, TINY_HIDDEN, make_tiny_model, tree_snapshot
 
-from gere_hf import reference as reference_module
+from gere_hf.fileio import file_blake2b
 from gere_hf.losses import threshold_labels
 from gere_hf.models import ensure_pad_token, find_final_norm
 from gere_hf.reference import (
@@ -30,11 +30,11 @@ from gere_hf.reference import (
     ReferenceStates,
     ReferenceStatesError,
     ReferenceStatesMismatch,
-    _file_digest,
     compute_fingerprint,
     pack_labels,
     unpack_labels,
 )
+from gere_hf.reference import builder as builder_module
 from gere_hf.replay import ReplaySet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -341,7 +341,7 @@ def test_interrupted_assembly_of_a_rebuild_is_not_complete(store_copy, monkeypat
     """A rebuild that dies while moving the final files leaves no manifest: never an old/new mixture."""
     path, replay = store_copy
     before = data_files(path)
-    real = reference_module._file_digest
+    real = builder_module.file_blake2b
     calls = []
 
     def die_on_second(p):
@@ -350,10 +350,10 @@ def test_interrupted_assembly_of_a_rebuild_is_not_complete(store_copy, monkeypat
             raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of assembly
         return real(p)
 
-    monkeypatch.setattr(reference_module, "_file_digest", die_on_second)
+    monkeypatch.setattr(builder_module, "file_blake2b", die_on_second)
     with pytest.raises(KeyboardInterrupt):
         build(make_tiny_model(), replay, path, batch_size=8, chunk_size=16, rebuild=True)
-    monkeypatch.setattr(reference_module, "_file_digest", real)
+    monkeypatch.setattr(builder_module, "file_blake2b", real)
     assert not ReferenceStates.is_store(str(path))
     with pytest.raises(ReferenceStatesError, match="incomplete"):
         ReferenceStates.open(str(path))
@@ -610,9 +610,9 @@ def test_tokenizer_without_pad_token(tokenizer, tiny_model, tmp_path, caplog):
 
 def test_every_rank_plans_the_same_number_of_forwards():
     """The forward-count plan of a multi-process build (what sharded models need: every forward gathers weights)."""
-    from gere_hf.reference import _Plan, padding_forwards_per_rank
+    from gere_hf.reference import ChunkPlan, padding_forwards_per_rank
 
-    plan = _Plan.make([10] * 24, batch_size=3, chunk_size=5)  # 5 chunks: 5, 5, 5, 5, 4 samples -> 2 batches each
+    plan = ChunkPlan.make([10] * 24, batch_size=3, chunk_size=5)  # 5 chunks: 5, 5, 5, 5, 4 samples -> 2 batches each
     todo = [[c for c in range(5) if c % 2 == r] for r in range(2)]
     assert padding_forwards_per_rank(plan, todo) == [0, 2]
     assert padding_forwards_per_rank(plan, [[0, 1], []]) == [0, 4]  # a rank whose chunks are all done (resumed)
@@ -637,7 +637,7 @@ def test_a_format_1_store_still_opens(store_copy, caplog):
     for key in ("token_dtype", "precision"):
         manifest.pop(key)
     manifest["fingerprint"].pop("precision")
-    manifest["files"]["tokens.bin"] = {"bytes": ids.nbytes, "blake2b": _file_digest(str(path / "tokens.bin"))}
+    manifest["files"]["tokens.bin"] = {"bytes": ids.nbytes, "blake2b": file_blake2b(str(path / "tokens.bin"))}
     (path / MANIFEST).write_text(json.dumps(manifest))
     with caplog.at_level("WARNING"):
         store = ReferenceStates.open(str(path), compute_fingerprint(make_tiny_model(), replay, 1.0))

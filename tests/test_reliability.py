@@ -26,9 +26,9 @@ from datasets import Dataset
 from transformers import ByT5Tokenizer, DataCollatorForLanguageModeling, LlamaForCausalLM, TrainingArguments
 
 from gere_hf import GeReConfig, GeReTrainer, GeReTrainingError, ReferenceStates, ReplaySet
-from gere_hf import reference as reference_module
 from gere_hf.models import UnsupportedModelError, find_final_norm, tiny_llama
 from gere_hf.reference import MANIFEST, ReferenceStatesError, ReferenceStatesMismatch
+from gere_hf.reference import builder as builder_module
 from gere_hf.replay import ReplayDataError
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -229,7 +229,7 @@ def test_disk_full_during_store_build_then_resume_equals_uninterrupted(replay, t
     """Fault injection on the store's writes (all go through ``_atomic_write_bytes``, or into memory maps whose space
     ``_preallocate`` reserves first): the completion mark of chunk 2, or the space of the assembled files."""
     out = tmp_path / "store"
-    real_write = reference_module._atomic_write_bytes
+    real_write = builder_module.atomic_write_bytes
 
     def failing_write(path, data):
         if when == "chunks" and os.path.basename(path) == "chunk-00002.stats.safetensors":
@@ -237,9 +237,9 @@ def test_disk_full_during_store_build_then_resume_equals_uninterrupted(replay, t
             raise _enospc(f"{path}.tmp")
         return real_write(path, data)
 
-    monkeypatch.setattr(reference_module, "_atomic_write_bytes", failing_write)
+    monkeypatch.setattr(builder_module, "atomic_write_bytes", failing_write)
     if when == "assembly":
-        monkeypatch.setattr(reference_module, "_preallocate", lambda f, size: (_ for _ in ()).throw(_enospc(f.name)))
+        monkeypatch.setattr(builder_module, "preallocate", lambda f, size: (_ for _ in ()).throw(_enospc(f.name)))
     with pytest.raises(ReferenceStatesError) as info:
         ReferenceStates.build(_model(), replay, str(out), batch_size=4, chunk_size=4, progress=False)
     message = str(info.value)
@@ -264,7 +264,7 @@ def test_too_little_free_space_is_refused_before_any_forward(replay, tmp_path, m
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(reference_module.shutil, "disk_usage", lambda _p: usage(1 << 30, (1 << 30) - 4096, 4096))
+    monkeypatch.setattr(builder_module.shutil, "disk_usage", lambda _p: usage(1 << 30, (1 << 30) - 4096, 4096))
     model = _model()
     forwards = count_forwards(model)
     with pytest.raises(ReferenceStatesError, match=r"Not enough disk space for the reference store in .*: the build "
@@ -301,7 +301,7 @@ def test_disk_full_on_a_real_small_tmpfs(replay, tmp_path):
                                       progress=False)
         for when in ("chunks", "assembly"):
             case = report[when]
-            assert case["filled"] and case["error_type"] == "ReferenceStatesError", case
+            assert case["filled"] and case["error_type"] == "ReferenceStoreError", case
             assert re.search(r"filled up .*needs about \d+\.\d+ MiB in all", case["error"]), case
             assert case["manifest_after_error"] is False and case["building_after_error"] is True
             assert case["data_files"] == {k: hashlib.sha256(v).hexdigest() for k, v in data_files(fresh.path).items()}

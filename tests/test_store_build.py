@@ -20,14 +20,15 @@ from test_reference import build, data_files, manifest_without_build
 from gere_hf import reference as reference_module
 from gere_hf.losses import threshold_labels
 from gere_hf.models import find_final_norm
-from gere_hf.reference import BUILDING, ReferenceStates, _Plan, pack_labels
+from gere_hf.reference import BUILDING, ChunkPlan, ReferenceStates, pack_labels
+from gere_hf.reference import builder as builder_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def store_the_previous_way(model, replay, batch_size: int, chunk_size: int, k: float = 1.0):
     """The statistics and labels.bin of the host-side build this one replaced, computed without gere_hf's builder."""
-    plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+    plan = ChunkPlan.make(replay.lengths, batch_size, chunk_size)
     h = model.config.hidden_size
     captured = []
     handle = find_final_norm(model)[1].register_forward_hook(lambda _m, _i, out: captured.append(out))
@@ -86,7 +87,7 @@ def test_the_store_is_byte_identical_to_the_host_side_build(replay, tmp_path, hi
 
 
 def _chunk_state_bytes(replay, batch_size, chunk_size, hidden, itemsize=4) -> list[int]:
-    plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+    plan = ChunkPlan.make(replay.lengths, batch_size, chunk_size)
     return [sum(replay.lengths[i] for i in chunk) * hidden * itemsize for chunk in plan.chunks]
 
 
@@ -98,7 +99,7 @@ def test_states_kept_on_the_device_or_forwarded_again_give_the_same_store(tiny_m
     kept = build(tiny_model, replay, tmp_path / "kept", batch_size=4, chunk_size=5)
     none = build(tiny_model, replay, tmp_path / "none", batch_size=4, chunk_size=5, keep_states_bytes=0)
     first = build(tiny_model, replay, tmp_path / "first", batch_size=4, chunk_size=5, keep_states_bytes=sizes[0])
-    batches = [len(_Plan.make(replay.lengths, 4, 5).batches(c)) for c in range(num_chunks)]
+    batches = [len(ChunkPlan.make(replay.lengths, 4, 5).batches(c)) for c in range(num_chunks)]
     assert kept.manifest["build"]["forwards"] == {"statistics": sum(batches), "labels": 0, "padding": 0}
     assert none.manifest["build"]["forwards"] == {"statistics": sum(batches), "labels": sum(batches), "padding": 0}
     # Only the first (longest) chunk fits: it is kept, the others are forwarded again.
@@ -112,7 +113,7 @@ def test_a_build_stopped_while_labelling_resumes_with_the_unlabelled_chunks(tiny
     """Stopped after every chunk was recorded, during pass 2: the resumed build forwards only the chunks that have
     no labels yet (their states were on the device only), none for statistics."""
     out = tmp_path / "s"
-    real = reference_module.threshold_labels
+    real = builder_module.threshold_labels
     labelled = []
 
     def fail_on_third_chunk(*args):
@@ -121,12 +122,12 @@ def test_a_build_stopped_while_labelling_resumes_with_the_unlabelled_chunks(tiny
             raise RuntimeError("injected failure")
         return real(*args)
 
-    reference_module.threshold_labels = fail_on_third_chunk
+    builder_module.threshold_labels = fail_on_third_chunk
     try:
         with pytest.raises(RuntimeError, match="injected"):
             build(tiny_model, replay, out, batch_size=4, chunk_size=4)
     finally:
-        reference_module.threshold_labels = real
+        builder_module.threshold_labels = real
     work = out / BUILDING
     num_chunks = len(replay) // 4
     assert len(list(work.glob("chunk-*.stats.safetensors"))) == num_chunks
@@ -145,14 +146,14 @@ def test_temporary_disk_stays_below_the_final_store(tiny_model, replay, tmp_path
     work = out / BUILDING
     finals = set(reference_module.STORE_FILES) | {n for names in reference_module.EXTRA_FILES.values() for n in names}
     peaks = []
-    real = reference_module._atomic_write_bytes
+    real = builder_module.atomic_write_bytes
 
     def measuring_write(path, data):
         real(path, data)
         if work.is_dir():
             peaks.append(sum(p.stat().st_size for p in work.iterdir() if p.name not in finals))
 
-    monkeypatch.setattr(reference_module, "_atomic_write_bytes", measuring_write)
+    monkeypatch.setattr(builder_module, "atomic_write_bytes", measuring_write)
     store = build(tiny_model, replay, out, batch_size=4, chunk_size=4, extras=("hidden",))
     assert len(peaks) > len(replay) // 4  # a measurement after every chunk file
     h, chunks = store.hidden_size, -(-len(replay) // 4)
@@ -164,7 +165,7 @@ def test_temporary_disk_stays_below_the_final_store(tiny_model, replay, tmp_path
 
 def _captured_states(model, replay, batch_size, chunk_size, **build_kwargs):
     """The build's own batches' final-norm outputs, per sample, captured by a second hook during ``build``."""
-    plan = _Plan.make(replay.lengths, batch_size, chunk_size)
+    plan = ChunkPlan.make(replay.lengths, batch_size, chunk_size)
     order = [i for c in range(len(plan.chunks)) for batch in plan.batches(c) for i in batch]
     batches = [batch for c in range(len(plan.chunks)) for batch in plan.batches(c)]
     outputs = []

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..reference import foreign_files
 from .recipe import TINY_MODEL, Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -143,18 +144,15 @@ def check_replay_per_step(recipe: Recipe, replay_texts: list[str] | None) -> Non
 def check_store_dir(path: str, key: str = "gere.store_dir") -> None:
     """A store folder is absent, empty, a store, or an interrupted build; a file or a folder of other files is
     refused before anything is written (the store is built at stage 1, long after)."""
-    from ..locks import LOCK_FILE
-    from ..reference import BUILDING, MANIFEST
-
     if not os.path.exists(path):
         return
     if not os.path.isdir(path):
         raise RecipeError(f"{key}: {path} is a file. Give the path of a folder for the reference store (it is "
                           "created if missing).")
-    names = [n for n in os.listdir(path) if n != LOCK_FILE and not n.startswith(".gere-probe-")]
-    if names and MANIFEST not in names and BUILDING not in names:
+    names = foreign_files(path)
+    if names:
         raise RecipeError(
-            f"{key}: {path} holds {', '.join(sorted(names)[:5])} but no reference store. Give an empty or new "
+            f"{key}: {path} holds {', '.join(names[:5])} but no reference store. Give an empty or new "
             "folder, or the folder of a store built from this base model."
         )
 

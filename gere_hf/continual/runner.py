@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from ..fileio import write_json
 from ..locks import folder_lock
+from ..reference import ReferenceStore, ReferenceStoreMismatch, check_base_weights, model_weights_hash, read_manifest
 from . import adapters as adapters_mod
 from . import data, launch, preflight
 from . import state as run_state
@@ -368,31 +369,28 @@ class RecipeRunner:
     def _check_store_base(self, model) -> None:
         """A store left at store_dir by another base model would be reused silently ('base' stores skip the weights
         check after stage 1): at stage 1 the model is the base, so compare now."""
-        import json
-
-        from ..reference import MANIFEST, model_weights_hash
-
-        manifest = os.path.join(self.store_dir, MANIFEST)
-        if self.recipe.gere.reference != "base" or self.recipe.gere.rebuild_store or not os.path.isfile(manifest):
+        manifest = read_manifest(self.store_dir)
+        if self.recipe.gere.reference != "base" or self.recipe.gere.rebuild_store or manifest is None:
             return
-        with open(manifest, encoding="utf-8") as f:
-            stored = json.load(f).get("fingerprint", {}).get("model_weights")
-        if stored is not None and stored != model_weights_hash(model):
+        stored = manifest.get("fingerprint", {})
+        if stored.get("model_weights") is None:
+            return
+        try:
+            check_base_weights(self.store_dir, stored, model_weights_hash(model), peft=False, is_base=True)
+        except ReferenceStoreMismatch:
             raise RecipeError(
                 f"The reference store at {self.store_dir} was built from other base-model weights than "
                 f"{self.recipe.model.name_or_path}. Point gere.store_dir elsewhere, delete the store, or set "
                 "gere.rebuild_store: true."
-            )
+            ) from None
 
     def _base_store(self, index: int):
         """The 'base' store for stage ``index`` > 1, opened here: stage 1 built or checked it against the base model,
         and later stages' weights differ from it by design (full fine-tuning, adapters merged by 'stack'), which the
         trainer would otherwise question. None where the trainer opens or builds it itself."""
-        from ..reference import ReferenceStates
-
         if index == 1 or not self.recipe.gere.replay_enabled or self.recipe.gere.reference != "base":
             return None
-        return ReferenceStates.open_distributed(self.store_dir, verify=False)  # nodes that lack it get rank 0's copy
+        return ReferenceStore.open_distributed(self.store_dir, verify=False)  # nodes that lack it get rank 0's copy
 
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
