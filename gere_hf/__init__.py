@@ -8,6 +8,8 @@ metrics, general retention, the evaluator, reports).
 
 __version__ = "0.1.0"
 
+from .lazy import lazy_names
+
 # Public names load on first use: `gere-hf inspect` should not pay for importing trl and the Trainer stack.
 _LAZY = {
     # The plugin core.
@@ -67,18 +69,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gere_hf' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
 
 __all__ = sorted(_LAZY)  # noqa: PLE0605 (lazily provided by __getattr__)

@@ -34,8 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .continual.recipe import parse_recipe
 from .continual.shared_rows import SharedBaseRowRunner
+from .continual.state import load_stage_model
+from .evaluation.report import compare_runs
+from .evaluation.retention import general_perplexity
 from .fileio import write_json
+from .replay import news_texts
 from .replay_terms import replay_loss_names
 
 logger = logging.getLogger(__name__)
@@ -224,10 +229,6 @@ def measure_news_retention(settings: DemoSettings, run_dirs: dict[str, str]) -> 
     final model, rebuilt from its stage folders; ``None`` with ``news_texts=0``."""
     if not settings.news_texts:
         return None
-    from .continual.adapters import load_stage_model
-    from .evaluation import general_perplexity
-    from .replay import news_texts
-
     texts = news_texts(settings.news_texts)
     last = len(settings.tasks)
     first = next(iter(run_dirs.values()))
@@ -354,9 +355,6 @@ def run_demo(
 
     Returns a :class:`DemoResult`; the comparison table is also printed.
     """
-    from .continual.recipe import parse_recipe
-    from .evaluation.report import compare_runs
-
     losses = _check_losses(losses)
     settings = PRESETS["full" if full else "default"]
     if model is not None:

@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_SOURCES = ("wiki",)
 DEFAULT_MAX_LENGTH = 563  # the paper: 512 + 50 + 1 tokens per replay text
-_LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+"""The local data files gere_hf reads (replay and held-out texts, tasks, benchmarks, MMLU), by suffix, with the
+``datasets`` builder that reads each."""
+TABLE_FILE_BUILDERS = {suffix: builder for suffix, builder in DATA_FILE_BUILDERS.items() if builder != "text"}
+"""Those of :data:`DATA_FILE_BUILDERS` that hold named columns (the benchmark builders' sources, MMLU files)."""
 
 
 class ReplayDataError(ValueError):
@@ -351,7 +355,7 @@ def looks_like_path(text: str) -> bool:
     Hub id: absolute, relative with ``.``/``~``, more than one ``/`` (Hub ids are ``name`` or ``org/name``), or a data
     file's suffix."""
     return (os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
-            or os.path.splitext(text)[1].lower() in _LOCAL_SUFFIXES)
+            or os.path.splitext(text)[1].lower() in DATA_FILE_BUILDERS)
 
 
 def _load_dataset_source(source: Any, split: str):
@@ -366,26 +370,26 @@ def _load_dataset_source(source: Any, split: str):
     path = os.fspath(source)
     if os.path.isfile(path):
         suffix = os.path.splitext(path)[1].lower()
-        if suffix not in _LOCAL_SUFFIXES:
+        if suffix not in DATA_FILE_BUILDERS:
             raise ReplayDataError(
                 f"Cannot read replay texts from {path!r}: unknown file type {suffix!r}. "
-                f"Use one of {sorted(_LOCAL_SUFFIXES)}."
+                f"Use one of {sorted(DATA_FILE_BUILDERS)}."
             )
         if os.path.getsize(path) == 0:  # datasets would fail with a bare StopIteration
             raise ReplayDataError(f"The replay file {path!r} is empty. Give a file with general texts.")
-        return datasets.load_dataset(_LOCAL_SUFFIXES[suffix], data_files=path, split="train")
+        return datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=path, split="train")
     if os.path.isdir(path):
         files = sorted(
             os.path.join(root, name)
             for root, _, names in os.walk(path)
             for name in names
-            if os.path.splitext(name)[1].lower() in _LOCAL_SUFFIXES
+            if os.path.splitext(name)[1].lower() in DATA_FILE_BUILDERS
         )
         if not files:
             raise ReplayDataError(
-                f"The folder {path!r} holds no replay files ({', '.join(sorted(_LOCAL_SUFFIXES))})."
+                f"The folder {path!r} holds no replay files ({', '.join(sorted(DATA_FILE_BUILDERS))})."
             )
-        kinds = {_LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] for f in files}
+        kinds = {DATA_FILE_BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
         if len(kinds) > 1:
             raise ReplayDataError(f"The folder {path!r} mixes file kinds {sorted(kinds)}; keep one kind per folder.")
         return datasets.load_dataset(kinds.pop(), data_files=files, split="train")
@@ -577,3 +581,27 @@ class ReplaySet:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
         return h.hexdigest()[:16]
+
+
+def read_error_text(err: BaseException, what: str) -> str:
+    """Why ``what`` (a file or source, named) could not be read, and the fix: a file that is not UTF-8, or one that
+    does not parse. ``datasets`` wraps both in a bare DatasetGenerationError; the cause is found in its chain."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    bad_text = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+    if bad_text is not None:
+        return (f"{what} is not UTF-8 text ({bad_text.reason}: byte {bad_text.object[bad_text.start:bad_text.start + 1]!r}"
+                f" at offset {bad_text.start}). Convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > NEW`.")
+    root = next((e for e in chain if type(e).__name__ != "DatasetGenerationError" and str(e)), chain[0])
+    detail = str(root).splitlines()[0] if str(root) else ""
+    return f"{what} could not be read ({type(root).__name__}: {detail}). Fix the file: it must be valid {{kind}}."
+
+
+def without_api_hints(message: str, key: str) -> str:
+    """A :class:`~gere_hf.replay.ReplayDataError`'s text for a recipe or CLI user: the API's ``num_samples`` is the
+    setting ``key`` they gave, and ``allow_fewer=True`` is no option of theirs."""
+    return (message.replace(", or pass allow_fewer=True to use all of them", "")
+            .replace("num_samples=", f"{key}=").replace("Lower num_samples", f"Lower {key}"))

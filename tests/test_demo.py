@@ -204,7 +204,7 @@ def test_news_retention_is_measured_for_the_base_and_every_final_model(tmp_path)
     assert result.rows()["none"]["delta_nll_news"] == news["delta_nll_vs_base"]["none"]
     assert "outside the replay domain" in (tmp_path / "demo" / "comparison.md").read_text()
     # the base figure is the plain model's
-    from gere_hf.continual.adapters import load_stage_model
+    from gere_hf.continual.state import load_stage_model
 
     model, tok = load_stage_model(result.runs["none"], 0, merge=True)
     assert news["nll"]["base"] == pytest.approx(general_perplexity(model, tok, news_texts(3), max_length=

@@ -8,39 +8,36 @@ Modules: :mod:`~gere_hf.continual.recipe` (the YAML schema, loading, ``--set`` o
 :mod:`~gere_hf.continual.tracking` (one tracked run a stage). :mod:`~gere_hf.continual.benchmarks` and
 :mod:`~gere_hf.continual.replay_data` build the files recipes read (``gere-hf data``: the long-sequence benchmark,
 the replay and held-out texts); :mod:`~gere_hf.continual.saved_eval` evaluates a saved model or a run's stage outside a
-recipe (``gere-hf eval``).
+recipe (``gere-hf eval``). The names below load on first use: importing one module does not import the others.
 """
 
-from .adapters import AdapterConfig, AdapterError, load_stage_model
-from .benchmarks import BenchmarkDataError, build_long_sequence
-from .hub import HubConfig, HubError
-from .recipe import EvaluationConfig, ModelConfig, Recipe, RecipeError, StageConfig, load_recipe, parse_recipe
-from .replay_data import ReplayBuildError, build_replay_data
-from .runner import RecipeRunner, run_recipe
-from .saved_eval import SavedEvalConfig, SavedEvalError, evaluate_saved
-from .tracking import TrackingConfig
+from ..lazy import lazy_names
 
-__all__ = [
-    "AdapterConfig",
-    "AdapterError",
-    "BenchmarkDataError",
-    "EvaluationConfig",
-    "HubConfig",
-    "HubError",
-    "ModelConfig",
-    "Recipe",
-    "RecipeError",
-    "RecipeRunner",
-    "ReplayBuildError",
-    "SavedEvalConfig",
-    "SavedEvalError",
-    "StageConfig",
-    "TrackingConfig",
-    "build_long_sequence",
-    "build_replay_data",
-    "evaluate_saved",
-    "load_recipe",
-    "load_stage_model",
-    "parse_recipe",
-    "run_recipe",
-]
+_LAZY = {
+    "AdapterConfig": ".adapters",
+    "AdapterError": ".adapters",
+    "BenchmarkDataError": ".benchmarks",
+    "build_long_sequence": ".benchmarks",
+    "HubConfig": ".hub",
+    "HubError": ".hub",
+    "EvaluationConfig": ".recipe",
+    "ModelConfig": ".recipe",
+    "Recipe": ".recipe",
+    "RecipeError": ".recipe",
+    "StageConfig": ".recipe",
+    "load_recipe": ".recipe",
+    "parse_recipe": ".recipe",
+    "ReplayBuildError": ".replay_data",
+    "build_replay_data": ".replay_data",
+    "RecipeRunner": ".runner",
+    "run_recipe": ".runner",
+    "SavedEvalConfig": ".saved_eval",
+    "SavedEvalError": ".saved_eval",
+    "evaluate_saved": ".saved_eval",
+    "load_stage_model": ".state",
+    "TrackingConfig": ".tracking",
+}
+
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
+
+__all__ = sorted(_LAZY)  # noqa: PLE0605 (lazily provided by __getattr__)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+from ..models import DTYPE_NAMES, ensure_pad_token, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def load_saved(load: Callable[[str], object], folder: str):
         raise _unreadable(folder, err) from err
 
 
-def _base_with_merged(load: Callable[[str], object], base: str, adapter_dirs: Sequence[str]):
+def base_with_merged(load: Callable[[str], object], base: str, adapter_dirs: Sequence[str]):
     """The base model with the LoRA adapters in ``adapter_dirs`` merged into its weights, in order."""
     model = load(base)
     for adapter_dir in adapter_dirs:
@@ -155,7 +156,7 @@ def training_model(
     if strategy == "stack" and previous:
         # Merging needs the full weights: loaded whole on every rank; DeepSpeed partitions the result at its start.
         with zero3_hidden():
-            model = _base_with_merged(load, base, previous)
+            model = base_with_merged(load, base, previous)
     else:
         model = load(base)
     # get_peft_model fills in the config (target modules, base path): each stage gets its own copy.
@@ -180,7 +181,7 @@ def stage_result_model(
         return load(base)
     if peft_options is None:
         return load_saved(load, stage_dirs[-1])
-    model = _base_with_merged(load, base, stage_dirs[:-1] if strategy == "stack" else ())
+    model = base_with_merged(load, base, stage_dirs[:-1] if strategy == "stack" else ())
     model = load_adapter(model, stage_dirs[-1])
     return model.merge_and_unload() if merge else model
 
@@ -189,23 +190,17 @@ def method_name(peft_options: dict | None, strategy: str) -> str:
     return "full fine-tuning" if peft_options is None else f"LoRA ({strategy})"
 
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
-           "fp16": "float16"}
-
-
 def load_causal_lm(path: str, dtype: str | None = None, trust_remote_code: bool = False):
     """A causal LM from a path, Hub id or built-in name, in ``dtype`` ('float32', 'bfloat16', 'auto'; default fp32)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models import resolve_model_path
-
     if dtype is None:
         torch_dtype = torch.float32
     elif dtype == "auto":
         torch_dtype = "auto"
-    elif dtype in _DTYPES:
-        torch_dtype = getattr(torch, _DTYPES[dtype])
+    elif dtype in DTYPE_NAMES:
+        torch_dtype = getattr(torch, DTYPE_NAMES[dtype])
     else:
         raise AdapterError(f"Unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto.")
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=torch_dtype,
@@ -215,52 +210,6 @@ def load_causal_lm(path: str, dtype: str | None = None, trust_remote_code: bool 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    from ..models import ensure_pad_token, resolve_model_path
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path), trust_remote_code=trust_remote_code)
     ensure_pad_token(tokenizer)
     return tokenizer
-
-
-def load_stage_model(run_dir: str, stage: int | str, merge: bool = False, dtype: str | None = None):
-    """Rebuild the model of a finished stage of a recipe run from its folder: ``(model, tokenizer)``.
-
-    Args:
-        run_dir: the recipe's ``output_dir`` (it holds ``run_state.json``).
-        stage: the stage's 1-based index or its name; 0 is the base model.
-        merge: merge the LoRA adapter(s) into the weights (a plain transformers model).
-        dtype: 'float32', 'bfloat16', ... (default: the dtype the run loaded its model in).
-    """
-    from .state import RUN_STATE_FILE  # the run folder's layout (state imports the recipe schema, which imports us)
-
-    path = os.path.join(run_dir, RUN_STATE_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No {RUN_STATE_FILE} in {run_dir!r}: give the output_dir of a `gere-hf run`.")
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
-    stages = state.get("stages", [])
-    names = [s["name"] for s in stages]
-    if isinstance(stage, str):
-        if stage not in names:
-            raise ValueError(f"The run has no stage named {stage!r}; its stages are {names}.")
-        stage = names.index(stage) + 1
-    finished = [s for s in stages if s.get("status") == "finished"]
-    if not 0 <= stage <= len(finished):
-        raise ValueError(
-            f"Stage {stage} is not finished in {run_dir!r}; the finished stages are 1..{len(finished)} "
-            f"({', '.join(s['name'] for s in finished) or 'none'}; 0 is the base model)."
-        )
-    info = state["model"]
-    trust = bool(info.get("trust_remote_code", False))
-    dtype = dtype if dtype is not None else info.get("dtype")
-    base = info["path"]
-    if not os.path.isabs(base) and os.path.isdir(os.path.join(run_dir, base)):
-        base = os.path.join(run_dir, base)  # a base model materialised inside the run folder
-
-    def load(where: str):
-        return load_causal_lm(where, dtype, trust)
-
-    dirs = [os.path.join(run_dir, s["dir"]) for s in finished[:stage]]
-    model = stage_result_model(load, base, dirs, state.get("peft"),
-                               (state.get("adapters") or {}).get("strategy", "continue"), merge=merge)
-    return model, load_tokenizer(dirs[-1] if dirs else base, trust)

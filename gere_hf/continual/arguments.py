@@ -1,5 +1,6 @@
-"""The ``training`` and ``peft`` sections of a recipe, checked when the recipe is read, with the libraries' own
-argument classes, and every error named by its recipe key.
+"""The ``training`` and ``peft`` sections of a recipe: every stage's training arguments
+(:func:`stage_training_kwargs`), checked when the recipe is read with the libraries' own argument classes, and every
+error named by its recipe key.
 
 ``TrainingArguments``/``SFTConfig`` and ``LoraConfig`` take almost any value and fail much later, inside a stage:
 ``learning_rate: fast`` is a ``TypeError`` in the optimizer, ``gradient_accumulation_steps: 0`` a
@@ -18,9 +19,13 @@ import re
 import types
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .recipe import Recipe, RecipeError, StageConfig
+from .adapters import AdapterError, lora_config
+from .errors import RecipeError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe, StageConfig
 
 
 def _finite(v) -> bool:
@@ -128,6 +133,33 @@ def _training_hints() -> dict:
     return typing.get_type_hints(SFTConfig)
 
 
+def stage_training_kwargs(recipe: Recipe, stage: StageConfig, index: int = 1) -> dict:
+    """The SFTConfig arguments of stage ``index`` (1-based): the runner's defaults, then the recipe's training section,
+    then the stage's own (``training:`` and its shortcuts); the stage's tracked-run name from ``tracking``."""
+    import torch
+
+    kwargs: dict[str, Any] = {
+        # SFTConfig turns bf16 on by default, even on a CPU; a recipe asks for it explicitly.
+        "bf16": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "report_to": "none",
+        "seed": recipe.seed,
+        # TRL's default (on), under transformers' new name: the old one, which SFTConfig sets, warns on every stage.
+        "activation_checkpointing": True,
+    }
+    kwargs.update(recipe.training)
+    kwargs.update(stage.training)
+    kwargs["run_name"] = recipe.tracking.stage_run_name(recipe.run_name, index, stage.name)
+    if recipe.tracking.project and "project" not in kwargs:
+        kwargs["project"] = recipe.tracking.project
+    if "gradient_checkpointing" in kwargs:
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+    for key in ("num_train_epochs", "learning_rate", "max_steps"):
+        if getattr(stage, key) is not None:
+            kwargs[key] = getattr(stage, key)
+    return kwargs
+
+
 def training_key_origins(recipe: Recipe, stage: StageConfig, index: int) -> dict[str, str]:
     """Where each training argument of stage ``index`` (1-based) comes from in the recipe, as a dotted key."""
     where = f"stages[{index - 1}] ({stage.name})"
@@ -156,8 +188,6 @@ def check_training(recipe: Recipe) -> None:
     builds it (DeepSpeed configs aside: :func:`gere_hf.continual.launch.check_deepspeed_config` reads them)."""
     from trl import SFTConfig
 
-    from .launch import stage_training_kwargs
-
     hints = _training_hints()
     for index, stage in enumerate(recipe.stages, start=1):
         kwargs = stage_training_kwargs(recipe, stage, index)
@@ -185,8 +215,6 @@ def check_peft(options: dict) -> None:
     the type and range ``LoraConfig`` needs, then ``LoraConfig`` built as the runner builds it."""
     from peft import LoraConfig
 
-    from .adapters import AdapterError, lora_config
-
     peft_type = options.get("peft_type")
     if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
         raise RecipeError(
@@ -202,4 +230,4 @@ def check_peft(options: dict) -> None:
 
 
 __all__ = ["LORA_RANGES", "TRAINING_RANGES", "check_peft", "check_training", "check_values", "matches_annotation",
-           "training_key_origins"]
+           "stage_training_kwargs", "training_key_origins"]

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from ..fileio import atomic_open, file_sha256, write_json, write_jsonl
+from ..replay import TABLE_FILE_BUILDERS, ExcludedTexts, read_error_text
+from .fingerprints import sources_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ BUILDER_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 ORDERS_FILE = "orders.json"
 SPLIT_FILES = {"train": "train.jsonl", "test": "test.jsonl"}
-_LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
 class BenchmarkDataError(ValueError):
@@ -384,8 +385,6 @@ class TaskSource:
 
     def content_fingerprint(self) -> str:
         """A fingerprint of the local copy's bytes (every data file, in a fixed order)."""
-        from .fingerprints import sources_fingerprint
-
         if self.disk:
             files = sorted(os.path.join(root, n) for root, _, names in os.walk(self.where) for n in names)
         else:
@@ -421,12 +420,12 @@ def _split_files(folder: str, split: str) -> list[str]:
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         stem, suffix = os.path.splitext(name)
-        if os.path.isfile(path) and suffix.lower() in _LOCAL_SUFFIXES and (stem == split or
+        if os.path.isfile(path) and suffix.lower() in TABLE_FILE_BUILDERS and (stem == split or
                                                                           stem.startswith(f"{split}-")):
             found.append(path)
         elif os.path.isdir(path) and name == split:
             found += [os.path.join(path, n) for n in sorted(os.listdir(path))
-                      if os.path.splitext(n)[1].lower() in _LOCAL_SUFFIXES]
+                      if os.path.splitext(n)[1].lower() in TABLE_FILE_BUILDERS]
     return found
 
 
@@ -462,7 +461,7 @@ def locate_source(task: BenchmarkTask, from_dir: str | None, hub_overrides: dict
             f"{present or 'nothing'}). Expected {expected} (or <split>-*.parquet shards, <split>/ folders, or a "
             f"save_to_disk() DatasetDict) with the columns {task.schema()}."
         )
-    kinds = {_LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] for fs in files.values() for f in fs}
+    kinds = {TABLE_FILE_BUILDERS[os.path.splitext(f)[1].lower()] for fs in files.values() for f in fs}
     if len(kinds) > 1:
         raise BenchmarkDataError(f"Task {task.name!r}: {folder} mixes file kinds {sorted(kinds)}; keep one kind.")
     return TaskSource(task, "local", folder, files=files)
@@ -500,7 +499,7 @@ def load_source_splits(source: TaskSource) -> dict[str, Any]:
             if empty:  # datasets would fail with a bare StopIteration
                 raise BenchmarkDataError(f"Task {task.name!r}: {empty[0]} is empty (0 bytes). Give the split's rows "
                                          f"with the columns {task.schema()}, or leave the task out with --tasks.")
-            kind = _LOCAL_SUFFIXES[os.path.splitext(source.files["train"][0])[1].lower()]
+            kind = TABLE_FILE_BUILDERS[os.path.splitext(source.files["train"][0])[1].lower()]
             header = True
             if kind == "csv" and task.csv_columns is not None:
                 header = _csv_has_header(source.files["train"][0], [task.label_column])
@@ -514,8 +513,6 @@ def load_source_splits(source: TaskSource) -> dict[str, Any]:
         raise
     except Exception as err:  # the Hub offline, a broken file: say which task and what was read
         if source.kind != "hub":  # a file that does not parse or is not UTF-8: its cause, not datasets' wrapper
-            from .data import read_error_text
-
             files = ", ".join(f for fs in source.files.values() for f in fs) or source.where
             text = read_error_text(err, f"Task {task.name!r}: the local copy ({files})")
             raise BenchmarkDataError(text.format(kind=f"data with the columns {task.schema()}")) from None
@@ -698,7 +695,6 @@ def _test_disjoint_from_train(task, splits, fmt, labels, chosen, select_test) ->
     """The test rows, none overlapping a chosen training row by content (the project's rule,
     :class:`gere_hf.replay.ExcludedTexts`: equal after normalisation, or one containing the other): an overlapping
     test row is passed over and the protocol chooses again without it. Returns (test rows, rows passed over)."""
-    from ..replay import ExcludedTexts
 
     def texts(split, indices):
         rows = splits[split].select(indices.tolist()) if len(indices) else []

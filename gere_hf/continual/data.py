@@ -16,28 +16,23 @@ import os
 import sys
 from typing import Any
 
+from ..evaluation.mmlu import MMLUDataError, MMLUEvaluator
+from ..evaluation.tasks import BUILTIN_TASKS, FREE_FORM_SCORING, TaskDataError, load_builtin_task, task_from_dataset
+from ..replay import (
+    DATA_FILE_BUILDERS,
+    MIN_CONTAINED_CHARS,
+    ExcludedTexts,
+    ReplayDataError,
+    load_replay_texts,
+    looks_like_path,
+    read_error_text,
+    select_heldout_texts,
+    without_api_hints,
+)
 from .recipe import Recipe, RecipeError, StageConfig, check_keys
 
 logger = logging.getLogger(__name__)
 
-_DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-def read_error_text(err: BaseException, what: str) -> str:
-    """Why ``what`` (a file or source, named) could not be read, and the fix: a file that is not UTF-8, or one that
-    does not parse. ``datasets`` wraps both in a bare DatasetGenerationError; the cause is found in its chain."""
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        chain.append(err)
-        err = err.__cause__ or err.__context__
-    bad_text = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
-    if bad_text is not None:
-        return (f"{what} is not UTF-8 text ({bad_text.reason}: byte {bad_text.object[bad_text.start:bad_text.start + 1]!r}"
-                f" at offset {bad_text.start}). Convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > NEW`.")
-    root = next((e for e in chain if type(e).__name__ != "DatasetGenerationError" and str(e)), chain[0])
-    detail = str(root).splitlines()[0] if str(root) else ""
-    return f"{what} could not be read ({type(root).__name__}: {detail}). Fix the file: it must be valid {{kind}}."
 
 
 def _local_files(kwargs: dict) -> list[str]:
@@ -48,13 +43,6 @@ def _local_files(kwargs: dict) -> list[str]:
     elif isinstance(files, str):
         files = [files]
     return [f for f in files or [] if isinstance(f, str) and os.path.isfile(f)]
-
-
-def without_api_hints(message: str, key: str) -> str:
-    """A :class:`~gere_hf.replay.ReplayDataError`'s text for a recipe or CLI user: the API's ``num_samples`` is the
-    setting ``key`` they gave, and ``allow_fewer=True`` is no option of theirs."""
-    return (message.replace(", or pass allow_fewer=True to use all of them", "")
-            .replace("num_samples=", f"{key}=").replace("Lower num_samples", f"Lower {key}"))
 
 
 def resolve_recipe_path(path: str, recipe: Recipe) -> str | None:
@@ -83,22 +71,20 @@ def _load_stage_dataset(spec: Any, recipe: Recipe, where: str):
 
     import datasets
 
-    from ..evaluation.tasks import BUILTIN_TASKS
-    from ..replay import looks_like_path
 
     if isinstance(spec, str):
         local = resolve_recipe_path(spec, recipe)
         if local is not None and os.path.isfile(local):
             suffix = os.path.splitext(local)[1].lower()
-            if suffix not in _DATA_SUFFIXES:
+            if suffix not in DATA_FILE_BUILDERS:
                 raise RecipeError(f"{where}: cannot read {local!r} (type {suffix!r}); use one of "
-                                  f"{sorted(_DATA_SUFFIXES)} or load_dataset arguments.")
+                                  f"{sorted(DATA_FILE_BUILDERS)} or load_dataset arguments.")
             if os.path.getsize(local) == 0:  # datasets would fail with a bare StopIteration
                 raise RecipeError(f"{where}: the dataset file {local!r} is empty. Give a file with the task's examples.")
-            kwargs = {"path": _DATA_SUFFIXES[suffix], "data_files": local}
+            kwargs = {"path": DATA_FILE_BUILDERS[suffix], "data_files": local}
         elif local is not None:
             kwargs = {"path": local}
-        elif looks_like_path(spec) or os.path.splitext(spec)[1].lower() in _DATA_SUFFIXES:
+        elif looks_like_path(spec) or os.path.splitext(spec)[1].lower() in DATA_FILE_BUILDERS:
             raise RecipeError(f"{where}: the dataset file {spec!r} does not exist (looked in the working directory "
                               "and next to the recipe).")
         else:
@@ -143,7 +129,6 @@ def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any
 
     ``exclude``: texts its eval examples must not overlap (the replay texts; see :class:`gere_hf.replay.ExcludedTexts`).
     """
-    from ..evaluation.tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task, task_from_dataset
 
     where = f"stages[{index}] ({stage.name})"
     try:
@@ -166,7 +151,7 @@ def load_stage_task(stage: StageConfig, index: int, recipe: Recipe, exclude: Any
             )
         # The stage's scoring, else the evaluation's for a closed task; a free-form task generates (a stage asking it
         # to rank choices is refused by the Task).
-        scoring = stage.scoring or (recipe.evaluation.scoring if task.choices is not None else "generate")
+        scoring = stage.scoring or (recipe.evaluation.scoring if task.choices is not None else FREE_FORM_SCORING)
         task = dataclasses.replace(task, scoring=scoring, choice_eos=recipe.evaluation.choice_eos)
     except TaskDataError as err:
         raise RecipeError(f"{where}: {err}") from None
@@ -184,7 +169,6 @@ def load_run_replay_texts(recipe: Recipe) -> list[str] | None:
     With ``gere.loss: none`` they are read too, only to keep the evaluation data the same as in the replay runs a
     no-replay baseline is compared with; a source that cannot be read is then a warning, not an error.
     """
-    from ..replay import ReplayDataError, load_replay_texts
 
     g = recipe.gere
     source = resolve_recipe_path(g.replay_source, recipe) or g.replay_source
@@ -218,7 +202,6 @@ def load_run_replay_texts(recipe: Recipe) -> list[str] | None:
 
 def load_stage_tasks(recipe: Recipe, replay_texts: list[str] | None) -> list:
     """Every stage's task; eval examples that overlap the replay texts (when read) are passed over."""
-    from ..replay import ExcludedTexts
 
     exclude = ExcludedTexts({"replay": replay_texts}) if replay_texts else None
     return [load_stage_task(stage, i, recipe, exclude=exclude) for i, stage in enumerate(recipe.stages)]
@@ -228,7 +211,6 @@ def select_general_texts(recipe: Recipe, replay_texts: list[str] | None, tasks: 
     """The held-out general texts (a :class:`~gere_hf.replay.TextSelection`, or None when none are measured),
     disjoint from the replay texts and from every task's texts. Chosen on every rank, before anything is written,
     so that too few left stops every process alike."""
-    from ..replay import ExcludedTexts, ReplayDataError, select_heldout_texts
 
     ev = recipe.evaluation
     if not ev.enabled or ev.general_texts <= 0:
@@ -254,8 +236,6 @@ def select_mmlu(recipe: Recipe, replay_texts: list[str] | None, tasks: list):
     """The :class:`~gere_hf.evaluation.mmlu.MMLUEvaluator` of ``evaluation.mmlu`` (None when not asked for), its
     questions disjoint from the replay texts and from every task's texts. Read on every rank, before anything is
     written: a missing source or too few questions stops every process alike."""
-    from ..evaluation.mmlu import MMLUDataError, MMLUEvaluator
-    from ..replay import ExcludedTexts
 
     ev = recipe.evaluation
     if not ev.enabled or ev.mmlu is None:
@@ -274,7 +254,6 @@ def select_mmlu(recipe: Recipe, replay_texts: list[str] | None, tasks: list):
 def describe_data_overlap(recipe: Recipe, replay_texts: list[str] | None, tasks: list, general_selection,
                           mmlu=None) -> dict:
     """What keeps the evaluation data apart from the replay texts, with the numbers used (``results.json``)."""
-    from ..replay import MIN_CONTAINED_CHARS
 
     g = recipe.gere
     general = None

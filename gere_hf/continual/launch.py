@@ -1,5 +1,6 @@
-"""One launch of a continual run: every stage's training arguments, the DeepSpeed config checks, and the collectives
-the runner synchronises its processes with.
+"""One launch of a continual run: every stage's ``SFTConfig`` (from
+:func:`~gere_hf.continual.arguments.stage_training_kwargs`), the DeepSpeed config checks, and the collectives the
+runner synchronises its processes with.
 
 ``gere-hf run RECIPE`` runs in one process, or in several under ``torchrun -m gere_hf run`` / ``accelerate launch -m
 gere_hf run``: every rank trains, only the main process evaluates and writes, with barriers in between.
@@ -13,37 +14,12 @@ import logging
 import os
 from typing import Any
 
+from ..locks import FolderLockedError, NotAFolderError
+from .arguments import stage_training_kwargs
 from .data import resolve_recipe_path
-from .recipe import Recipe, RecipeError, StageConfig
+from .recipe import Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
-
-
-def stage_training_kwargs(recipe: Recipe, stage: StageConfig, index: int = 1) -> dict:
-    """The SFTConfig arguments of stage ``index`` (1-based): the runner's defaults, then the recipe's training section,
-    then the stage's own (``training:`` and its shortcuts); the stage's tracked-run name from ``tracking``."""
-    import torch
-
-    kwargs: dict[str, Any] = {
-        # SFTConfig turns bf16 on by default, even on a CPU; a recipe asks for it explicitly.
-        "bf16": False,
-        "use_cpu": not torch.cuda.is_available(),
-        "report_to": "none",
-        "seed": recipe.seed,
-        # TRL's default (on), under transformers' new name: the old one, which SFTConfig sets, warns on every stage.
-        "activation_checkpointing": True,
-    }
-    kwargs.update(recipe.training)
-    kwargs.update(stage.training)
-    kwargs["run_name"] = recipe.tracking.stage_run_name(recipe.run_name, index, stage.name)
-    if recipe.tracking.project and "project" not in kwargs:
-        kwargs["project"] = recipe.tracking.project
-    if "gradient_checkpointing" in kwargs:
-        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
-    for key in ("num_train_epochs", "learning_rate", "max_steps"):
-        if getattr(stage, key) is not None:
-            kwargs[key] = getattr(stage, key)
-    return kwargs
 
 
 def build_stage_args(recipe: Recipe, checkpoint_dirs: list[str]) -> list:
@@ -160,8 +136,6 @@ def on_main_process(fn) -> None:
     """Run ``fn`` on the main process only (taking the run folder's lock); its refusal is raised on every rank as the
     same :class:`RecipeError`, so that no rank goes on alone into a collective the others never reach."""
     import torch.distributed as dist
-
-    from ..locks import FolderLockedError, NotAFolderError
 
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     error = None

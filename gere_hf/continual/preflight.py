@@ -20,7 +20,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ..models import tiny_llama
 from ..reference import foreign_files
+from .adapters import load_tokenizer, zero3_hidden
 from .recipe import TINY_MODEL, Recipe, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -55,13 +57,9 @@ def model_facts(recipe: Recipe, base_path: str) -> ModelFacts:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .adapters import load_tokenizer, zero3_hidden
-
     trust = recipe.model.trust_remote_code
     if recipe.model.name_or_path == TINY_MODEL:
         from transformers import ByT5Tokenizer
-
-        from ..models import tiny_llama
 
         config, tokenizer = tiny_llama(seed=recipe.seed).config, ByT5Tokenizer()
     else:

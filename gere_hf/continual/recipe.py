@@ -16,18 +16,20 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from ..config import GeReConfig, GeReConfigError
+from ..evaluation.mmlu import MMLUConfig
+from ..evaluation.tasks import CLOSED_DEFAULT_SCORING, SCORING_MODES
+from ..models import DTYPE_NAMES
 from . import adapters as adapters_mod
 from .adapters import AdapterConfig, AdapterError
+from .arguments import check_peft, check_training
+from .errors import RecipeError
 from .hub import HubConfig, HubError
 from .tracking import TrackingConfig
-
-if TYPE_CHECKING:
-    from ..evaluation.mmlu import MMLUConfig
 
 TINY_MODEL = "tiny-random-llama"
 # Sections that change neither the training nor the evaluation: a resumed run may change them.
@@ -36,7 +38,7 @@ UNHASHED_KEYS = ("hub", "tracking", "overwrite_output_dir", "keep_checkpoints")
 # (from the same base model, checked), e.g. after a shared store was damaged.
 UNHASHED_NESTED_KEYS = {"gere": ("rebuild_store",)}
 # dtypes a model can be loaded in (model.dtype), as adapters.load_causal_lm reads them.
-MODEL_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto")
+MODEL_DTYPES = (*DTYPE_NAMES, "auto")
 # Training arguments the recipe sets elsewhere, and where.
 RESERVED_TRAINING_KEYS = {
     "output_dir": "the top-level output_dir (each stage trains in output_dir/stages/<t>-<name>/checkpoints)",
@@ -50,23 +52,17 @@ RESERVED_TRAINING_KEYS = {
 TOP_LEVEL_ONLY_TRAINING_KEYS = ("deepspeed", "fsdp", "fsdp_config", "ddp_backend", "use_cpu")
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run. The message names the problem and the fix."""
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Schema
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def check_scoring(value: Any, where: str) -> None:
-    """A scoring mode of :data:`gere_hf.evaluation.scoring.TASK_SCORERS`, or a ValueError naming the valid ones."""
-    from ..evaluation.scoring import TASK_SCORERS
-
-    if value not in TASK_SCORERS:
-        close = difflib.get_close_matches(str(value), list(TASK_SCORERS), n=1)
+    """A scoring mode of :data:`gere_hf.evaluation.tasks.SCORING_MODES`, or a ValueError naming the valid ones."""
+    if value not in SCORING_MODES:
+        close = difflib.get_close_matches(str(value), list(SCORING_MODES), n=1)
         raise ValueError(
-            f"{where} must be one of {', '.join(TASK_SCORERS)}, got {value!r}."
+            f"{where} must be one of {', '.join(SCORING_MODES)}, got {value!r}."
             + (f" Did you mean {close[0]!r}?" if close else "")
         )
 
@@ -160,7 +156,7 @@ class EvaluationConfig:
                               "one more than its longest label."}
     )
     scoring: str = field(
-        default="loglik",
+        default=CLOSED_DEFAULT_SCORING,
         metadata={"help": "Scoring of closed tasks whose stage sets none: 'loglik', 'loglik_norm' or 'generate' (see "
                   "stages[].scoring). Free-form tasks always generate."},
     )
@@ -499,8 +495,6 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
         if not isinstance(peft, dict):
             raise RecipeError("peft must be a mapping of LoRA options (peft.LoraConfig fields), or null.")
         check_keys(peft, adapters_mod.lora_fields(), "peft", " See peft.LoraConfig for the LoRA options.")
-        from .arguments import check_peft
-
         check_peft(peft)
     adapters = None
     if data.get("adapters") is not None:
@@ -526,8 +520,6 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
     training = _check_training_keys(data.get("training"), "training")
     evaluation = build_dataclass(EvaluationConfig, data.get("evaluation"), "evaluation")
     if evaluation.mmlu is not None:
-        from ..evaluation.mmlu import MMLUConfig
-
         evaluation.mmlu = build_dataclass(MMLUConfig, evaluation.mmlu, "evaluation.mmlu",
                                           " See docs/recipes.md (evaluation.mmlu).")
     hub = build_dataclass(HubConfig, data.get("hub"), "hub")
@@ -541,8 +533,6 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
                     path=path, **rest)
     if recipe.name is not None:
         _check_name(recipe.name, "name")
-    from .arguments import check_training
-
     check_training(recipe)
     return recipe
 

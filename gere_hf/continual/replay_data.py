@@ -27,14 +27,20 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..fileio import file_sha256, write_json, write_jsonl
-from ..replay import MIN_CONTAINED_CHARS, ExcludedTexts, looks_like_path, normalize_text, text_key
+from ..replay import (
+    DATA_FILE_BUILDERS,
+    MIN_CONTAINED_CHARS,
+    ExcludedTexts,
+    looks_like_path,
+    normalize_text,
+    text_key,
+)
 from .fingerprints import sources_fingerprint
 
 MANIFEST_FILE = "manifest.json"
 REPLAY_FILE = "replay.jsonl"
 HELDOUT_FILE = "heldout.jsonl"
 BUILDER_VERSION = 2  # 2: held-out documents contained in one another are passed over
-_LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
 class ReplayBuildError(ValueError):
@@ -48,18 +54,18 @@ def _stream(source: str, name: str | None, split: str):
     path = os.fspath(source)
     if os.path.isfile(path):
         suffix = os.path.splitext(path)[1].lower()
-        if suffix not in _LOCAL_SUFFIXES:
+        if suffix not in DATA_FILE_BUILDERS:
             raise ReplayBuildError(f"--source {path}: unknown file type {suffix!r}; use one of "
-                                   f"{sorted(_LOCAL_SUFFIXES)}.")
+                                   f"{sorted(DATA_FILE_BUILDERS)}.")
         if os.path.getsize(path) == 0:
             raise ReplayBuildError(f"--source {path} is empty. Give a file of general texts.")
-        return datasets.load_dataset(_LOCAL_SUFFIXES[suffix], data_files=path, split="train", streaming=True)
+        return datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=path, split="train", streaming=True)
     if os.path.isdir(path):
         files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names
-                       if os.path.splitext(n)[1].lower() in _LOCAL_SUFFIXES)
+                       if os.path.splitext(n)[1].lower() in DATA_FILE_BUILDERS)
         if not files:
-            raise ReplayBuildError(f"--source {path} holds no {', '.join(sorted(_LOCAL_SUFFIXES))} files.")
-        kinds = {_LOCAL_SUFFIXES[os.path.splitext(f)[1].lower()] for f in files}
+            raise ReplayBuildError(f"--source {path} holds no {', '.join(sorted(DATA_FILE_BUILDERS))} files.")
+        kinds = {DATA_FILE_BUILDERS[os.path.splitext(f)[1].lower()] for f in files}
         if len(kinds) > 1:
             raise ReplayBuildError(f"--source {path} mixes file kinds {sorted(kinds)}; keep one kind per folder.")
         return datasets.load_dataset(kinds.pop(), data_files=files, split="train", streaming=True)
@@ -120,7 +126,7 @@ def _local_files(source: str) -> list[str]:
     if os.path.isfile(source):
         return [source]
     return sorted(os.path.join(root, n) for root, _, names in os.walk(source) for n in names
-                  if os.path.splitext(n)[1].lower() in _LOCAL_SUFFIXES)
+                  if os.path.splitext(n)[1].lower() in DATA_FILE_BUILDERS)
 
 
 def _settings(source: str, name: str | None, split: str, text_column: str, num: int, heldout: int) -> dict:

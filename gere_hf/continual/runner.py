@@ -23,9 +23,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from ..evaluation.evaluator import ContinualEvaluator
+from ..evaluation.report import write_report
 from ..fileio import write_json
 from ..locks import folder_lock
+from ..models import BUILTIN_MODELS, resolve_model_path, tiny_llama
 from ..reference import ReferenceStore, ReferenceStoreMismatch, check_base_weights, model_weights_hash, read_manifest
+from ..replay import ReplaySet
+from ..trainer import GeReSFTTrainer
 from . import adapters as adapters_mod
 from . import data, launch, preflight
 from . import state as run_state
@@ -175,8 +180,6 @@ class RecipeRunner:
         self.prepare_base_model()
         self.tokenizer = adapters_mod.load_tokenizer(self.base_path, r.model.trust_remote_code)
         if r.gere.replay_enabled:
-            from ..replay import ReplaySet
-
             g = r.gere
             self.replay = ReplaySet.from_texts(self.replay_texts, self.tokenizer, g.replay_max_length,
                                                source=str(g.replay_source), seed=g.replay_seed)
@@ -257,8 +260,6 @@ class RecipeRunner:
         if name == TINY_MODEL:
             self.base_path = os.path.join(self.output_dir, BASE_MODEL_DIR)
             return
-        from ..models import BUILTIN_MODELS, resolve_model_path
-
         if name in BUILTIN_MODELS:
             if self.is_main:
                 resolve_model_path(name)  # converted once, by one process
@@ -276,8 +277,6 @@ class RecipeRunner:
             return
         if self.is_main and not os.path.isfile(os.path.join(self.base_path, "config.json")):
             from transformers import ByT5Tokenizer
-
-            from ..models import tiny_llama
 
             tmp = self.base_path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -299,8 +298,6 @@ class RecipeRunner:
     # -- evaluation (one place: row 0, every stage, the report) ---------------------------------------------------------
 
     def make_evaluator(self):
-        from ..evaluation import ContinualEvaluator
-
         ev = self.recipe.evaluation
         selection = self.general_selection if self.general_selection is not None else self.select_general_texts()
         general = selection.texts if selection is not None else None
@@ -345,8 +342,6 @@ class RecipeRunner:
         return results
 
     def write_report(self) -> None:
-        from ..evaluation.report import write_report
-
         results = self.results()
         if results is not None and self.is_main:
             write_report(self.output_dir, results)
@@ -394,8 +389,6 @@ class RecipeRunner:
 
     def train_stage(self, index: int) -> None:
         from transformers import set_seed
-
-        from ..trainer import GeReSFTTrainer
 
         r = self.recipe
         stage, task, args = r.stages[index - 1], self.tasks[index - 1], self.stage_args[index - 1]

@@ -27,8 +27,26 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..evaluation.mmlu import MMLUConfig, MMLUDataError, MMLUEvaluator
+from ..evaluation.report import acc_se, format_number, markdown_table, package_versions
+from ..evaluation.retention import DEFAULT_GENERAL_MAX_LENGTH, general_perplexity, texts_fingerprint
+from ..evaluation.scoring import evaluate_tasks
+from ..evaluation.tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task
 from ..fileio import atomic_write_text, write_json
-from .recipe import RecipeError
+from ..models import BUILTIN_MODELS, DTYPE_NAMES
+from ..replay import ReplayDataError, looks_like_path, read_error_text, select_heldout_texts, without_api_hints
+from . import data
+from .adapters import base_with_merged, load_causal_lm, load_tokenizer
+from .recipe import RecipeError, parse_recipe
+from .state import (
+    RUN_STATE_FILE,
+    STAGES_DIR,
+    StageError,
+    load_stage_model,
+    read_run_state,
+    resolve_stage,
+    stage_files_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +105,6 @@ class PreparedEval:
 
 
 def _read_state(run: str) -> dict:
-    from .state import RUN_STATE_FILE, read_run_state
-
     state = read_run_state(run)
     if state is None:
         raise SavedEvalError(f"No {RUN_STATE_FILE} in {run!r}: --run takes the output_dir of a `gere-hf run`.")
@@ -96,34 +112,13 @@ def _read_state(run: str) -> dict:
 
 
 def _run_stage(state: dict, stage: int | str | None, run: str) -> int:
-    stages = state.get("stages", [])
-    names = [s["name"] for s in stages]
-    finished = 0
-    while finished < len(stages) and stages[finished].get("status") == "finished":
-        finished += 1
-    if stage is None:
-        return finished
-    if isinstance(stage, str) and not stage.lstrip("-").isdigit():
-        if stage == "base":
-            return 0
-        if stage not in names:
-            raise SavedEvalError(f"The run {run} has no stage {stage!r}; its stages are base, {', '.join(names)}.")
-        index = names.index(stage) + 1
-    else:
-        index = int(stage)
-    if not 0 <= index <= len(stages):
-        raise SavedEvalError(f"--stage {index}: the run {run} has stages 0 (base) to {len(stages)}.")
-    if index > finished:
-        raise SavedEvalError(
-            f"Stage {index} ({names[index - 1]}) of {run} is not finished; the finished stages are 0..{finished} "
-            "(--resume the run first)."
-        )
-    return index
+    try:
+        return resolve_stage(state, stage, run)
+    except StageError as err:
+        raise SavedEvalError(str(err)) from None
 
 
 def _mmlu_config(value: Any):
-    from ..evaluation.mmlu import MMLUConfig
-
     if value is None or value is False:
         return None
     if isinstance(value, MMLUConfig):
@@ -161,8 +156,6 @@ def _make_out(config: SavedEvalConfig) -> None:
 
 def _check_stage_folders(run: str, state: dict, stage: int) -> None:
     """Stages 1..stage must hold what the run saved: a truncated adapter or another run's copied in is refused."""
-    from .state import stage_files_problem
-
     for entry in state["stages"][:stage]:
         problem = stage_files_problem(os.path.join(run, entry["dir"]), entry.get("files"))
         if problem:
@@ -175,9 +168,6 @@ def _check_stage_folders(run: str, state: dict, stage: int) -> None:
 def _check_base_exists(base: str, where: str) -> None:
     """A base model named by a path that is not there (a moved run, an adapter made elsewhere) fails in transformers
     as an invalid Hub id; say what is missing instead."""
-    from ..models import BUILTIN_MODELS
-    from ..replay import looks_like_path
-
     if base in BUILTIN_MODELS or os.path.exists(base):
         return
     if os.path.isabs(base) or looks_like_path(base) or base.count("/") != 1:
@@ -188,10 +178,6 @@ def _check_base_exists(base: str, where: str) -> None:
 
 
 def _prepare_run(config: SavedEvalConfig) -> PreparedEval:
-    from . import data
-    from .adapters import load_stage_model
-    from .recipe import parse_recipe
-
     run = os.path.abspath(config.run)
     state = _read_state(run)
     stage = _run_stage(state, config.stage, run)
@@ -237,8 +223,6 @@ def _prepare_run(config: SavedEvalConfig) -> PreparedEval:
 
 
 def _is_run_stage_folder(path: str) -> tuple[str, str] | None:
-    from .state import RUN_STATE_FILE, STAGES_DIR
-
     stages_dir, folder = os.path.split(os.path.normpath(os.path.abspath(path)))
     run, name = os.path.split(stages_dir)
     if name == STAGES_DIR and os.path.isfile(os.path.join(run, RUN_STATE_FILE)):
@@ -248,8 +232,6 @@ def _is_run_stage_folder(path: str) -> tuple[str, str] | None:
 
 def _load_plain(name: str, dtype: str | None):
     """A saved model as a run loads one; an adapter folder is merged into the base model its config names."""
-    from .adapters import _base_with_merged, load_causal_lm, load_tokenizer
-
     def load(path):
         return load_causal_lm(path, dtype)
 
@@ -258,7 +240,7 @@ def _load_plain(name: str, dtype: str | None):
         with open(config_path, encoding="utf-8") as f:
             base = json.load(f).get("base_model_name_or_path")
         tokenizer_here = any(os.path.isfile(os.path.join(name, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-        return _base_with_merged(load, base, [name]), load_tokenizer(name if tokenizer_here else base)
+        return base_with_merged(load, base, [name]), load_tokenizer(name if tokenizer_here else base)
     return load(name), load_tokenizer(name)
 
 
@@ -275,13 +257,6 @@ def _num_eval_text(message: str, num_eval: int | None) -> str:
 
 
 def _prepare_model(config: SavedEvalConfig) -> PreparedEval:
-    from ..evaluation.mmlu import MMLUDataError, MMLUEvaluator
-    from ..evaluation.retention import DEFAULT_GENERAL_MAX_LENGTH
-    from ..evaluation.tasks import BUILTIN_TASKS, TaskDataError, load_builtin_task
-    from ..models import BUILTIN_MODELS
-    from ..replay import ReplayDataError, select_heldout_texts
-    from .data import read_error_text, without_api_hints
-
     name = config.model
     looks_local = os.sep in name or name.startswith(".") or os.path.exists(name)
     if looks_local and not os.path.exists(name):
@@ -349,9 +324,7 @@ def prepare_saved_eval(config: SavedEvalConfig) -> PreparedEval:
         raise SavedEvalError("--num-eval applies to --model's built-in tasks; a run's tasks keep the run's examples.")
     if config.general is not None and config.general < 0:
         raise SavedEvalError(f"--general must be 0 or more texts, got {config.general}.")
-    from .adapters import _DTYPES
-
-    if config.dtype is not None and config.dtype not in (*_DTYPES, "auto"):
+    if config.dtype is not None and config.dtype not in (*DTYPE_NAMES, "auto"):
         raise SavedEvalError(f"--dtype {config.dtype}: use float32, bfloat16, float16 or auto.")
     _check_out(config)
     prepared = _prepare_run(config) if config.run is not None else _prepare_model(config)
@@ -362,13 +335,11 @@ def prepare_saved_eval(config: SavedEvalConfig) -> PreparedEval:
 
 
 def _markdown(result: dict) -> str:
-    from ..evaluation.report import _acc_se, _fmt, _table
-
     where = (f"stage {result['stage']} ({result['stage_name']}) of the run `{result['run']}`" if "run" in result
              else f"`{result['model']}`")
     out = [f"# Evaluation of {where}", ""]
     if result.get("accuracy"):
-        out += ["## Tasks", "", _table(["Task", "Accuracy"], [[k, _fmt(v)] for k, v in result["accuracy"].items()]),
+        out += ["## Tasks", "", markdown_table(["Task", "Accuracy"], [[k, format_number(v)] for k, v in result["accuracy"].items()]),
                 ""]
     general = result.get("general")
     if general:
@@ -381,11 +352,11 @@ def _markdown(result: dict) -> str:
         out += ["## MMLU", "", f"{mmlu['num_questions']} questions ({q.get('source')}, seed {q.get('seed')}, "
                 f"fingerprint `{q.get('fingerprint')}`), {mmlu['shots']}-shot, {mmlu['formulation']} form; chance "
                 f"{mmlu['chance']:.2f}.", "",
-                _table(["", "Accuracy ± SE", "Questions"],
-                       [["Overall (micro)", _acc_se(mmlu), str(mmlu["num_questions"])],
-                        ["Macro (mean over subjects)", _acc_se({"accuracy": mmlu["macro_accuracy"],
+                markdown_table(["", "Accuracy ± SE", "Questions"],
+                       [["Overall (micro)", acc_se(mmlu), str(mmlu["num_questions"])],
+                        ["Macro (mean over subjects)", acc_se({"accuracy": mmlu["macro_accuracy"],
                                                                  "se": mmlu["macro_se"]}), str(mmlu["num_subjects"])],
-                        *[[name, _acc_se(c), str(c["num_questions"])] for name, c in mmlu["categories"].items()]]),
+                        *[[name, acc_se(c), str(c["num_questions"])] for name, c in mmlu["categories"].items()]]),
                 ""]
     out.append(f"Took {result['seconds']:.1f} s.")
     return "\n".join(out) + "\n"
@@ -393,10 +364,6 @@ def _markdown(result: dict) -> str:
 
 def evaluate_saved(config: SavedEvalConfig) -> dict:
     """Check the input, load the model, measure, write ``out/eval.json`` and ``out/eval.md``; returns the results."""
-    from ..evaluation.report import package_versions
-    from ..evaluation.retention import general_perplexity, texts_fingerprint
-    from ..evaluation.scoring import evaluate_tasks
-
     prepared = prepare_saved_eval(config)
     start = time.perf_counter()
     model, tokenizer = prepared.load_model()

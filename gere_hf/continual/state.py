@@ -19,6 +19,9 @@ import shutil
 import time
 from typing import Any
 
+from ..evaluation.report import REPORT_FILES
+from ..fileio import read_json
+from .adapters import load_causal_lm, load_tokenizer, stage_result_model
 from .fingerprints import changed_digest, folder_differences, folder_records, records_digest
 from .recipe import TINY_MODEL, Recipe, RecipeError, recipe_differences
 
@@ -30,7 +33,6 @@ STAGES_DIR = "stages"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
 BASE_MODEL_DIR = "base_model"
-REPORT_FILES = ("results.json", "report.md", "accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png", "mmlu.png")
 
 
 def read_run_state(output_dir: str) -> dict | None:
@@ -67,6 +69,78 @@ def run_state_problem(state: Any) -> str | None:
     if not isinstance(state["model"].get("path"), str):
         return "model.path is missing"
     return None
+
+
+class StageError(ValueError):
+    """A stage a run does not have, or has not finished."""
+
+
+def finished_stages(state: dict) -> int:
+    """How many stages of a run are finished, counted from the first (stages finish in order)."""
+    stages = state.get("stages", [])
+    finished = 0
+    while finished < len(stages) and stages[finished].get("status") == "finished":
+        finished += 1
+    return finished
+
+
+def resolve_stage(state: dict, stage: int | str | None, run: str) -> int:
+    """The index of a finished stage of the run ``run`` (whose run state is ``state``): ``stage`` is its 1-based
+    index (an int, or a string of digits), its name, ``"base"`` or 0 for the base model, or None for the last finished
+    stage. A stage the run does not have, or has not finished, is a :class:`StageError` naming those it has."""
+    stages = state.get("stages", [])
+    names = [s["name"] for s in stages]
+    finished = finished_stages(state)
+    if stage is None:
+        return finished
+    if isinstance(stage, str) and not stage.lstrip("-").isdigit():
+        if stage == "base":
+            return 0
+        if stage not in names:
+            raise StageError(f"The run {run} has no stage {stage!r}; its stages are base, {', '.join(names)}.")
+        index = names.index(stage) + 1
+    else:
+        index = int(stage)
+    if not 0 <= index <= len(stages):
+        raise StageError(f"There is no stage {index}: the run {run} has stages 0 (base) to {len(stages)}.")
+    if index > finished:
+        done = ", ".join(names[:finished]) or "none"
+        raise StageError(
+            f"Stage {index} is not finished in {run} ({names[index - 1]}); the finished stages are 1..{finished} "
+            f"({done}; 0 is the base model). Resume the run first (`gere-hf run RECIPE --resume`)."
+        )
+    return index
+
+
+def load_stage_model(run_dir: str, stage: int | str | None, merge: bool = False, dtype: str | None = None):
+    """Rebuild the model of a finished stage of a recipe run from its folder: ``(model, tokenizer)``.
+
+    Args:
+        run_dir: the recipe's ``output_dir`` (it holds ``run_state.json``).
+        stage: the stage's 1-based index or its name; 0 (or ``"base"``) is the base model, None the last finished
+            stage (:func:`resolve_stage`).
+        merge: merge the LoRA adapter(s) into the weights (a plain transformers model).
+        dtype: 'float32', 'bfloat16', ... (default: the dtype the run loaded its model in).
+    """
+    path = os.path.join(run_dir, RUN_STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No {RUN_STATE_FILE} in {run_dir!r}: give the output_dir of a `gere-hf run`.")
+    state = read_json(path)
+    index = resolve_stage(state, stage, run_dir)
+    info = state["model"]
+    trust = bool(info.get("trust_remote_code", False))
+    dtype = dtype if dtype is not None else info.get("dtype")
+    base = info["path"]
+    if not os.path.isabs(base) and os.path.isdir(os.path.join(run_dir, base)):
+        base = os.path.join(run_dir, base)  # a base model materialised inside the run folder
+
+    def load(where: str):
+        return load_causal_lm(where, dtype, trust)
+
+    dirs = [os.path.join(run_dir, s["dir"]) for s in state["stages"][:index]]
+    model = stage_result_model(load, base, dirs, state.get("peft"),
+                               (state.get("adapters") or {}).get("strategy", "continue"), merge=merge)
+    return model, load_tokenizer(dirs[-1] if dirs else base, trust)
 
 
 def ever_trained(state: dict) -> bool:

@@ -44,8 +44,9 @@ from typing import Any
 import yaml
 
 from ..evaluation.statistics import mcnemar_exact, mean_interval, paired_bootstrap, paired_interval
+from ..fileio import write_json
 from .recipe import RecipeError, apply_overrides, check_keys, load_recipe, parse_recipe
-from .state import RUN_STATE_FILE, write_json
+from .state import RUN_STATE_FILE, load_stage_model
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,6 @@ def _news_retention(recipe, num_texts: int, base_dir: str) -> dict:
     """The NLL of news articles for the final model, and the base model's (measured once per base key)."""
     from ..evaluation import general_perplexity
     from ..replay import news_texts
-    from .adapters import load_stage_model
 
     texts = news_texts(num_texts)
     settings = {"max_length": recipe.evaluation.general_max_length, "batch_size": recipe.evaluation.batch_size,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
-import inspect
 import json
 import logging
 import math
@@ -37,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..replay import TABLE_FILE_BUILDERS, ExcludedTexts, take_disjoint
 from .scoring import choice_logprobs, prompt_context_ids
-from .utils import eval_mode, model_device, pad_token_id, scoring_forward, tokenize_text
+from .utils import argmax, eval_mode, forward_parameters, model_device, pad_token_id, scoring_forward, tokenize_text
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def _read_rows(source: str, split: str, config: str) -> tuple[list[dict], str]:
 
     if os.path.isfile(source):
         suffix = os.path.splitext(source)[1].lower()
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+        builder = TABLE_FILE_BUILDERS.get(suffix)
         if builder is None:
             raise MMLUDataError(f"Cannot read MMLU from {source!r}: use a .jsonl, .json, .parquet or .csv file.")
         if split != "test":
@@ -369,8 +369,6 @@ def select_questions(
     which are then not scored. ``exclude`` (:class:`gere_hf.replay.ExcludedTexts` or texts): questions whose text
     overlaps them are passed over within their subject, and the next in the seeded order takes their place.
     """
-    from ..replay import ExcludedTexts, take_disjoint
-
     exclude = ExcludedTexts.of(exclude)
     by_subject: dict[str, list[MMLUQuestion]] = {}
     for q in questions:
@@ -470,14 +468,6 @@ def build_prompt(question: MMLUQuestion, shots: Sequence[MMLUQuestion], formulat
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _forward_parameters(model) -> set[str]:
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    try:
-        return set(inspect.signature(inner.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -514,7 +504,7 @@ def _last_position_logprobs(model, contexts: list[list[int]], pad_id: int) -> to
     """
     device = model_device(model)
     width = max(len(c) for c in contexts)
-    params = _forward_parameters(model)
+    params = forward_parameters(model)
     kwargs: dict[str, Any] = {}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
@@ -651,10 +641,6 @@ def mmlu_summary(subjects: Sequence[str], correct: Sequence[bool]) -> dict:
             "subjects": subjects_out}
 
 
-def _argmax(values: Sequence[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)  # ties go to the earlier option
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The evaluator
 # ----------------------------------------------------------------------------------------------------------------------
@@ -768,7 +754,7 @@ class MMLUEvaluator:
             record["letter_mass"] = sum(out["letter_mass"]) / len(out["letter_mass"])
         for key, name in (("normalized_scores", "normalized"), ("with_eos_scores", "with_eos")):
             if key in out:
-                summary = mmlu_summary(subjects, [_argmax(s) == q.answer for s, q in zip(out[key], self.questions)])
+                summary = mmlu_summary(subjects, [argmax(s) == q.answer for s, q in zip(out[key], self.questions)])
                 record[name] = {k: summary[k] for k in ("accuracy", "se", "macro_accuracy", "macro_se")} | {
                     "categories": summary["categories"]}
         record["prompts_with_fewer_shots"] = fewer
@@ -783,7 +769,7 @@ class MMLUEvaluator:
         prompts, fewer = self._build_prompts(tokenizer, model)
         out = MMLU_FORMULATIONS[c.formulation].score(model, tokenizer, prompts, self.questions, c.batch_size,
                                                      self.progress)
-        return {"prompts": prompts, **out, "predictions": [_argmax(s) for s in out["scores"]],
+        return {"prompts": prompts, **out, "predictions": [argmax(s) for s in out["scores"]],
                 "prompts_with_fewer_shots": fewer}
 
     def _build_prompts(self, tokenizer, model) -> tuple[list[str], int]:

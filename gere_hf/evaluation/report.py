@@ -18,13 +18,17 @@ import platform
 from collections.abc import Sequence
 from typing import Any
 
+from .mmlu import MMLU_CATEGORIES
+from .tasks import CLOSED_DEFAULT_SCORING, FREE_FORM_SCORING, SCORING_MODES
+
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 COMPARISON_FILE = "comparison.md"
 FIGURES = ("accuracy_matrix.png", "general_ppl.png", "ap_per_stage.png", "mmlu.png")
-MMLU_CATEGORY_ORDER = ("Humanities", "STEM", "Social Sciences", "Other")
+REPORT_FILES = (RESULTS_FILE, REPORT_FILE, *FIGURES)
+"""What :func:`write_report` writes into a run folder."""
 _VERSION_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "gere_hf")
 
 
@@ -56,7 +60,8 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
-def _fmt(x: Any, digits: int = 4, signed: bool = False) -> str:
+def format_number(x: Any, digits: int = 4, signed: bool = False) -> str:
+    """A number as reports print it (``digits`` decimals, a sign with ``signed``); "–" for none, "inf" kept."""
     if not _num(x):
         return "–"
     if math.isinf(x):
@@ -64,7 +69,8 @@ def _fmt(x: Any, digits: int = 4, signed: bool = False) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table of ``rows`` under ``header``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -86,26 +92,19 @@ def _seen_ap(row: Sequence[float] | None, t: int) -> float | None:
 # Task scoring
 # ----------------------------------------------------------------------------------------------------------------------
 
-_SCORING_NAMES = {
-    "loglik": "log-likelihood ranking",
-    "loglik_norm": "log-likelihood per token ranking",
-    "generate": "generation, exact match",
-}
-
-
 def task_scoring(info: dict) -> tuple[str | None, bool | None]:
     """``(mode, choice_eos)`` of a ``task_info`` entry. Results written before the modes existed said
     ``exact_match`` for generation and always scored the eos token of a choice."""
     mode = info.get("scoring")
-    mode = "generate" if mode == "exact_match" else mode
-    eos = info.get("choice_eos", True if mode == "loglik" else None)
-    return mode, (eos if mode in ("loglik", "loglik_norm") else None)
+    mode = FREE_FORM_SCORING if mode == "exact_match" else mode
+    eos = info.get("choice_eos", True if mode == CLOSED_DEFAULT_SCORING else None)
+    return mode, (eos if mode in SCORING_MODES and SCORING_MODES[mode].uses_choice_eos else None)
 
 
 def scoring_description(info: dict) -> str:
     """E.g. ``log-likelihood ranking, eos scored``."""
     mode, eos = task_scoring(info)
-    text = _SCORING_NAMES.get(mode, str(mode))
+    text = SCORING_MODES[mode].title if mode in SCORING_MODES else str(mode)
     return text if eos is None else f"{text}, eos {'scored' if eos else 'not scored'}"
 
 
@@ -206,7 +205,7 @@ def _plot_mmlu(results: dict, path: str) -> None:
     xs = [m["stage"] for m in rows]
     fig = _new_figure(max(5.0, 1.0 + 0.9 * len(xs)), 3.6)
     ax = fig.add_subplot()
-    for name in MMLU_CATEGORY_ORDER:
+    for name in MMLU_CATEGORIES:
         pts = [(m["stage"], m["categories"][name]["accuracy"]) for m in rows if name in (m.get("categories") or {})]
         if pts:
             ax.plot(*zip(*pts), marker=".", linewidth=1, alpha=0.5, label=name)
@@ -273,11 +272,11 @@ def _markdown_report(results: dict) -> str:
         cells = [labels[r] if r < len(labels) else str(r)]
         for j in range(len(tasks)):
             value = None if row is None else row[j]
-            cell = _fmt(value)
+            cell = format_number(value)
             cells.append(f"**{cell}**" if r == j + 1 and _num(value) else cell)
-        cells.append(_fmt(_seen_ap(row, r)))
+        cells.append(format_number(_seen_ap(row, r)))
         rows.append(cells)
-    out.append(_table(["Stage", *tasks, "AP (seen)"], rows))
+    out.append(markdown_table(["Stage", *tasks, "AP (seen)"], rows))
     out += _choice_eos_lines(results)
 
     metrics = results.get("metrics")
@@ -286,19 +285,19 @@ def _markdown_report(results: dict) -> str:
         T = metrics.get("num_stages", len(tasks))
         if T < len(tasks):
             out += [f"Over the first {T} of {len(tasks)} stages (the run has not evaluated the rest).", ""]
-        out.append(_table(["Metric", "Value"], [
-            ["AP (final average accuracy)", _fmt(metrics.get("ap"))],
-            ["BWT (backward transfer)", _fmt(metrics.get("bwt"), signed=True)],
-            ["FWT (forward transfer)", _fmt(metrics.get("fwt"), signed=True)],
-            ["Mean forgetting", _fmt(metrics.get("mean_forgetting"))],
+        out.append(markdown_table(["Metric", "Value"], [
+            ["AP (final average accuracy)", format_number(metrics.get("ap"))],
+            ["BWT (backward transfer)", format_number(metrics.get("bwt"), signed=True)],
+            ["FWT (forward transfer)", format_number(metrics.get("fwt"), signed=True)],
+            ["Mean forgetting", format_number(metrics.get("mean_forgetting"))],
         ]))
         forgetting = metrics.get("forgetting") or []
         learned = metrics.get("learned") or []
         final = metrics.get("final") or []
-        out += ["", _table(
+        out += ["", markdown_table(
             ["Task", "Just learned R[j+1][j]", "Final R[T][j]", "Forgetting"],
-            [[tasks[j], _fmt(learned[j] if j < len(learned) else None), _fmt(final[j] if j < len(final) else None),
-              _fmt(forgetting[j] if j < len(forgetting) else None)] for j in range(T)],
+            [[tasks[j], format_number(learned[j] if j < len(learned) else None), format_number(final[j] if j < len(final) else None),
+              format_number(forgetting[j] if j < len(forgetting) else None)] for j in range(T)],
         )]
     else:
         out.append("No stage evaluated yet.")
@@ -311,11 +310,11 @@ def _markdown_report(results: dict) -> str:
             out += [f"{gt.get('num_texts', '?')} held-out texts (fingerprint `{gt.get('fingerprint', '?')}`), at most "
                     f"{gt.get('max_length', '?')} tokens each; NLL in nats per token. Lower is better; ΔNLL > 0 means "
                     "general capability was lost.", ""]
-        out.append(_table(
+        out.append(markdown_table(
             ["Stage", "NLL", "PPL", "ΔNLL vs base", "PPL ratio vs base", "Tokens"],
-            [[labels[g["stage"]] if g["stage"] < len(labels) else str(g["stage"]), _fmt(g.get("nll")),
-              _fmt(g.get("ppl"), 2), _fmt(g.get("delta_nll_vs_base"), signed=True),
-              _fmt(g.get("ppl_ratio_vs_base"), 4), str(g.get("tokens", "–"))] for g in general],
+            [[labels[g["stage"]] if g["stage"] < len(labels) else str(g["stage"]), format_number(g.get("nll")),
+              format_number(g.get("ppl"), 2), format_number(g.get("delta_nll_vs_base"), signed=True),
+              format_number(g.get("ppl_ratio_vs_base"), 4), str(g.get("tokens", "–"))] for g in general],
         ))
     else:
         out.append("Not measured (no held-out general texts were given).")
@@ -326,15 +325,15 @@ def _markdown_report(results: dict) -> str:
     if lm_eval:
         out += ["", "## lm-evaluation-harness", ""]
         keys = sorted({(task, metric) for e in lm_eval for task, ms in e["results"].items() for metric in ms})
-        out.append(_table(
+        out.append(markdown_table(
             ["Stage"] + [f"{task} {metric}" for task, metric in keys],
             [[labels[e["stage"]] if e["stage"] < len(labels) else str(e["stage"])]
-             + [_fmt(e["results"].get(task, {}).get(metric)) for task, metric in keys] for e in lm_eval],
+             + [format_number(e["results"].get(task, {}).get(metric)) for task, metric in keys] for e in lm_eval],
         ))
 
     timings = results.get("timings")
     if isinstance(timings, dict) and timings:
-        out += ["", "## Timings", "", _table(["Item", "Value"], [[k, _fmt_any(v)] for k, v in timings.items()])]
+        out += ["", "## Timings", "", markdown_table(["Item", "Value"], [[k, _fmt_any(v)] for k, v in timings.items()])]
     seconds = results.get("eval_seconds")
     if seconds:
         out += ["", "Evaluation time per stage: "
@@ -371,20 +370,21 @@ def _choice_eos_lines(results: dict) -> list[str]:
             if acc is None:
                 cells.append("–")
                 continue
-            with_eos, without = _fmt(acc["with_eos"]), _fmt(acc["without_eos"])
+            with_eos, without = format_number(acc["with_eos"]), format_number(acc["without_eos"])
             if used.get(name) is True:
                 with_eos = f"**{with_eos}**"
             elif used.get(name) is False:
                 without = f"**{without}**"
             cells.append(f"{with_eos} / {without}")
         rows.append(cells)
-    return lines + [_table(["Stage", *(f"{n} (with / without eos)" for n in tasks)], rows)]
+    return lines + [markdown_table(["Stage", *(f"{n} (with / without eos)" for n in tasks)], rows)]
 
 
-def _acc_se(entry: dict | None, digits: int = 4) -> str:
+def acc_se(entry: dict | None, digits: int = 4) -> str:
+    """``accuracy ± se`` of an MMLU-style entry; "–" for none."""
     if not entry or not _num(entry.get("accuracy")):
         return "–"
-    return f"{entry['accuracy']:.{digits}f} ± {entry['se']:.{digits}f}" if _num(entry.get("se")) else _fmt(
+    return f"{entry['accuracy']:.{digits}f} ± {entry['se']:.{digits}f}" if _num(entry.get("se")) else format_number(
         entry["accuracy"], digits)
 
 
@@ -401,16 +401,16 @@ def _mmlu_lines(results: dict) -> list[str]:
            f"{q.get('num_questions', '?')} MMLU test questions from `{q.get('source', '?')}`, stratified by subject "
            f"(seed {q.get('seed', '?')}, fingerprint `{q.get('fingerprint', '?')}`), {q.get('shots', 0)}-shot"
            f"{shots_from}, {q.get('formulation', '?')} form. Accuracy over questions ± its binomial standard error; "
-           f"chance is {_fmt(rows[0].get('chance'), 2)}. Macro: the mean over subjects.", ""]
-    header = ["Stage", "Accuracy", "Δ vs base", "Macro", *MMLU_CATEGORY_ORDER]
+           f"chance is {format_number(rows[0].get('chance'), 2)}. Macro: the mean over subjects.", ""]
+    header = ["Stage", "Accuracy", "Δ vs base", "Macro", *MMLU_CATEGORIES]
     table = []
     for m in rows:
         cats = m.get("categories") or {}
-        table.append([labels[m["stage"]] if m["stage"] < len(labels) else str(m["stage"]), _acc_se(m),
-                      _fmt(m.get("delta_vs_base"), signed=True),
-                      _acc_se({"accuracy": m.get("macro_accuracy"), "se": m.get("macro_se")}),
-                      *[_acc_se(cats.get(c), 3) for c in MMLU_CATEGORY_ORDER]])
-    out.append(_table(header, table))
+        table.append([labels[m["stage"]] if m["stage"] < len(labels) else str(m["stage"]), acc_se(m),
+                      format_number(m.get("delta_vs_base"), signed=True),
+                      acc_se({"accuracy": m.get("macro_accuracy"), "se": m.get("macro_se")}),
+                      *[acc_se(cats.get(c), 3) for c in MMLU_CATEGORIES]])
+    out.append(markdown_table(header, table))
     return out
 
 
@@ -444,7 +444,7 @@ def _data_overlap_lines(overlap: Any) -> list[str]:
 
 def _fmt_any(value: Any) -> str:
     if _num(value):
-        return _fmt(value, 2) if isinstance(value, float) else str(value)
+        return format_number(value, 2) if isinstance(value, float) else str(value)
     if isinstance(value, (list, tuple)):
         return ", ".join(_fmt_any(v) for v in value)
     if isinstance(value, dict):
@@ -654,15 +654,15 @@ def compare_runs(
         row = [name, f"{done}/{len(r.get('tasks', []))}"]
         if not same_tasks:
             row.insert(1, " → ".join(r.get("tasks", [])))
-        row += [_fmt(metrics.get(key), signed=signed) for _, key, signed in metric_columns]
+        row += [format_number(metrics.get(key), signed=signed) for _, key, signed in metric_columns]
         if same_general:
             final = _final_general(r)
-            row += [_fmt(final.get("delta_nll_vs_base"), signed=True), _fmt(final.get("ppl"), 2)]
+            row += [format_number(final.get("delta_nll_vs_base"), signed=True), format_number(final.get("ppl"), 2)]
         if same_mmlu:
             final = _final_mmlu(r)
-            row += [_acc_se(final), _fmt(final.get("delta_vs_base"), signed=True)]
+            row += [acc_se(final), format_number(final.get("delta_vs_base"), signed=True)]
         rows.append(row)
-    table = _table(header, rows)
+    table = markdown_table(header, rows)
     text = "\n".join([*(f"> **Note:** {n}" for n in notes), *([""] if notes else []), table]) + "\n"
 
     if out_dir is not None:
@@ -737,7 +737,7 @@ def _plot_comparison(names: list[str], panels: list[tuple[str, list]], path: str
         heights = [v if _num(v) and not math.isinf(v) else 0.0 for v in values]
         ax.bar(range(len(names)), heights, color=colors)
         for i, v in enumerate(values):
-            ax.text(i, heights[i], _fmt(v, 3), ha="center", va="bottom", fontsize=8)
+            ax.text(i, heights[i], format_number(v, 3), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(title, fontsize=10)

@@ -1,6 +1,7 @@
 """Task scoring: what a model answers to a task's eval examples, and whether it is right.
 
-A task is scored in one of the modes of :data:`TASK_SCORERS` (``Task.scoring``):
+A task is scored in one of the modes of :data:`gere_hf.evaluation.tasks.SCORING_MODES` (``Task.scoring``; declared
+there with how an answer is judged, here with how the answers are obtained: :data:`TASK_SCORERS`):
 
 * ``loglik`` (closed tasks): every candidate completion is scored by the model's summed log-likelihood of its tokens
   given the prompt; the argmax is the prediction (lm-evaluation-harness's ``acc``). Prompt and completion are
@@ -22,18 +23,16 @@ log-probabilities are computed only at the positions scored.
 from __future__ import annotations
 
 import logging
-import re
-import string
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .tasks import Task
+from .tasks import SCORING_MODES, ScoringMode, Task
 from .utils import (
     accepts_logits_to_keep,
+    argmax,
     cache_argument,
     eval_mode,
     forward_kwargs,
@@ -348,19 +347,6 @@ def score_choices(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation: lowercase, drop punctuation (any Unicode P* character), the articles a/an/the and
-    extra whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P") and ch not in string.punctuation)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(reference)
-
-
 def _first_line(text: str) -> str:
     return text.lstrip(" \t").split("\n", 1)[0].strip()
 
@@ -506,57 +492,50 @@ class TaskScore:
 
 @dataclass(frozen=True)
 class TaskScorer:
-    """One scoring mode: how a task's answers are obtained and judged (an entry of :data:`TASK_SCORERS`)."""
+    """A scoring mode (:class:`~gere_hf.evaluation.tasks.ScoringMode`) with what obtains the answers: an entry of
+    :data:`TASK_SCORERS`."""
 
-    name: str
-    description: str
-    needs_choices: bool  # closed tasks only
-    uses_choice_eos: bool  # the eos option (Task.choice_eos) changes the score
+    mode: ScoringMode
     score: Callable[..., TaskScore]  # (model, tokenizer, task, *, batch_size, max_new_tokens, progress)
-    judge: Callable[[str, str, bool], bool]  # (answer, gold completion, closed task) -> right
+
+    @property
+    def name(self) -> str:
+        return self.mode.name
+
+    @property
+    def description(self) -> str:
+        return self.mode.description
+
+    @property
+    def needs_choices(self) -> bool:
+        return self.mode.needs_choices
+
+    @property
+    def uses_choice_eos(self) -> bool:
+        return self.mode.uses_choice_eos
+
+    @property
+    def judge(self) -> Callable[[str, str, bool], bool]:
+        return self.mode.judge
 
 
-def _argmax(row: Sequence[float]) -> int:
-    return max(range(len(row)), key=row.__getitem__)  # ties go to the earlier choice
-
-
-def _is_gold_choice(answer: str, reference: str, closed: bool) -> bool:
-    """The log-likelihood modes' judge: the ranked-first choice is right when it is the gold completion."""
-    return answer == reference
-
-
-def _generation_is_right(answer: str, reference: str, closed: bool) -> bool:
-    """The ``generate`` mode's judge: a closed task's label after :func:`normalize_label` (articles kept, so the
-    label "A" is no empty answer), a free-form answer after :func:`normalize_answer` (SQuAD)."""
-    return normalize_label(answer) == normalize_label(reference) if closed else exact_match(answer, reference)
-
-
-def _loglik_scorer(length_normalized: bool) -> Callable[..., TaskScore]:
-    def score(model, tokenizer, task: Task, *, batch_size: int, max_new_tokens: int, progress: bool) -> TaskScore:
-        prompts = list(task.eval["prompt"])
-        references = list(task.eval["completion"])
-        logprobs = choice_logprobs(model, tokenizer, prompts, [task.choices] * len(prompts), batch_size, progress,
-                                   desc=f"eval {task.name}")
-        accuracy, predictions = {}, {}
-        for eos in (True, False):
-            ranked = [task.choices[_argmax(row)] for row in logprobs.scores(eos, length_normalized)]
-            predictions[eos] = ranked
-            accuracy[eos] = sum(_is_gold_choice(p, r, True) for p, r in zip(ranked, references)) / len(references)
-        chosen = predictions[task.choice_eos]
-        return TaskScore(task.name, task.scoring, task.choice_eos, chosen, references,
-                         [_is_gold_choice(p, r, True) for p, r in zip(chosen, references)],
-                         {"with_eos": accuracy[True], "without_eos": accuracy[False]})
-
-    return score
-
-
-def normalize_label(text: str) -> str:
-    """How a generated answer is compared with a closed task's label (O-LoRA's ``compute_metrics``): lowercase, drop
-    punctuation (any Unicode P* character too), collapse whitespace. Articles are kept: labels such as COPA's "A"
-    and "B" are words here."""
-    text = text.lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P") and ch not in string.punctuation)
-    return " ".join(text.split())
+def _loglik_score(model, tokenizer, task: Task, *, batch_size: int, max_new_tokens: int, progress: bool) -> TaskScore:
+    """Rank the choices by log-likelihood (per token in a length-normalised mode), with and without the eos term,
+    from the same forwards."""
+    mode = SCORING_MODES[task.scoring]
+    prompts = list(task.eval["prompt"])
+    references = list(task.eval["completion"])
+    logprobs = choice_logprobs(model, tokenizer, prompts, [task.choices] * len(prompts), batch_size, progress,
+                               desc=f"eval {task.name}")
+    accuracy, predictions = {}, {}
+    for eos in (True, False):
+        ranked = [task.choices[argmax(row)] for row in logprobs.scores(eos, mode.length_normalized)]
+        predictions[eos] = ranked
+        accuracy[eos] = sum(mode.judge(p, r, True) for p, r in zip(ranked, references)) / len(references)
+    chosen = predictions[task.choice_eos]
+    return TaskScore(task.name, task.scoring, task.choice_eos, chosen, references,
+                     [mode.judge(p, r, True) for p, r in zip(chosen, references)],
+                     {"with_eos": accuracy[True], "without_eos": accuracy[False]})
 
 
 def generation_budget(tokenizer, task: Task, max_new_tokens: int) -> int:
@@ -575,6 +554,7 @@ def generation_budget(tokenizer, task: Task, max_new_tokens: int) -> int:
 
 
 def _generate_score(model, tokenizer, task: Task, *, batch_size: int, max_new_tokens: int, progress: bool) -> TaskScore:
+    """Greedy answers, judged in the task's mode; a closed task's answer that matches a label is reported as it."""
     prompts = list(task.eval["prompt"])
     references = list(task.eval["completion"])
     budget = generation_budget(tokenizer, task, max_new_tokens)
@@ -582,51 +562,23 @@ def _generate_score(model, tokenizer, task: Task, *, batch_size: int, max_new_to
         logger.info("Task %s: generating up to %d new tokens (its longest label takes %d).", task.name, budget,
                     budget - 1)
     answers = generate_answers(model, tokenizer, prompts, budget, batch_size, progress, desc=f"eval {task.name}")
+    mode = SCORING_MODES[task.scoring]
     closed = task.choices is not None
-    correct = [_generation_is_right(a, r, closed) for a, r in zip(answers, references)]
+    correct = [mode.judge(a, r, closed) for a, r in zip(answers, references)]
     if not closed:
         return TaskScore(task.name, task.scoring, None, answers, references, correct)
-    labels = {normalize_label(c): c for c in task.choices}
-    predictions = [labels.get(normalize_label(a), a) for a in answers]
+    key = mode.label_key or (lambda text: text)
+    labels = {key(c): c for c in task.choices}
+    predictions = [labels.get(key(a), a) for a in answers]
     return TaskScore(task.name, task.scoring, None, predictions, references, correct)
 
 
 TASK_SCORERS: dict[str, TaskScorer] = {
-    s.name: s
-    for s in (
-        TaskScorer("loglik", "rank the choices by their summed log-likelihood (lm-eval's acc)", True, True,
-                   _loglik_scorer(length_normalized=False), _is_gold_choice),
-        TaskScorer("loglik_norm", "rank the choices by their log-likelihood per token scored", True, True,
-                   _loglik_scorer(length_normalized=True), _is_gold_choice),
-        TaskScorer("generate", "greedy generation, first line, exact match of the label (O-LoRA / the GeRe paper)",
-                   False, False, _generate_score, _generation_is_right),
-    )
+    name: TaskScorer(mode, _loglik_score if mode.needs_choices else _generate_score)
+    for name, mode in SCORING_MODES.items()
 }
-"""The scoring modes a task can be evaluated in (``Task.scoring``, a recipe stage's ``scoring``)."""
-
-
-def judge_answers(
-    predictions: Sequence[str], references: Sequence[str], scoring: str, choices: Sequence[str] | None = None
-) -> list[bool]:
-    """Whether each answer is right as :func:`score_task` judges it in the mode ``scoring`` (:data:`TASK_SCORERS`):
-    ``predictions`` are :attr:`TaskScore.predictions`, ``references`` the gold completions, ``choices`` the task's
-    closed answer set (``None``: a free-form task). The ``task_accuracy`` evaluate module runs this."""
-    if scoring not in TASK_SCORERS:
-        renamed = {"choice": "'loglik' or 'loglik_norm' with choices=", "exact_match": "'generate'"}.get(scoring)
-        raise ValueError(f"scoring must be one of {', '.join(TASK_SCORERS)}, got {scoring!r}"
-                         + (f" (now {renamed})." if renamed else "."))
-    if len(predictions) != len(references):
-        raise ValueError(f"Got {len(predictions)} predictions and {len(references)} references; give one each.")
-    scorer = TASK_SCORERS[scoring]
-    if scorer.needs_choices:
-        if choices is None:
-            raise ValueError(f"scoring {scoring!r} ranks a closed task's choices: pass choices= (the task's "
-                             "candidate completions), or use scoring 'generate' for a free-form task.")
-        unknown = sorted({p for p in predictions if p not in choices})
-        if unknown:
-            raise ValueError(f"In scoring {scoring!r} every prediction is one of the choices {list(choices)}; got "
-                             f"{unknown[:5]}. Pass the evaluator's predictions (TaskScore.predictions).")
-    return [bool(scorer.judge(p, r, choices is not None)) for p, r in zip(predictions, references)]
+"""The scoring modes a task can be evaluated in (``Task.scoring``, a recipe stage's ``scoring``), each with its scorer:
+a mode that needs choices ranks them by log-likelihood, the others generate."""
 
 
 def score_task(

@@ -31,13 +31,21 @@ import os
 import random
 import re
 import string
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
 
-from ..replay import ExcludedTexts, offline_package_dir, take_disjoint
+from ..replay import (
+    ExcludedTexts,
+    ReplayDataError,
+    offline_package_dir,
+    take_disjoint,
+    wiki_articles,
+    wiki_disjoint_indices,
+)
 from .generated_tasks import CHOICES, GENERATORS
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,113 @@ _EVAL_SPLIT_NAMES = ("test", "validation", "valid", "eval", "dev")
 
 class TaskDataError(ValueError):
     """A task that cannot be built from the data given."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring modes: how a task's answers are obtained (gere_hf.evaluation.scoring) and judged (here)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalisation: lowercase, drop punctuation (any Unicode P* character), the articles a/an/the and
+    extra whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P") and ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def normalize_label(text: str) -> str:
+    """How a generated answer is compared with a closed task's label (O-LoRA's ``compute_metrics``): lowercase, drop
+    punctuation (any Unicode P* character too), collapse whitespace. Articles are kept: labels such as COPA's "A"
+    and "B" are words here."""
+    text = text.lower()
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P") and ch not in string.punctuation)
+    return " ".join(text.split())
+
+
+def _is_gold_choice(answer: str, reference: str, closed: bool) -> bool:
+    """The log-likelihood modes' judge: the ranked-first choice is right when it is the gold completion."""
+    return answer == reference
+
+
+def _generation_is_right(answer: str, reference: str, closed: bool) -> bool:
+    """The ``generate`` mode's judge: a closed task's label after :func:`normalize_label` (articles kept, so the
+    label "A" is no empty answer), a free-form answer after :func:`normalize_answer` (SQuAD)."""
+    return normalize_label(answer) == normalize_label(reference) if closed else exact_match(answer, reference)
+
+
+@dataclass(frozen=True)
+class ScoringMode:
+    """One way a task's eval examples are scored (``Task.scoring``, a recipe stage's ``scoring``): what it needs and
+    how an answer is judged. :data:`gere_hf.evaluation.scoring.TASK_SCORERS` gives each mode its scorer.
+
+    Attributes:
+        name: the mode's name.
+        description: one line for docs and errors.
+        title: how reports name it.
+        needs_choices: it ranks a closed task's choices (a free-form task cannot use it).
+        uses_choice_eos: the eos option (``Task.choice_eos``) changes the score.
+        length_normalized: choices are ranked by their log-likelihood per token scored.
+        label_key: how a closed task's labels are compared with an answer (None: verbatim); labels must stay distinct
+            and non-empty under it.
+        judge: ``judge(answer, gold completion, closed task) -> right``.
+    """
+
+    name: str
+    description: str
+    title: str
+    needs_choices: bool
+    uses_choice_eos: bool
+    length_normalized: bool
+    label_key: Callable[[str], str] | None
+    judge: Callable[[str, str, bool], bool]
+
+
+SCORING_MODES: dict[str, ScoringMode] = {
+    m.name: m
+    for m in (
+        ScoringMode("loglik", "rank the choices by their summed log-likelihood (lm-eval's acc)",
+                    "log-likelihood ranking", True, True, False, None, _is_gold_choice),
+        ScoringMode("loglik_norm", "rank the choices by their log-likelihood per token scored",
+                    "log-likelihood per token ranking", True, True, True, None, _is_gold_choice),
+        ScoringMode("generate", "greedy generation, first line, exact match of the label (O-LoRA / the GeRe paper)",
+                    "generation, exact match", False, False, False, normalize_label, _generation_is_right),
+    )
+}
+"""The scoring modes, in the order docs list them."""
+CLOSED_DEFAULT_SCORING = "loglik"
+"""A closed task's mode when none is given; a free-form task always generates."""
+FREE_FORM_SCORING = "generate"
+
+
+def judge_answers(
+    predictions: Sequence[str], references: Sequence[str], scoring: str, choices: Sequence[str] | None = None
+) -> list[bool]:
+    """Whether each answer is right as :func:`gere_hf.evaluation.score_task` judges it in the mode ``scoring``
+    (:data:`SCORING_MODES`): ``predictions`` are :attr:`TaskScore.predictions`, ``references`` the gold completions,
+    ``choices`` the task's closed answer set (``None``: a free-form task). The ``task_accuracy`` evaluate module runs
+    this."""
+    if scoring not in SCORING_MODES:
+        renamed = {"choice": "'loglik' or 'loglik_norm' with choices=", "exact_match": "'generate'"}.get(scoring)
+        raise ValueError(f"scoring must be one of {', '.join(SCORING_MODES)}, got {scoring!r}"
+                         + (f" (now {renamed})." if renamed else "."))
+    if len(predictions) != len(references):
+        raise ValueError(f"Got {len(predictions)} predictions and {len(references)} references; give one each.")
+    mode = SCORING_MODES[scoring]
+    if mode.needs_choices:
+        if choices is None:
+            raise ValueError(f"scoring {scoring!r} ranks a closed task's choices: pass choices= (the task's "
+                             "candidate completions), or use scoring 'generate' for a free-form task.")
+        unknown = sorted({p for p in predictions if p not in choices})
+        if unknown:
+            raise ValueError(f"In scoring {scoring!r} every prediction is one of the choices {list(choices)}; got "
+                             f"{unknown[:5]}. Pass the evaluator's predictions (TaskScore.predictions).")
+    return [bool(mode.judge(p, r, choices is not None)) for p, r in zip(predictions, references)]
 
 
 @dataclass
@@ -67,7 +182,7 @@ class Task:
         source_texts: the texts the examples were built from, per split (``{"train": [...], "eval": [...]}``): the
             article of a ``wiki_topic`` prompt, the review, the dataset fields a template reads. With the prompts and
             completions they are what held-out general text must not overlap (:meth:`texts`).
-        scoring: how the eval examples are scored, a mode of :data:`gere_hf.evaluation.scoring.TASK_SCORERS`:
+        scoring: how the eval examples are scored, a mode of :data:`SCORING_MODES`:
             ``"loglik"`` (closed tasks: rank the choices by summed log-likelihood), ``"loglik_norm"`` (per token) or
             ``"generate"`` (greedy generation, exact match of the label). ``None``: ``"loglik"`` for a closed task,
             ``"generate"`` for a free-form one (always).
@@ -111,25 +226,24 @@ class Task:
         self._check_scoring()
 
     def _check_scoring(self) -> None:
-        from .scoring import TASK_SCORERS, normalize_label
-
         if self.scoring is None:
-            self.scoring = "loglik" if self.choices is not None else "generate"
-        if self.scoring not in TASK_SCORERS:
+            self.scoring = CLOSED_DEFAULT_SCORING if self.choices is not None else FREE_FORM_SCORING
+        if self.scoring not in SCORING_MODES:
             raise TaskDataError(
-                f"Task {self.name!r}: unknown scoring {self.scoring!r}; choose one of {', '.join(TASK_SCORERS)}."
+                f"Task {self.name!r}: unknown scoring {self.scoring!r}; choose one of {', '.join(SCORING_MODES)}."
             )
         if not isinstance(self.choice_eos, bool):
             raise TaskDataError(f"Task {self.name!r}: choice_eos must be true or false, got {self.choice_eos!r}.")
-        if self.choices is None and TASK_SCORERS[self.scoring].needs_choices:
+        mode = SCORING_MODES[self.scoring]
+        if self.choices is None and mode.needs_choices:
             raise TaskDataError(
                 f"Task {self.name!r} is free-form (no choices), but scoring {self.scoring!r} ranks choices. Use "
-                "scoring 'generate', or give the candidate answers (choices)."
+                f"scoring {FREE_FORM_SCORING!r}, or give the candidate answers (choices)."
             )
-        if self.choices is not None and self.scoring == "generate":
+        if self.choices is not None and mode.label_key is not None:
             seen: dict[str, str] = {}
             for choice in self.choices:
-                key = normalize_label(choice)
+                key = mode.label_key(choice)
                 if not key:
                     raise TaskDataError(
                         f"Task {self.name!r}: the label {choice!r} is empty once normalised (lowercase, no punctuation, "
@@ -155,14 +269,12 @@ class Task:
     def describe(self) -> dict:
         """A JSON-ready summary (sizes, scoring, the eos option where it applies, choices and the scalar entries of
         ``meta``)."""
-        from .scoring import TASK_SCORERS
-
         return {
             "name": self.name,
             "num_train": len(self.train),
             "num_eval": len(self.eval),
             "scoring": self.scoring,
-            "choice_eos": self.choice_eos if TASK_SCORERS[self.scoring].uses_choice_eos else None,
+            "choice_eos": self.choice_eos if SCORING_MODES[self.scoring].uses_choice_eos else None,
             "choices": self.choices,
             "meta": {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
         }
@@ -256,8 +368,6 @@ def _overlap_meta(exclude: ExcludedTexts | None, dropped: int) -> dict:
 
 
 def _wiki_topic(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
-    from ..replay import ReplayDataError, wiki_articles, wiki_disjoint_indices
-
     try:
         articles = wiki_articles()
     except ReplayDataError as err:

@@ -10,6 +10,13 @@ from contextlib import contextmanager
 
 import torch
 
+from ..models import is_peft_model, needs_task_ids, unwrap_causal_lm, virtual_token_count
+
+
+def argmax(values) -> int:
+    """The index of the largest value; ties go to the earlier one (the earlier choice, the earlier option)."""
+    return max(range(len(values)), key=values.__getitem__)
+
 
 def model_device(model) -> torch.device:
     device = getattr(model, "device", None)
@@ -35,8 +42,6 @@ def _forward_parameters(cls: type) -> frozenset[str]:
 
 def forward_parameters(model) -> frozenset[str]:
     """The named arguments of the forward of the causal LM below PEFT/DDP wrappers (which pass them through)."""
-    from ..models import unwrap_causal_lm
-
     return _forward_parameters(type(unwrap_causal_lm(model)))
 
 
@@ -75,8 +80,6 @@ def virtual_prompt_model(model):
 
     Multitask prompt tuning is refused: its prompt depends on a task id per input, which evaluation inputs lack.
     """
-    from ..models import needs_task_ids, virtual_token_count
-
     if virtual_token_count(model) == 0:
         return None
     if needs_task_ids(model):
@@ -91,8 +94,6 @@ def virtual_prompt_model(model):
 
 def keeps_prompt_in_cache(model) -> bool:
     """A prefix-tuning PEFT model: its prompt is key/value states that its forward puts in front of the cache."""
-    from ..models import is_peft_model
-
     if not is_peft_model(model):
         return False
     config = (model if hasattr(model, "active_peft_config") else model.module).active_peft_config
@@ -137,8 +138,6 @@ def scoring_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     prompted = virtual_prompt_model(model)
     if prompted is None:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    from ..models import virtual_token_count
-
     k = virtual_token_count(prompted)
     position_ids = kwargs.pop("position_ids", None)
     keep = kwargs.get("logits_to_keep")
@@ -211,8 +210,6 @@ def output_head_inputs(model):
     output: a model that transforms its logits after the head (soft-capping, scaling) does not match, and needs a
     plain forward. Plain modules without an output head capture nothing (``captured.hidden`` stays ``None``).
     """
-    from ..models import unwrap_causal_lm
-
     captured = HeadInputs()
     get_head = getattr(unwrap_causal_lm(model), "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None

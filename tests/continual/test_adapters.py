@@ -10,7 +10,8 @@ from recipe_utils import one_thread, read_json, tiny_recipe
 from safetensors.torch import load_file
 
 from gere_hf.continual import RecipeError, parse_recipe, run_recipe
-from gere_hf.continual.adapters import load_causal_lm, load_stage_model, stage_result_model
+from gere_hf.continual.adapters import load_causal_lm, stage_result_model
+from gere_hf.continual.state import load_stage_model
 
 # Two optimizer steps per stage with a large learning rate: every stage visibly moves the model.
 FAST = ("evaluation.enabled=false", "training.learning_rate=0.05", "training.max_steps=2")
@@ -85,7 +86,7 @@ def test_load_stage_model_errors(tmp_path):
     )
     with pytest.raises(ValueError, match=r"Stage 2 is not finished .* 1..1 \(a; 0 is the base model\)"):
         load_stage_model(str(out), "b")
-    with pytest.raises(ValueError, match="no stage named 'c'"):
+    with pytest.raises(ValueError, match="has no stage 'c'"):
         load_stage_model(str(out), "c")
 
 

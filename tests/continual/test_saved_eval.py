@@ -34,7 +34,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(saved_eval, "_load_plain", refuse)
-    monkeypatch.setattr("gere_hf.continual.adapters.load_stage_model", refuse)
+    monkeypatch.setattr(saved_eval, "load_stage_model", refuse)
 
 
 def test_a_stage_of_a_run_gives_the_runs_numbers(finished_run, tmp_path, capsys):

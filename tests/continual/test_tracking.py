@@ -184,7 +184,7 @@ def test_stage_tracking_sets_variables_for_the_stage_only(tmp_path, monkeypatch)
 
 def test_recipe_tracking_fields(tmp_path):
     recipe = parse_recipe(tiny_recipe(tmp_path, "tracking.run_name={run}_{stage}", "tracking.project=cl"))
-    from gere_hf.continual.launch import stage_training_kwargs
+    from gere_hf.continual.arguments import stage_training_kwargs
 
     kwargs = stage_training_kwargs(recipe, recipe.stages[1], 2)
     assert kwargs["run_name"] == "tiny_cpu_trivia" and kwargs["project"] == "cl"

@@ -5,7 +5,7 @@ Each module is a folder beside this file holding a script of the same name (what
 * ``continual_metrics`` — AP, BWT, FWT and forgetting of an accuracy matrix. The implementation lives in that file
   (it needs nothing from gere_hf, so the folder works anywhere); :func:`continual_metrics` here calls it.
 * ``task_accuracy`` — accuracy of task answers as gere_hf's evaluator judges them in its scoring modes (``loglik``,
-  ``loglik_norm``, ``generate``); it runs :func:`gere_hf.evaluation.scoring.judge_answers`, what the scorers judge
+  ``loglik_norm``, ``generate``); it runs :func:`gere_hf.evaluation.tasks.judge_answers`, what the scorers judge
   with.
 * ``mmlu_accuracy`` — MMLU accuracy per subject, category and overall with standard errors; it calls
   :func:`gere_hf.evaluation.mmlu.mmlu_summary`.

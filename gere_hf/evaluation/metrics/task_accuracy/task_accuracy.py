@@ -1,8 +1,8 @@
 # Copyright 2025 The gere_hf Authors. Licensed under the Apache License, Version 2.0.
 """Task accuracy as gere_hf's evaluator judges answers, as a Hugging Face ``evaluate`` module.
 
-The scoring modes are the evaluator's (``gere_hf.evaluation.scoring.TASK_SCORERS``) and so is the judgement: the
-module runs ``gere_hf.evaluation.scoring.judge_answers``, the function ``score_task`` judges with, so it needs gere_hf
+The scoring modes are the evaluator's (``gere_hf.evaluation.tasks.SCORING_MODES``) and so is the judgement: the
+module runs ``gere_hf.evaluation.tasks.judge_answers``, with the judges ``score_task`` uses, so it needs gere_hf
 installed (it ships in it).
 
 * ``loglik`` / ``loglik_norm`` (closed tasks, ``choices`` required): the prediction is the ranked-first choice, right
@@ -24,7 +24,7 @@ import math
 import datasets
 import evaluate
 
-from gere_hf.evaluation.scoring import judge_answers
+from gere_hf.evaluation.tasks import judge_answers
 
 _DESCRIPTION = """\
 Accuracy of task answers judged as gere_hf's evaluator judges them in a scoring mode (loglik, loglik_norm, generate),
