@@ -2,7 +2,7 @@
 """FSDP2 on 2 CPU processes (gloo): the store build of a sharded model, and GeReTrainer under accelerate's FSDP2.
 
 torch 2.13's ``fully_shard`` runs on CPUs with gloo; accelerate enables FSDP only on GPUs, so the trainer tests tell
-its state it is FSDP (tests/fsdp2_worker.py says how): accelerate's FSDP2 preparation (sharding units, mixed-precision
+its state it is FSDP (tests/workers/fsdp2_worker.py says how): accelerate's FSDP2 preparation (sharding units, mixed-precision
 policy), transformers' FSDP save path and GeRe's hooks, replay forward and store build then run as on GPUs. What
 this cannot show: NCCL, GPU memory, and speed.
 """
@@ -27,7 +27,7 @@ from gere_hf.replay import ReplaySet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(TESTS_DIR, "fsdp2_worker.py")
+WORKER = os.path.join(TESTS_DIR, "workers", "fsdp2_worker.py")
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 TERMS = ("loss", "task_loss", "replay_ce", "replay_term", "replay_share", "replay_samples_seen")
 
@@ -61,7 +61,7 @@ def test_a_2_process_fsdp2_build_equals_an_unsharded_build(tmp_path, peft):
     """Sharded weights are gathered by FSDP2's own hooks (the build calls the module), hashed whole, and every rank
     runs the same number of forwards (each one all-gathers): the store is byte-identical to a 1-process build of the
     unsharded model. With LoRA the adapters are disabled for the forward: the base model is recorded."""
-    sys.path.insert(0, TESTS_DIR)
+    sys.path.insert(0, os.path.join(TESTS_DIR, "workers"))
     from fsdp2_worker import MAX_LENGTH, _model
 
     ranks = _run(tmp_path, "fsdp2", 2, mode="build", peft=peft)

@@ -18,7 +18,7 @@ import pytest
 from gere_hf.locks import LOCK_FILE, FolderLockedError, NotAFolderError, folder_lock, read_holder
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-WORKER = os.path.join(TESTS_DIR, "lock_worker.py")
+WORKER = os.path.join(TESTS_DIR, "workers", "lock_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
 
 

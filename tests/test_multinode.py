@@ -1,6 +1,6 @@
 # Copyright 2025 The gere_hf Authors. Licensed under the Apache License, Version 2.0.
 """Two nodes on this machine, without a shared filesystem: two torchrun invocations (--nnodes 2, --node_rank 0/1)
-in parallel on 127.0.0.1, each node seeing the store directory at its own place (tests/multinode_store_worker.py).
+in parallel on 127.0.0.1, each node seeing the store directory at its own place (tests/workers/multinode_store_worker.py).
 
 The store is built once by all ranks: each node's ranks write their chunks on their own disk, the statistics are
 all-gathered, rank 0 receives the chunks it cannot see and assembles the store, and node 1's first rank writes rank
@@ -22,7 +22,7 @@ from test_reference import build, data_files, manifest_without_build
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-WORKER = os.path.join(TESTS_DIR, "multinode_store_worker.py")
+WORKER = os.path.join(TESTS_DIR, "workers", "multinode_store_worker.py")
 
 
 def _free_port() -> int:

@@ -372,7 +372,7 @@ def test_two_process_torchrun_build_equals_single_process(tiny_model, replay, tm
     logs.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(TESTS_DIR, "dist_build_worker.py"), "--out", str(out), "--log-dir", str(logs),
+           os.path.join(TESTS_DIR, "workers", "dist_build_worker.py"), "--out", str(out), "--log-dir", str(logs),
            "--max-length", str(MAX_LENGTH), "--batch-size", "3", "--chunk-size", "5"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

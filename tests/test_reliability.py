@@ -292,7 +292,7 @@ def test_disk_full_on_a_real_small_tmpfs(replay, tmp_path):
         pytest.skip("mounting a tmpfs needs root (the fault-injection test above covers the logic)")
     try:
         result = subprocess.run(
-            [sys.executable, os.path.join(TESTS_DIR, "reliability_disk_full.py"), str(mnt)],
+            [sys.executable, os.path.join(TESTS_DIR, "workers", "reliability_disk_full.py"), str(mnt)],
             capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -439,7 +439,7 @@ def test_failing_rank_ends_every_process_within_60_seconds(tmp_path, store_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
     cmd = ["timeout", "-s", "KILL", "200", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           os.path.join(TESTS_DIR, "reliability_worker.py"), str(out / "cfg.json")]
+           os.path.join(TESTS_DIR, "workers", "reliability_worker.py"), str(out / "cfg.json")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output = proc.communicate(timeout=230)[0].decode(errors="replace")

@@ -19,7 +19,7 @@ from gere_hf import ReferenceStates, ReplaySet
 from gere_hf.models import tiny_llama
 
 pytestmark = pytest.mark.slow
-WORKER = os.path.join(os.path.dirname(__file__), "trainer_worker.py")
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "trainer_worker.py")
 TERMS = ("loss", "task_loss", "replay_ce", "replay_term", "replay_share", "replay_samples_seen")
 
 

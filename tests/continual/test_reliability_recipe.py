@@ -426,7 +426,7 @@ def test_only_the_main_process_writes_in_a_two_process_run(tmp_path, uninterrupt
 # Resume exact at any kill point: one run killed at every file a stage writes, resumed after each kill
 # ----------------------------------------------------------------------------------------------------------------------
 
-KILL_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_worker.py")
+KILL_WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "workers", "kill_worker.py")
 S1, S2 = os.path.join("stages", "1-polarity"), os.path.join("stages", "2-trivia")
 # max_steps 3 with 2 steps an epoch (8 examples, batch 4): the last step ends an epoch in its middle, where resuming
 # from the final checkpoint trained a 4th step.

@@ -2,7 +2,7 @@
 """Two simulated nodes without a shared filesystem, run by tests/test_multinode.py, one torchrun per node:
 
     torchrun --nnodes 2 --node_rank N --nproc_per_node P --master_addr 127.0.0.1 --master_port PORT \\
-        tests/multinode_store_worker.py --base DIR --log-dir DIR
+        tests/workers/multinode_store_worker.py --base DIR --log-dir DIR
 
 Every node sees the store directory at its own place (``DIR/node{N}/store``), as a node-local disk would hold it.
 Phase "build": the store is built by all ranks; phase "rejoin": node 1's copy is deleted (a fresh node) and the build
@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 from conftest import REPLAY_TEXTS, make_tiny_model  # noqa: E402
 from transformers import ByT5Tokenizer  # noqa: E402

@@ -1,6 +1,6 @@
 # Copyright 2025 The gere_hf Authors. Licensed under the Apache License, Version 2.0.
 """A 2-process reference-store build, run by tests/test_reference.py as
-``torchrun --standalone --nproc_per_node 2 tests/dist_build_worker.py --out DIR --log-dir DIR``.
+``torchrun --standalone --nproc_per_node 2 tests/workers/dist_build_worker.py --out DIR --log-dir DIR``.
 
 Each rank builds the store of the tiny test model over the shared replay texts on the gloo (CPU) backend and writes
 ``rank{R}.json`` to ``--log-dir``: which files it wrote through the store's atomic writer, how many forwards it ran,
@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 from conftest import REPLAY_TEXTS, make_tiny_model  # noqa: E402
 from transformers import ByT5Tokenizer  # noqa: E402

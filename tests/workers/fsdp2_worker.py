@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 
 from conftest import REPLAY_TEXTS  # noqa: E402
 from transformers import ByT5Tokenizer  # noqa: E402
