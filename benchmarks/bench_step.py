@@ -91,7 +91,7 @@ def run_mode(a) -> dict:
                                                                  "up_proj", "down_proj"]))
     train = _task_dataset(tok, a.batch_size * (a.steps + 2), a.seq_len)
     # Task batches padded to a multiple of N: fewer distinct shapes (on a GPU each new sequence length costs cuDNN's
-    # attention a new plan: docs/benchmarks.md, "The GPU check").
+    # attention a new plan: docs/lab/benchmarks.md, "The GPU check").
     collator = DataCollatorForLanguageModeling(tok, mlm=False, pad_to_multiple_of=a.pad_to_multiple_of or None)
 
     times: list[float] = []

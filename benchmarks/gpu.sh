@@ -25,7 +25,7 @@
 #
 # On the device (from the repository root, after `python benchmarks/gpu_wheels.py fetch` here):
 #   device run, carry [".whl"], command: bash benchmarks/gpu.sh
-# Try it on CPU with the tiny model first (docs/benchmarks.md, "The GPU check": a venv holding only what the GPU
+# Try it on CPU with the tiny model first (docs/lab/benchmarks.md, "The GPU check": a venv holding only what the GPU
 # machine holds, plus the wheels fetched for its Python):
 #   OMP_NUM_THREADS=1 MODEL=tiny DEVICE=cpu DTYPE=fp32 SAMPLES=40 STEPS=6 BATCH=4 RECIPE_STEPS=3 bash benchmarks/gpu.sh
 set -uo pipefail

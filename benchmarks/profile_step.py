@@ -1,6 +1,6 @@
 """Where a GeRe training step spends its time: torch.profiler over the same steps under two replay losses.
 
-Wall-clock step times on a shared or virtualised CPU move by ±10 % between identical runs (docs/benchmarks.md), more
+Wall-clock step times on a shared or virtualised CPU move by ±10 % between identical runs (docs/lab/benchmarks.md), more
 than the difference this script looks for. The operators' own CPU time is steadier: this script trains the same
 batches and replay samples as ``bench_step.py`` under each mode, profiles ``--active`` optimizer steps after
 ``--wait`` steps, and prints per mode the total operator CPU time per step, the ratio to the first mode, and the

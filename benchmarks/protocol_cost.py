@@ -1,7 +1,7 @@
 # Copyright 2025 The gere_hf Authors. Licensed under the Apache License, Version 2.0.
 """What GeRe adds to plain continual SFT over the paper's whole protocol: an estimate from token counts, printed as
 a table. Every input is a flag; the defaults are the paper recipe (recipes/paper_llama31_8b_lora.yaml) and
-assumptions stated in docs/benchmarks.md. Nothing here is measured on a GPU.
+assumptions stated in docs/lab/benchmarks.md. Nothing here is measured on a GPU.
 
     python benchmarks/protocol_cost.py
     python benchmarks/protocol_cost.py --replay-per-step 4 --global-batch 64     # the paper's batch interpolation
@@ -13,7 +13,7 @@ backward's input gradients; frozen weights get no weight gradients; ``--train-fa
 task tokens (CE + TM through the same forward and backward); the store build is one forward over the replay tokens
 (``--build-forwards``: 1 when its states stay on the device, 2 when they do not fit); the general-retention rows are a
 forward over the held-out texts after every stage and before the first; TM's own work and the replay data path are
-measured fractions of a step (docs/benchmarks.md, section 2 and 3). The accuracy matrix (every task's test set in
+measured fractions of a step (docs/lab/benchmarks.md, section 2 and 3). The accuracy matrix (every task's test set in
 every row) is part of the protocol with or without GeRe. ``--tflops`` turns the units into H200-hours (an assumed
 sustained throughput, not a measurement).
 

@@ -17,7 +17,7 @@ Outputs: ``<output_dir>/<loss>/`` (each run: ``results.json``, ``report.md``, fi
 (settings, timings, the table) and ``<output_dir>/recipes/<loss>.yaml`` (re-run any run with ``gere-hf run``).
 
 The default setting is sized to finish within 15 minutes on a 2-core CPU without GPU (12.2 min measured, idle);
-``--full`` is larger. See ``docs/demo.md`` for what to expect and ``docs/experiments.md`` for how the settings were
+``--full`` is larger. See ``docs/demo.md`` for what to expect and ``docs/lab/experiments.md`` for how the settings were
 chosen.
 """
 
@@ -71,7 +71,7 @@ class DemoError(ValueError):
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything the demo's three recipes share. Defaults: the 15-minute CPU setting (see docs/experiments.md)."""
+    """Everything the demo's three recipes share. Defaults: the 15-minute CPU setting (see docs/lab/experiments.md)."""
 
     model: str = "smollm2-135m"
     # (built-in task, training examples, eval examples), in training order. wiki_topic scores 5 choices of ~85
@@ -80,7 +80,7 @@ class DemoSettings:
     tasks: tuple = (("polarity", 100, 30), ("wiki_topic", 100, 15), ("trivia", 100, 20))
     seed: int = 0
     # Training: LoRA, constant learning rate. High enough that plain LoRA visibly forgets (NOTES.md: 60 steps at
-    # 5e-5 show nothing; at 2e-3 the held-out NLL rises by 0.55 over the sequence, see docs/experiments.md).
+    # 5e-5 show nothing; at 2e-3 the held-out NLL rises by 0.55 over the sequence, see docs/lab/experiments.md).
     max_steps: int = 20
     batch_size: int = 4
     learning_rate: float = 2e-3

@@ -3,7 +3,7 @@
 
 The resolver runs on wheels it is handed by a download function; here that function writes small wheel files (a
 dist-info METADATA with the given Requires-Dist) instead of asking PyPI, so the rule itself is what is tested. The
-real download (`gpu_wheels.py fetch`) and the install there are shown by the CPU trial in docs/benchmarks.md.
+real download (`gpu_wheels.py fetch`) and the install there are shown by the CPU trial in docs/lab/benchmarks.md.
 """
 
 from __future__ import annotations

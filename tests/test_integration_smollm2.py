@@ -3,7 +3,7 @@
 One task (polarity), LoRA on every linear layer, a few dozen steps at a high learning rate, fixed seed. Plain LoRA
 fine-tuning (``loss="none"``) raises the NLL of held-out Wikipedia summaries (never replayed) clearly; replay with
 the threshold-margin loss keeps it close to the base model's. The settings are a scaled-down version of the runs in
-docs/experiments.md (``benchmarks/experiments/drift_single_task.py``); about 3 minutes on a 2-core CPU.
+docs/lab/experiments.md (``benchmarks/experiments/drift_single_task.py``); about 3 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared helpers of the demo experiments (see docs/experiments.md): general-text measurements and result files.
+"""Shared helpers of the demo experiments (see docs/lab/experiments.md): general-text measurements and result files.
 
 Two kinds of held-out general text are measured:
 

@@ -231,7 +231,7 @@ class StoreBuilder:
         self.chunk_stats: dict[int, dict[str, np.ndarray]] = {}
         self.stats: dict[str, np.ndarray] | None = None  # the store's statistics and thresholds, once known
         self.forwards = {"statistics": 0, "labels": 0, "padding": 0}  # batches forwarded by this rank, per purpose
-        # Rank 0's wall seconds per phase: where a build's time goes beyond its forwards (docs/benchmarks.md).
+        # Rank 0's wall seconds per phase: where a build's time goes beyond its forwards (docs/lab/benchmarks.md).
         self.phase_seconds = {"prepare": 0.0, "record": 0.0, "label": 0.0, "assemble": 0.0}
 
     # -- space --------------------------------------------------------------------------------------------------------
