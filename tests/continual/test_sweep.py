@@ -3,6 +3,7 @@ comparison's numbers against a hand computation."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -101,6 +102,17 @@ def test_a_sweep_runs_every_arm_and_seed_resumes_after_a_kill_and_compares(tmp_p
     assert pe["examples"] == 2 * 2 * 4  # seeds × tasks × eval examples
     md = (sweep_dir / "comparison.md").read_text()
     assert "| tm − ce |" in md and "McNemar" in md and (sweep_dir / "comparison.png").stat().st_size > 0
+
+
+def test_the_shipped_sweep_files_plan_every_arm_and_seed():
+    """Each arm of a shipped sweep file (recipes/sweep_*.yaml) is a valid recipe at every seed: what a new arm is
+    checked by (CONTRIBUTING.md), without running it."""
+    paths = sorted(glob.glob(os.path.join(REPO_ROOT, "recipes", "sweep_*.yaml")))
+    assert paths
+    for path in paths:
+        cfg = load_sweep(path)
+        runs = plan_runs(cfg)
+        assert {(r.arm, r.seed) for r in runs} == {(a, s) for a in cfg.arms for s in cfg.seeds}
 
 
 def test_bad_sweep_files_are_refused_before_any_run(tmp_path):
