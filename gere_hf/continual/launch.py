@@ -152,13 +152,6 @@ def on_main_process(fn) -> None:
         raise RecipeError(error)
 
 
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def free_memory() -> None:
     gc.collect()
     try:

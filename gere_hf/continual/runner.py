@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from ..distributed import barrier
 from ..evaluation.evaluator import ContinualEvaluator
 from ..evaluation.report import write_report
 from ..fileio import write_json
@@ -35,7 +36,6 @@ from . import adapters as adapters_mod
 from . import data, launch, preflight
 from . import state as run_state
 from .hub import HubTarget, hub_preflight, model_card, push_stage
-from .launch import barrier
 from .recipe import TINY_MODEL, Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
 from .state import BASE_MODEL_DIR, CHECKPOINTS_DIR, METRICS_FILE, RUN_STATE_FILE, STAGES_DIR
 from .tracking import TrackingError, check_integrations, stage_tracking

@@ -28,6 +28,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save as save_np_bytes
 from tqdm.auto import tqdm
 
+from ..distributed import barrier, dist_info
 from ..fileio import atomic_write_bytes, file_blake2b
 from ..locks import folder_lock
 from ..losses import threshold_labels
@@ -36,12 +37,10 @@ from ..replay import ReplaySet
 from .errors import ReferenceStoreError
 from .exchange import (
     all_gather_json,
-    barrier,
     broadcast_file,
     broadcast_json,
     comm_device,
     directory_leaders,
-    dist_info,
     fail_together,
     send_store,
 )

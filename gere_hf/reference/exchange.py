@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..distributed import barrier, dist_info
 from .errors import ReferenceStoreError
 from .files import read_manifest, remove_store_files
 from .format import MANIFEST, PROBE_PREFIX
@@ -26,18 +27,6 @@ from .format import MANIFEST, PROBE_PREFIX
 logger = logging.getLogger(__name__)
 
 _FILE_PIECE_BYTES = 64 << 20  # a file travels in pieces of this size: bounded memory on both sides
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world size)``; ``(0, 1)`` outside ``torch.distributed``."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def comm_device() -> torch.device:

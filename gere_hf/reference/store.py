@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_np
 
+from ..distributed import dist_info
 from ..fileio import file_blake2b
 from ..replay import ReplaySet
 from .builder import build_store
 from .errors import ReferenceStoreError, ReferenceStoreMismatch
-from .exchange import broadcast_json, dist_info, fail_together, sync_store
+from .exchange import broadcast_json, fail_together, sync_store
 from .fingerprint import FINGERPRINT_FIELDS, compare_fingerprints
 from .format import BUILDING, MANIFEST, READABLE_FORMAT_VERSIONS, is_store, unpack_labels
 
