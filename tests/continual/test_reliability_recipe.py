@@ -130,7 +130,7 @@ def test_empty_replay_source(tmp_path, user_dir, capsys, content):
 @pytest.mark.parametrize("weight, expected", [
     ("-1", "gere: The replay weight must be a non-negative finite number or 'dy', got '-1'"),
     (".nan", "gere: The replay weight must be a non-negative finite number or 'dy', got 'nan'"),
-    ("heavy", "gere: Unknown weight 'heavy'; give a non-negative number or 'dy'"),
+    ("heavy", "gere: Unknown weight 'heavy'; give a non-negative number, 'dy', or 'dy:C' (dynamic, at most C)"),
 ])
 def test_negative_nan_or_unknown_replay_weight(tmp_path, user_dir, capsys, weight, expected):
     assert expected in _refused(tmp_path, user_dir, capsys, f"gere.weight={weight}")
