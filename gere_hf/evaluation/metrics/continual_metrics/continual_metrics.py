@@ -36,7 +36,8 @@ _CITATION = """\
 _DESCRIPTION = """\
 Average performance (AP), backward transfer (BWT), forward transfer (FWT, Lopez-Paz & Ranzato 2017) and forgetting
 (Chaudhry et al. 2018) of a continual-learning accuracy matrix R with T + 1 rows of T accuracies: row 0 is the model
-before any stage (or None), row t the model after stage t; column j is task j, trained in stage j + 1.
+before any stage (or None), row t the model after stage t; column j is task j, trained in stage j + 1. FWT's baseline
+is row 0, the base model, not Lopez-Paz & Ranzato's randomly initialised model.
 """
 
 _KWARGS_DESCRIPTION = """
