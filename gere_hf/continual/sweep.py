@@ -336,13 +336,22 @@ def _progress(run: SweepRun) -> str:
 EXTENDABLE = ("arms", "seeds")
 # Settings that change only how the runs are scheduled, never what they compute.
 SCHEDULING = ("parallel", "threads")
+# Where things are, not what they compute: a sweep folder copied elsewhere (another checkout, a results archive)
+# resumes there, its recipe compared by content (``recipe_content``), not by path.
+LOCATIONS = ("recipe", "output_dir")
 
 
 def check_extension(before: dict, now: dict, out: str) -> None:
-    """A resumed sweep keeps its settings and its arms' overrides; it may add arms and seeds (``--resume`` with more
-    arms extends a comparison without running the finished arms again)."""
-    changed = sorted(k for k in set(before) | set(now)
-                     if k not in (*EXTENDABLE, *SCHEDULING) and before.get(k) != now.get(k))
+    """A resumed sweep keeps its settings, its recipe's content and its arms' overrides; it may add arms and seeds
+    (``--resume`` with more arms extends a comparison without running the finished arms again). ``before`` and
+    ``now`` are what ``sweep.json`` holds: ``config`` and ``recipe_content``."""
+    by_content = "recipe_content" in before
+    ignored = (*EXTENDABLE, *SCHEDULING, *(LOCATIONS if by_content else ()))
+    changed = sorted(k for k in set(before["config"]) | set(now["config"])
+                     if k not in ignored and before["config"].get(k) != now["config"].get(k))
+    if by_content and before["recipe_content"] != now["recipe_content"]:
+        changed.append(f"the recipe {now['config']['recipe']}")
+    before, now = before["config"], now["config"]
     changed += [f"arms.{a}" for a, o in before.get("arms", {}).items() if a in now.get("arms", {}) and
                 now["arms"][a] != o]
     dropped = [f"arms.{a}" for a in before.get("arms", {}) if a not in now.get("arms", {})]
@@ -364,10 +373,12 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
             previous = json.load(f)
     if previous is not None and not resume:
         raise SweepError(f"{out} already holds a sweep. Pass --resume to continue it, or choose another output_dir.")
+    state = {"config": cfg.to_dict(), "recipe_content": load_recipe(cfg.recipe).raw,
+             "runs": [[r.arm, r.seed] for r in runs]}
     if previous is not None:
-        check_extension(previous["config"], json.loads(json.dumps(cfg.to_dict())), out)
+        check_extension(previous, json.loads(json.dumps(state)), out)
     os.makedirs(out, exist_ok=True)
-    write_json(state_path, {"config": cfg.to_dict(), "runs": [[r.arm, r.seed] for r in runs]})
+    write_json(state_path, state)
     cpus = os.cpu_count() or 1
     parallel = cfg.parallel or (2 if cpus >= 2 else 1)
     threads = cfg.threads or max(1, cpus // parallel)

@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,3 +148,27 @@ def test_a_resumed_sweep_keeps_its_settings_and_may_add_arms(tmp_path):
     assert extended.returncode == 0, out[-3000:]
     assert os.path.getmtime(tmp_path / "sweep" / "runs" / "none" / "seed-0" / "results.json") == finished
     assert set(read_json(tmp_path / "sweep" / "comparison.json")["arms"]) == {"none", "ce"}
+
+
+def test_a_sweep_folder_resumes_elsewhere_and_its_recipe_is_compared_by_content(tmp_path):
+    """A sweep folder and its recipe copied to another place (another checkout, an archive in benchmarks/results/)
+    resume there without rerunning finished runs; a recipe whose content changed is refused, wherever it lies."""
+    path = _sweep_file(tmp_path, seeds=[0], baseline="none", arms={"none": {"gere.loss": "none", **_small()}})
+    proc = _cli(path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "sweep", moved / "sweep")
+    shutil.copy(tmp_path / "recipe.yaml", moved / "recipe.yaml")
+    sweep = yaml.safe_load(open(path, encoding="utf-8"))
+    (moved / "sweep.yaml").write_text(yaml.safe_dump({**sweep, "output_dir": str(moved / "sweep")}))
+    resumed = _cli(str(moved / "sweep.yaml"), "--resume")
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "1 finished before" in out and "started" not in out
+    recipe = yaml.safe_load((moved / "recipe.yaml").read_text())
+    recipe["training"]["learning_rate"] = 2 * float(recipe["training"]["learning_rate"])
+    (moved / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    changed = _cli(str(moved / "sweep.yaml"), "--resume")
+    out, _ = changed.communicate(timeout=60)
+    assert changed.returncode == 2 and "the recipe" in out and "other settings" in out, out[-3000:]
