@@ -110,6 +110,21 @@ def test_gere_trainer_under_accelerate_fsdp2_matches_one_process(tmp_path, peft)
 
 
 @pytest.mark.slow
+def test_osf_under_fsdp2_loses_its_gradient_projection(tmp_path):
+    """Why recipes refuse OSF under FSDP (docs/osf.md): fully_shard replaces the parameters on which PEFT's OSF layers
+    registered the hooks that project their gradients, so FSDP2 trains OSF's factors unprojected, without an error.
+    The 2-process logs equal a 1-process run with the hooks removed, not the projected one. If this test fails, PEFT
+    or torch may have fixed it: lift the refusal (adapters.ADAPTER_TYPES['OSF'].launches) and update docs/osf.md."""
+    fsdp = _run(tmp_path, "fsdp2", 2, mode="train", fsdp2=True, peft="osf")
+    unprojected = _run(tmp_path, "unprojected", 1, mode="train", fsdp2=False, peft="osf_unprojected", ga=2)
+    projected = _run(tmp_path, "projected", 1, mode="train", fsdp2=False, peft="osf", ga=2)
+    assert fsdp[0]["param_type"] == "DTensor"
+    _assert_same_logs(unprojected[0]["logs"], fsdp[0]["logs"], rtol=1e-4)
+    assert fsdp[0]["logs"][0]["grad_norm"] == pytest.approx(unprojected[0]["logs"][0]["grad_norm"], rel=1e-4)
+    assert fsdp[0]["logs"][0]["grad_norm"] != pytest.approx(projected[0]["logs"][0]["grad_norm"], rel=1e-2)
+
+
+@pytest.mark.slow
 def test_bf16_under_fsdp2_mixed_precision_records_what_training_computes(tmp_path):
     """accelerate's FSDP2 trains in bf16 through the policy's param_dtype (no autocast): the build forwards at that
     precision too, so the replay term is exactly 0 at the first step (an autocast on top would not be)."""

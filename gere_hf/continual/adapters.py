@@ -1,6 +1,7 @@
-"""How the model of each stage of a continual run is put together: one LoRA adapter, stacked adapters, or full weights.
+"""How the model of each stage of a continual run is put together: one adapter, stacked adapters, or full weights.
 
-Strategies (``adapters.strategy`` of a recipe, with a ``peft`` LoRA config):
+The adapter types a recipe's ``peft`` section may ask for (``peft.peft_type``) are :data:`ADAPTER_TYPES`: LoRA (the
+default) and OSF (orthogonal subspace fine-tuning, ``docs/osf.md``). Strategies (``adapters.strategy``):
 
 * ``continue``: one adapter trained through all stages. Stage t loads the base model with stage t−1's adapter
   (trainable) and goes on training it; every stage saves the whole adapter, a snapshot.
@@ -20,6 +21,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,43 +31,232 @@ from ..models import DTYPE_NAMES, ensure_pad_token, resolve_model_path
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("continue", "stack")
+# OSF's default preserved rank per stage: evenly spaced from the first to the last stage (PEFT's continual example:
+# 0.3, 0.5, 0.7 over three tasks).
+OSF_DEFAULT_RANKS = (0.3, 0.7)
 
 
 class AdapterError(ValueError):
     """An adapter setting that cannot work (unknown strategy, unknown LoRA option, ...)."""
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _preserved_rank(v) -> bool:
+    """An OSF effective_rank: an absolute rank ≥ 1, or a fraction of the smaller matrix dimension in (0, 1)."""
+    if isinstance(v, bool):
+        return False
+    return v >= 1 if isinstance(v, int) else _finite(v) and 0 < v < 1
+
+
+PRESERVED_RANK = "an absolute rank ≥ 1 (int) or a fraction of the smaller matrix dimension in (0, 1) (float)"
+
+
+@dataclass(frozen=True)
+class AdapterType:
+    """A PEFT method a recipe's ``peft`` section may ask for (``peft.peft_type``).
+
+    Args:
+        peft_type: the ``peft.PeftType`` name, as a recipe writes it.
+        config_class: the name of its config class in ``peft``.
+        label: how reports, metrics and model cards name it.
+        ranges: ``{field: (test, what a valid value is)}``, checked after the field's annotation.
+        number_fields: fields annotated int that the library uses as any number.
+        strategies: the ``adapters.strategy`` values it supports, with why the others cannot work.
+        schedule_field: the config field ``adapters.effective_rank_schedule`` sets per stage, if any.
+        launches: ``{launch: why it cannot work}`` for the sharded launches ('FSDP', 'ZeRO-3') it cannot train under.
+    """
+
+    peft_type: str
+    config_class: str
+    label: str
+    ranges: dict = field(default_factory=dict)
+    number_fields: frozenset = frozenset()
+    strategies: dict = field(default_factory=lambda: dict.fromkeys(STRATEGIES))
+    schedule_field: str | None = None
+    launches: dict = field(default_factory=dict)
+
+    def config_cls(self):
+        import peft
+
+        return getattr(peft, self.config_class)
+
+    def fields(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config_cls()) if f.init]
+
+
+ADAPTER_TYPES: dict[str, AdapterType] = {t.peft_type: t for t in (
+    AdapterType(
+        "LORA", "LoraConfig", "LoRA",
+        ranges={
+            "r": (lambda v: v >= 1, "a rank ≥ 1 (e.g. 8 or 16)"),
+            "lora_alpha": (lambda v: _finite(v) and v > 0, "a number > 0 (e.g. twice r)"),
+            "lora_dropout": (lambda v: _finite(v) and 0 <= v < 1, "a probability in [0, 1)"),
+        },
+        number_fields=frozenset({"lora_alpha"}),
+    ),
+    AdapterType(
+        "OSF", "OSFConfig", "OSF",
+        ranges={
+            "effective_rank": (lambda v: v is None or _preserved_rank(v), PRESERVED_RANK + ", or null"),
+            "rank_pattern": (lambda v: v is None or all(_preserved_rank(x) for x in v.values()),
+                             f"a mapping of module patterns to {PRESERVED_RANK}"),
+        },
+        strategies={"stack": None, "continue": (
+            "OSF freezes the top singular directions of the weights a stage starts from and trains their orthogonal "
+            "complement; one adapter continued through the stages keeps the first stage's subspace, which could not "
+            "grow with what later stages learn. Use adapters.strategy: stack (each stage merges the previous OSF "
+            "adapters into the base and trains a fresh one, as PEFT's continual example does)"
+        )},
+        schedule_field="effective_rank",
+        launches={
+            "FSDP": "FSDP2's fully_shard replaces the parameters with sharded ones, and the hooks that project OSF's "
+                    "gradients onto the trainable subspace, registered on the original parameters, are lost without "
+                    "an error: the run would train unconstrained factors (measured, docs/osf.md)",
+            "ZeRO-3": "ZeRO-3 partitions the weights when the model is loaded, and OSF needs each target matrix whole "
+                      "for its SVD: PEFT skips the partitioned matrices, and DeepSpeed then fails with no parameter "
+                      "to train",
+        },
+    ),
+)}
+
+
+def adapter_type(options: dict | None) -> AdapterType | None:
+    """The :class:`AdapterType` a ``peft`` mapping asks for (LoRA without ``peft_type``); None for full fine-tuning."""
+    if options is None:
+        return None
+    name = options.get("peft_type")
+    name = "LORA" if name is None else name
+    key = str(getattr(name, "value", name)).upper()
+    if key not in ADAPTER_TYPES:
+        raise AdapterError(
+            f"peft.peft_type: recipes train {' or '.join(t.label for t in ADAPTER_TYPES.values())} adapters "
+            f"(adapters.strategy continues or stacks them across stages), got {name!r}. Remove peft_type (LoRA is the "
+            f"default), set it to one of {', '.join(ADAPTER_TYPES)}, or use GeReSFTTrainer with a peft_config of "
+            "your own for other PEFT methods."
+        )
+    return ADAPTER_TYPES[key]
+
+
+def peft_config(options: dict):
+    """The ``peft`` config (``LoraConfig``, ``OSFConfig``) of a recipe's ``peft`` mapping (``task_type`` defaults to
+    CAUSAL_LM)."""
+    kind = adapter_type(options)
+    options = dict(options)
+    options.setdefault("task_type", "CAUSAL_LM")
+    try:
+        return kind.config_cls()(**options)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"The peft section is not a valid {kind.config_class}: {err}") from None
+
+
 @dataclass
 class AdapterConfig:
-    """The ``adapters`` section of a recipe (only with a ``peft`` LoRA config)."""
+    """The ``adapters`` section of a recipe (only with a ``peft`` config)."""
 
     strategy: str = field(
         default="continue",
-        metadata={"help": "'continue': one LoRA adapter through all stages (a snapshot saved after each); 'stack': "
-                  "merge the previous adapters into the base before each stage and train a fresh adapter."},
+        metadata={"help": "'continue': one adapter through all stages (a snapshot saved after each); 'stack': merge "
+                  "the previous adapters into the base before each stage and train a fresh adapter (OSF: stack "
+                  "only)."},
+    )
+    effective_rank_schedule: list | None = field(
+        default=None,
+        metadata={"help": "OSF only: the preserved rank of each stage, one value per stage (floats in (0, 1): a "
+                  "fraction of each matrix's smaller dimension; ints: an absolute rank). Default, without "
+                  "peft.effective_rank: evenly spaced from 0.3 to 0.7 over the stages (PEFT's example: 0.3, 0.5, "
+                  "0.7). See docs/osf.md."},
     )
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise AdapterError(f"Unknown adapters.strategy {self.strategy!r}; choose 'continue' or 'stack'.")
+        for i, value in enumerate(self.effective_rank_schedule or ()):
+            if not _preserved_rank(value):
+                whole = (" (1.0 preserves every direction: nothing would train)"
+                         if isinstance(value, float) and value == 1 else "")
+                raise AdapterError(f"effective_rank_schedule must give each stage {PRESERVED_RANK}; item {i} is "
+                                   f"{value!r}{whole}.")
 
 
-def lora_config(options: dict):
-    """A ``peft.LoraConfig`` from a recipe's ``peft`` mapping (``task_type`` defaults to CAUSAL_LM)."""
-    from peft import LoraConfig
+def check_adapters(options: dict, adapters: AdapterConfig | None, num_stages: int) -> None:
+    """The ``adapters`` section against the ``peft`` type and the stages: the strategy the type supports, and a
+    schedule only for a type with one, not beside the field it sets, one value per stage."""
+    kind = adapter_type(options)
+    strategy = adapters.strategy if adapters is not None else "continue"
+    if strategy not in kind.strategies:
+        raise AdapterError(f"adapters.strategy {strategy!r} is not supported with peft.peft_type {kind.peft_type}.")
+    why = kind.strategies[strategy]
+    if why is not None:
+        raise AdapterError(f"adapters.strategy: {strategy!r} cannot work with peft.peft_type {kind.peft_type}"
+                           f"{' (the default without an adapters section)' if adapters is None else ''}: {why}.")
+    schedule = adapters.effective_rank_schedule if adapters is not None else None
+    if schedule is None:
+        return
+    if kind.schedule_field is None:
+        raise AdapterError(
+            f"adapters.effective_rank_schedule is OSF's preserved rank per stage, but peft.peft_type is "
+            f"{kind.peft_type}. Remove the schedule, or set peft.peft_type: OSF."
+        )
+    if options.get(kind.schedule_field) is not None:
+        raise AdapterError(
+            f"peft.{kind.schedule_field} and adapters.effective_rank_schedule both set the preserved rank. Keep one: "
+            f"peft.{kind.schedule_field} for the same rank at every stage, the schedule for one rank per stage."
+        )
+    if len(schedule) != num_stages:
+        raise AdapterError(
+            f"adapters.effective_rank_schedule has {len(schedule)} value(s) for {num_stages} stage(s): give one "
+            "preserved rank per stage, in stage order."
+        )
 
-    options = dict(options)
-    options.setdefault("task_type", "CAUSAL_LM")
-    try:
-        return LoraConfig(**options)
-    except (TypeError, ValueError) as err:
-        raise AdapterError(f"The peft section is not a valid LoRA config: {err}") from None
+
+def effective_rank_schedule(options: dict | None, adapters: AdapterConfig | None, num_stages: int) -> list | None:
+    """The preserved rank of each stage for a type with a schedule (OSF): the recipe's schedule, else
+    ``peft.effective_rank`` at every stage, else evenly spaced over :data:`OSF_DEFAULT_RANKS`; None for other types."""
+    kind = adapter_type(options)
+    if kind is None or kind.schedule_field is None:
+        return None
+    if adapters is not None and adapters.effective_rank_schedule is not None:
+        return list(adapters.effective_rank_schedule)
+    if options.get(kind.schedule_field) is not None:
+        return [options[kind.schedule_field]] * num_stages
+    low, high = OSF_DEFAULT_RANKS
+    if num_stages == 1:
+        return [low]
+    return [round(low + (high - low) * i / (num_stages - 1), 6) for i in range(num_stages)]
 
 
-def lora_fields() -> list[str]:
-    from peft import LoraConfig
+def adapters_record(options: dict | None, adapters: AdapterConfig | None, num_stages: int) -> dict | None:
+    """What ``run_state.json`` records of the adapters: the strategy, and the resolved rank schedule (OSF)."""
+    if options is None:
+        return None
+    record = {"strategy": adapters.strategy if adapters is not None else "continue"}
+    schedule = effective_rank_schedule(options, adapters, num_stages)
+    if schedule is not None:
+        record["effective_rank_schedule"] = schedule
+    return record
 
-    return [f.name for f in dataclasses.fields(LoraConfig)]
+
+def check_launch(options: dict | None, launch: str | None) -> None:
+    """Refuse an adapter type under a sharded launch ('FSDP', 'ZeRO-3') it cannot train under, naming the fix."""
+    kind = adapter_type(options)
+    if kind is None or launch not in kind.launches:
+        return
+    raise AdapterError(
+        f"peft.peft_type {kind.peft_type} cannot train under {launch}: {kind.launches[launch]}. Run it in one "
+        "process, with DDP or with DeepSpeed ZeRO-2 (tested), or use LoRA under this launch."
+    )
+
+
+def stage_peft_options(options: dict | None, adapters: AdapterConfig | None, index: int,
+                       num_stages: int) -> dict | None:
+    """The ``peft`` options stage ``index`` (1-based) trains with: the recipe's, with its scheduled rank (OSF)."""
+    schedule = effective_rank_schedule(options, adapters, num_stages)
+    if schedule is None:
+        return options
+    return {**options, adapter_type(options).schedule_field: schedule[index - 1]}
 
 
 @contextlib.contextmanager
@@ -124,7 +315,7 @@ def load_saved(load: Callable[[str], object], folder: str):
 
 
 def base_with_merged(load: Callable[[str], object], base: str, adapter_dirs: Sequence[str]):
-    """The base model with the LoRA adapters in ``adapter_dirs`` merged into its weights, in order."""
+    """The base model with the adapters in ``adapter_dirs`` (LoRA, OSF) merged into its weights, in order."""
     model = load(base)
     for adapter_dir in adapter_dirs:
         model = load_adapter(model, adapter_dir).merge_and_unload()
@@ -144,7 +335,7 @@ def training_model(
         load: ``load(path)`` returns a causal LM loaded from a path (or Hub id).
         base: the base model's path.
         previous: the folders of the finished stages before this one.
-        peft_options: the recipe's LoRA options, or None for full fine-tuning.
+        peft_options: the stage's ``peft`` options (:func:`stage_peft_options`), or None for full fine-tuning.
         strategy: 'continue' or 'stack' (ignored for full fine-tuning).
     """
     if peft_options is None:
@@ -160,7 +351,7 @@ def training_model(
     else:
         model = load(base)
     # get_peft_model fills in the config (target modules, base path): each stage gets its own copy.
-    return get_peft_model(model, copy.deepcopy(lora_config(peft_options)))
+    return get_peft_model(model, copy.deepcopy(peft_config(peft_options)))
 
 
 def stage_result_model(
@@ -187,7 +378,8 @@ def stage_result_model(
 
 
 def method_name(peft_options: dict | None, strategy: str) -> str:
-    return "full fine-tuning" if peft_options is None else f"LoRA ({strategy})"
+    """'full fine-tuning', 'LoRA (continue)', 'LoRA (stack)', 'OSF (stack)'."""
+    return "full fine-tuning" if peft_options is None else f"{adapter_type(peft_options).label} ({strategy})"
 
 
 def load_causal_lm(path: str, dtype: str | None = None, trust_remote_code: bool = False):

@@ -5,9 +5,10 @@ error named by its recipe key.
 ``TrainingArguments``/``SFTConfig`` and ``LoraConfig`` take almost any value and fail much later, inside a stage:
 ``learning_rate: fast`` is a ``TypeError`` in the optimizer, ``gradient_accumulation_steps: 0`` a
 ``ZeroDivisionError``, ``max_steps: -3`` trains 12 steps, ``r: four`` fails when the adapter is created and
-``peft_type: IA3`` silently trains LoRA. Here every value is checked against its field's annotation in the library
-class, then against the range that makes sense, then the classes are built exactly as the runner builds them, all
-before anything is loaded or written. Target modules are checked against the model's module names by
+``peft_type: IA3`` silently trains LoRA (recipes take the types of :data:`~gere_hf.continual.adapters.ADAPTER_TYPES`:
+LoRA and OSF, each checked against its own config class). Here every value is checked against its field's annotation
+in the library class, then against the range that makes sense, then the classes are built exactly as the runner
+builds them, all before anything is loaded or written. Target modules are checked against the model's module names by
 :mod:`gere_hf.continual.preflight`, once the model's config is known.
 """
 
@@ -21,7 +22,7 @@ import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .adapters import AdapterError, lora_config
+from .adapters import ADAPTER_TYPES, AdapterError, adapter_type, peft_config
 from .errors import RecipeError
 
 if TYPE_CHECKING:
@@ -52,13 +53,8 @@ TRAINING_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "save_total_limit": (lambda v: v is None or v >= 1, "at least 1, or null (keep all)"),
     "dataloader_num_workers": (lambda v: v >= 0, "0 or more"),
 }
-LORA_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "r": (lambda v: v >= 1, "a rank ≥ 1 (e.g. 8 or 16)"),
-    "lora_alpha": (lambda v: _finite(v) and v > 0, "a number > 0 (e.g. twice r)"),
-    "lora_dropout": (lambda v: _finite(v) and 0 <= v < 1, "a probability in [0, 1)"),
-}
-# Fields annotated int that the library uses as any number.
-_NUMBER_FIELDS = {"lora_alpha"}
+# The ranges of each adapter type's fields are in its registry entry (adapters.ADAPTER_TYPES).
+LORA_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = ADAPTER_TYPES["LORA"].ranges
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -211,20 +207,17 @@ def check_training(recipe: Recipe) -> None:
 
 
 def check_peft(options: dict) -> None:
-    """The ``peft`` section: LoRA only (a recipe's stages merge, stack and continue LoRA adapters), every value of
-    the type and range ``LoraConfig`` needs, then ``LoraConfig`` built as the runner builds it."""
-    from peft import LoraConfig
-
-    peft_type = options.get("peft_type")
-    if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
-        raise RecipeError(
-            f"peft.peft_type: recipes train LoRA adapters (adapters.strategy continues or stacks them across "
-            f"stages), got {peft_type!r}. Remove peft_type (LoRA is the default) or use GeReSFTTrainer with a "
-            "peft_config of your own for other PEFT methods."
-        )
-    check_values(options, typing.get_type_hints(LoraConfig), LORA_RANGES, lambda k: f"peft.{k}", _NUMBER_FIELDS)
+    """The ``peft`` section: an adapter type of :data:`~gere_hf.continual.adapters.ADAPTER_TYPES` (a recipe's stages
+    merge, stack and continue its adapters), every value of the type and range its config class needs, then the
+    config built as the runner builds it."""
     try:
-        lora_config(options)
+        kind = adapter_type(options)
+    except AdapterError as err:
+        raise RecipeError(str(err)) from None
+    check_values(options, typing.get_type_hints(kind.config_cls()), kind.ranges, lambda k: f"peft.{k}",
+                 kind.number_fields)
+    try:
+        peft_config(options)
     except AdapterError as err:
         raise RecipeError(str(err)) from None
 

@@ -251,15 +251,15 @@ def model_card(
         base_model_hub_id: the Hub id for the card's ``base_model`` metadata, or None (a local or random model: the
             Hub rejects a ``base_model`` that is not a repository id).
         task: ``Task.describe()`` of the stage's task.
-        method: 'LoRA (continue)', 'LoRA (stack)' or 'full fine-tuning'.
+        method: 'LoRA (continue)', 'LoRA (stack)', 'OSF (stack)' or 'full fine-tuning'.
         metrics: ``{"train": {...}, "accuracy": {...}, "general": {...}}`` of the stage.
         tracking: the stage's tracking record (``run_state.json``: W&B run id and URL, TensorBoard folder), if any.
     """
-    library = "peft" if method.startswith("LoRA") else "transformers"
+    library = "transformers" if method == "full fine-tuning" else "peft"
     replay = gere.get("loss", "tm") != "none"
     tags = [*(GERE_TAGS if replay else ("continual-learning",)), "trl", "sft"]
     if library == "peft":
-        tags.append("lora")
+        tags.append(method.split(" ")[0].lower())  # lora, osf
     meta = ["---"]
     if base_model_hub_id:
         meta.append(f"base_model: {base_model_hub_id}")
@@ -313,7 +313,7 @@ def model_card(
     if any(links):
         lines += ["Training logs: " + ", ".join(x for x in links if x) + ".", ""]
     lines += ["## Loading", ""]
-    if method == "LoRA (stack)" and index > 1:
+    if method.endswith("(stack)") and index > 1:
         lines += [f"This adapter was trained on the base model with the adapters of stages 1..{index - 1} merged into "
                   f"it: apply the adapters of stages 1..{index} in order (merge each but the last).", ""]
     if library == "peft":

@@ -96,6 +96,20 @@ def uses_deepspeed(recipe: Recipe) -> bool:
         os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() in ("1", "true")
 
 
+def sharded_launch(recipe: Recipe, args) -> str | None:
+    """'FSDP' or 'ZeRO-3' when the launch shards the parameters (``training.fsdp``/``training.deepspeed`` or an
+    accelerate config), else None; ``args`` are the stages' training arguments as built."""
+    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if zero3_config(recipe.training.get("deepspeed")) or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "ZeRO-3"
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true")
+
+
 def _disable_deepspeed_shm_op() -> None:
     """On CPU, DeepSpeed's first init compiles a shared-memory collective op (minutes); gloo does without it."""
     try:

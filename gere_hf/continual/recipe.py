@@ -197,9 +197,12 @@ class Recipe:
                                                              "the output_dir's folder name."})
     seed: int = field(default=42, metadata={"help": "Seed of data subsets, LoRA init and training."})
     peft: dict | None = field(
-        default=None, metadata={"help": "LoRA options (peft.LoraConfig fields), or null for full fine-tuning."}
+        default=None, metadata={"help": "Adapter options: peft.LoraConfig fields (the default), or peft.OSFConfig "
+                                "fields with peft_type: OSF; null for full fine-tuning."}
     )
-    adapters: AdapterConfig | None = field(default=None, metadata={"help": "LoRA across stages: continue or stack."})
+    adapters: AdapterConfig | None = field(
+        default=None, metadata={"help": "Adapters across stages: continue or stack (OSF: its rank schedule)."}
+    )
     gere: GeReConfig = field(default_factory=GeReConfig, metadata={"help": "GeReConfig fields."})
     training: dict = field(default_factory=dict, metadata={"help": "trl.SFTConfig / TrainingArguments fields."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "What is measured."})
@@ -227,6 +230,10 @@ class Recipe:
     @property
     def recipe_hash(self) -> str:
         return recipe_hash(self.raw)
+
+    def stage_peft(self, index: int) -> dict | None:
+        """The ``peft`` options stage ``index`` (1-based) trains with (OSF: its scheduled preserved rank)."""
+        return adapters_mod.stage_peft_options(self.peft, self.adapters, index, len(self.stages))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -493,8 +500,13 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
     peft = data.get("peft")
     if peft is not None:
         if not isinstance(peft, dict):
-            raise RecipeError("peft must be a mapping of LoRA options (peft.LoraConfig fields), or null.")
-        check_keys(peft, adapters_mod.lora_fields(), "peft", " See peft.LoraConfig for the LoRA options.")
+            raise RecipeError("peft must be a mapping of adapter options (peft.LoraConfig fields, or peft.OSFConfig "
+                              "fields with peft_type: OSF), or null.")
+        try:
+            kind = adapters_mod.adapter_type(peft)
+        except AdapterError as err:
+            raise RecipeError(str(err)) from None
+        check_keys(peft, kind.fields(), "peft", f" See peft.{kind.config_class} for the {kind.label} options.")
         check_peft(peft)
     adapters = None
     if data.get("adapters") is not None:
@@ -504,6 +516,11 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
                 "saves full weights). Remove the adapters section, or give a peft LoRA config (e.g. peft: {r: 16})."
             )
         adapters = build_dataclass(AdapterConfig, data["adapters"], "adapters")
+    if peft is not None:
+        try:
+            adapters_mod.check_adapters(peft, adapters, len(stages))
+        except AdapterError as err:
+            raise RecipeError(str(err)) from None
 
     if not isinstance(data.get("gere") or {}, dict):
         raise RecipeError("gere must be a mapping of GeReConfig fields (loss, weight, replay_source, ...).")

@@ -111,6 +111,10 @@ class RecipeRunner:
         if r.training.get("deepspeed"):
             r.training["deepspeed"] = launch.check_deepspeed_config(r.training["deepspeed"], r)
         self.build_training_args()  # sets up the process group: the lock's outcome reaches every rank through it
+        try:
+            adapters_mod.check_launch(r.peft, launch.sharded_launch(r, self.stage_args[0]))
+        except adapters_mod.AdapterError as err:
+            raise RecipeError(str(err)) from None
         if held is not None:
             launch.on_main_process(lambda: held.enter_context(
                 folder_lock(self.output_dir, "gere-hf run", wait=False, remove_if_empty=True)))
@@ -408,8 +412,8 @@ class RecipeRunner:
 
             set_hf_deepspeed_config(args.hf_deepspeed_config)  # this stage's config decides ZeRO-3 loading
         set_seed(r.seed + index)  # the same fresh LoRA weights on every rank
-        model = adapters_mod.training_model(self._load, self.base_path, self._stage_dirs(index - 1), r.peft,
-                                            r.strategy)
+        model = adapters_mod.training_model(self._load, self.base_path, self._stage_dirs(index - 1),
+                                            r.stage_peft(index), r.strategy)
         if index == 1:
             self._check_store_base(model)
         entry["status"] = "running"

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..evaluation.report import REPORT_FILES
 from ..fileio import read_json
-from .adapters import load_causal_lm, load_tokenizer, stage_result_model
+from .adapters import adapters_record, load_causal_lm, load_tokenizer, stage_result_model
 from .fingerprints import changed_digest, folder_differences, folder_records, records_digest
 from .recipe import TINY_MODEL, Recipe, RecipeError, recipe_differences
 
@@ -210,7 +210,7 @@ def fresh_run_state(recipe: Recipe, output_dir: str, base_path: str, stage_dirs:
                   "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code,
                   "weights": base_weights},
         "peft": recipe.peft,
-        "adapters": {"strategy": recipe.strategy} if recipe.peft is not None else None,
+        "adapters": adapters_record(recipe.peft, recipe.adapters, len(recipe.stages)),
         "stages": [{"index": i, "name": s.name, "dir": os.path.relpath(stage_dirs[i - 1], output_dir),
                     "status": "pending"} for i, s in enumerate(recipe.stages, start=1)],
         "evaluation": {},

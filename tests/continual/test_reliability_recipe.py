@@ -159,8 +159,8 @@ BAD_VALUES = [
     ("stages.0.learning_rate=-2", "stages[0] (polarity).learning_rate must be a finite number ≥ 0"),
     ("peft.r=four", "peft.r must be int, got 'four' (str)."),
     ("peft.r=0", "peft.r must be a rank ≥ 1 (e.g. 8 or 16), got 0."),
-    ("peft.peft_type=IA3", "peft.peft_type: recipes train LoRA adapters (adapters.strategy continues or stacks them "
-                           "across stages), got 'IA3'. Remove peft_type"),
+    ("peft.peft_type=IA3", "peft.peft_type: recipes train LoRA or OSF adapters (adapters.strategy continues or "
+                           "stacks them across stages), got 'IA3'. Remove peft_type"),
     ("peft.target_modules=[qq_proj]", "peft.target_modules: ['qq_proj'] name no module of tiny-random-llama; its "
                                       "linear layers are named down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj,"
                                       " up_proj, v_proj."),

@@ -36,8 +36,18 @@ from gere_hf.replay import ReplaySet  # noqa: E402
 MAX_LENGTH = 48
 
 
-def _model(peft: bool, changed_adapters: bool = False):
+def _model(peft: bool | str, changed_adapters: bool = False):
     model = tiny_llama(hidden_size=32, seed=0, attn_implementation="eager")
+    if peft in ("osf", "osf_unprojected"):  # PEFT's OSF; "osf_unprojected" without the hooks that project its
+        from peft import OSFConfig, get_peft_model  # gradients (tests/test_fsdp2.py)
+
+        model = get_peft_model(model, OSFConfig(target_modules=["q_proj", "v_proj"], effective_rank=0.5,
+                                                task_type="CAUSAL_LM"))
+        if peft == "osf_unprojected":
+            for module in model.modules():
+                if hasattr(module, "_detach_hooks"):
+                    module._detach_hooks()
+        return model
     if peft:
         from peft import LoraConfig, get_peft_model
 
