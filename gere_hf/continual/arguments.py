@@ -182,8 +182,6 @@ def _key_in_message(message: str, given: dict) -> str | None:
 def check_training(recipe: Recipe) -> None:
     """Every stage's training arguments: types and ranges by recipe key, then ``SFTConfig`` built as the runner
     builds it (DeepSpeed configs aside: :func:`gere_hf.continual.launch.check_deepspeed_config` reads them)."""
-    from trl import SFTConfig
-
     hints = _training_hints()
     for index, stage in enumerate(recipe.stages, start=1):
         kwargs = stage_training_kwargs(recipe, stage, index)
@@ -193,12 +191,15 @@ def check_training(recipe: Recipe) -> None:
         kwargs.pop("deepspeed", None)
         kwargs["output_dir"] = "checkpoints"  # never created: building the arguments writes nothing
         try:
-            SFTConfig(**kwargs)
+            recipe.method.build_args(kwargs)  # SFTConfig, or the method's own arguments class (method section)
         except Exception as err:  # the library's own checks (enums, strategies, combinations)
-            text = str(err).splitlines()[0] if str(err) else type(err).__name__
-            key = _key_in_message(text, given)
-            prefix = origins[key] if key else f"stages[{index - 1}] ({stage.name}): the training arguments"
-            raise RecipeError(f"{prefix}: {text}. See transformers.TrainingArguments and trl.SFTConfig.") from None
+            text = (str(err).splitlines()[0] if str(err) else type(err).__name__).rstrip(".")
+            options = recipe.method.options
+            key = _key_in_message(text, {**given, **options})
+            where = origins[key] if key in origins else f"method.{key}" if key else None
+            prefix = where or f"stages[{index - 1}] ({stage.name}): the training arguments"
+            classes = recipe.method.method.args_class_name
+            raise RecipeError(f"{prefix}: {text}. See transformers.TrainingArguments and {classes}.") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ logger = logging.getLogger(__name__)
 def build_stage_args(recipe: Recipe, checkpoint_dirs: list[str]) -> list:
     """The SFTConfig of every stage (bad values fail here); the first one sets up torch.distributed."""
     import torch
-    from trl import SFTConfig
 
     if uses_deepspeed(recipe) and not torch.cuda.is_available():
         _disable_deepspeed_shm_op()
@@ -34,7 +33,7 @@ def build_stage_args(recipe: Recipe, checkpoint_dirs: list[str]) -> list:
         kwargs = stage_training_kwargs(recipe, stage, i)
         kwargs["output_dir"] = checkpoints
         try:
-            args = SFTConfig(**kwargs)
+            args = recipe.method.build_args(kwargs)  # SFTConfig, or the method's arguments class
             _ = args.world_size  # sets up the devices and the process group now, not inside a stage
         except (TypeError, ValueError) as err:
             raise RecipeError(f"stages[{i - 1}] ({stage.name}): invalid training arguments: {err}") from None

@@ -29,6 +29,7 @@ from .adapters import AdapterConfig, AdapterError
 from .arguments import check_peft, check_training
 from .errors import RecipeError
 from .hub import HubConfig, HubError
+from .methods import MethodConfig, check_method, parse_method
 from .tracking import TrackingConfig
 
 TINY_MODEL = "tiny-random-llama"
@@ -204,6 +205,10 @@ class Recipe:
         default=None, metadata={"help": "Adapters across stages: continue or stack (OSF: its rank schedule)."}
     )
     gere: GeReConfig = field(default_factory=GeReConfig, metadata={"help": "GeReConfig fields."})
+    method: MethodConfig = field(
+        default_factory=MethodConfig, metadata={"help": "The stages' training method: sft (default) or sdft, with its "
+                                                "options (gere_hf.continual.methods.MethodConfig)."}
+    )
     training: dict = field(default_factory=dict, metadata={"help": "trl.SFTConfig / TrainingArguments fields."})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "What is measured."})
     hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "Pushing finished stages to the Hub."})
@@ -533,6 +538,7 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             gere_data[key] = str(value)
     gere = build_dataclass(GeReConfig, gere_data, "gere")
+    method = parse_method(data.get("method"))
 
     training = _check_training_keys(data.get("training"), "training")
     evaluation = build_dataclass(EvaluationConfig, data.get("evaluation"), "evaluation")
@@ -546,10 +552,11 @@ def parse_recipe(data: Any, path: str | None = None) -> Recipe:
         f = next(f for f in dataclasses.fields(Recipe) if f.name == key)
         _check_type(value, f.type, key)
     recipe = Recipe(model=model, stages=stages, output_dir=data["output_dir"], peft=peft, adapters=adapters,
-                    gere=gere, training=training, evaluation=evaluation, hub=hub, tracking=tracking, raw=data,
-                    path=path, **rest)
+                    gere=gere, method=method, training=training, evaluation=evaluation, hub=hub, tracking=tracking,
+                    raw=data, path=path, **rest)
     if recipe.name is not None:
         _check_name(recipe.name, "name")
+    check_method(recipe)
     check_training(recipe)
     return recipe
 

@@ -31,9 +31,8 @@ from ..locks import folder_lock
 from ..models import BUILTIN_MODELS, resolve_model_path, tiny_llama
 from ..reference import ReferenceStore, ReferenceStoreMismatch, check_base_weights, model_weights_hash, read_manifest
 from ..replay import ReplaySet
-from ..trainer import GeReSFTTrainer
 from . import adapters as adapters_mod
-from . import data, launch, preflight
+from . import data, launch, methods, preflight
 from . import state as run_state
 from .hub import HubTarget, hub_preflight, model_card, push_stage
 from .recipe import TINY_MODEL, Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
@@ -77,6 +76,7 @@ class RecipeRunner:
         self.clear = run_state.CLEAR_NOTHING  # what a fresh start removes first (check_previous_run)
         self.facts: preflight.ModelFacts | None = None
         self.examples: list[dict] = []
+        self.stage_methods: list[dict] = []  # each stage's training method and its options as trained
 
     # -- the whole run --------------------------------------------------------------------------------------------------
 
@@ -134,6 +134,8 @@ class RecipeRunner:
         self.check_replay()
         preflight.check_replay_per_step(r, self.replay_texts)
         self.load_tasks()
+        self.stage_methods = methods.prepare_stages(r.method, r.stages, self.tasks, self.stage_args,
+                                                    self.facts.tokenizer)
         self.examples = preflight.check_examples_kept(r, self.tasks, self.facts.tokenizer, self.stage_args)
         self.select_general_texts()
         self.select_mmlu()
@@ -336,6 +338,7 @@ class RecipeRunner:
             "recipe_hash": self.recipe.recipe_hash,
             "model": self.recipe.model.name_or_path,
             "method": adapters_mod.method_name(self.recipe.peft, self.recipe.strategy),
+            "training_method": self.recipe.method.to_dict(),
             "gere": self.recipe.gere.to_dict(),
             "world_size": self.world_size,
             "stages": [{k: s.get(k) for k in ("index", "name", "dir", "distributed_type", "train", "examples", "hub",
@@ -425,12 +428,13 @@ class RecipeRunner:
         with stage_tracking(r.tracking, run=r.run_name, index=index, stage=stage.name, args=args,
                             record=entry.setdefault("tracking", {}), output_dir=self.output_dir):
             self.save_state()
-            trainer = GeReSFTTrainer(
-                model=model, args=args, train_dataset=task.train, processing_class=self.tokenizer,
+            trainer = r.method.trainer_class()(  # GeReSFTTrainer, or the method's (methods.METHODS)
+                model=model, args=args, train_dataset=r.method.train_dataset(task.train), processing_class=self.tokenizer,
                 gere_config=gere_config, replay_set=self.replay, reference_states=self._base_store(index),
             )
             entry["distributed_type"] = str(getattr(trainer.accelerator.distributed_type, "value",
                                                     trainer.accelerator.distributed_type))
+            entry["method"] = {**self.stage_methods[index - 1], "trainer": type(trainer).__name__}
             entry["examples"]["trained"] = len(trainer.train_dataset)  # what TRL kept (max_length drops some)
             if args.fsdp and entry["distributed_type"] != "FSDP":
                 logger.warning("training.fsdp is set but accelerate runs %s: it enables FSDP only on "
@@ -484,6 +488,7 @@ class RecipeRunner:
             metrics = {
                 "stage": index, "name": r.stages[index - 1].name, "task": task.describe(),
                 "method": adapters_mod.method_name(r.peft, r.strategy), "gere": r.gere.to_dict(),
+                "training_method": entry.get("method"),
                 "train": entry.get("train"), "train_seconds": entry.get("train_seconds"),
                 "evaluation": record, "log_history": self._log_history.pop(index, []),
             }
