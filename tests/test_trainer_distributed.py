@@ -66,11 +66,12 @@ def _run(tmp_path, store_path, name, nproc, **cfg):
     return [json.loads((out / f"result-rank{r}.json").read_text()) for r in range(nproc)]
 
 
-def _assert_same_logs(ref, got, rtol):
+def _assert_same_logs(ref, got, rtol, term_rtol=None):
     assert len(ref["logs"]) == len(got["logs"]) == ref["max_steps"]
     for a, b in zip(ref["logs"], got["logs"]):
         for term in TERMS:
-            assert b[term] == pytest.approx(a[term], rel=rtol, abs=1e-6), (term, a, b)
+            tol = (term_rtol or {}).get(term, rtol)
+            assert b[term] == pytest.approx(a[term], rel=tol, abs=1e-6), (term, a, b)
 
 
 def test_ddp_replay_mix_is_exact_and_terms_match_one_process(tmp_path, store_path):
@@ -158,4 +159,9 @@ def test_deepspeed_runs_log_the_same_terms_as_one_process(tmp_path, store_path, 
     ranks = _run(tmp_path, store_path, stage, 2, mode=stage, ga=2, peft=peft)
     assert all(r["global_step"] == 4 for r in ranks)
     assert all(r["precision"] == "float32" for r in ranks)  # read from the DeepSpeed config: bf16/fp16 disabled
-    _assert_same_logs(ref, ranks[0], rtol=2e-3)
+    # ZeRO-3's partitioned reductions sum in an order that depends on timing: with full fine-tuning at this grad norm
+    # (280-440, the dy-weighted hinge) the TM term of steps 2-3 differed from one process by 2.2e-3 and 5.6e-3 relative
+    # in two runs on a loaded 2-core machine, the other terms by < 1e-5. A wrong replay share or normalisation moves
+    # the term by tens of percent.
+    loose = {"replay_term": 2e-2} if (stage, peft) == ("zero3", False) else {}
+    _assert_same_logs(ref, ranks[0], rtol=2e-3, term_rtol=loose)
