@@ -137,9 +137,13 @@ def _eval(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .continual.sweep import load_sweep, run_sweep
+    from .continual.sweep import compare_finished, load_sweep, run_sweep
 
-    run_sweep(load_sweep(args.sweep, tuple(args.set or ())), resume=args.resume)
+    cfg = load_sweep(args.sweep, tuple(args.set or ()))
+    if args.compare:
+        compare_finished(cfg)
+    else:
+        run_sweep(cfg, resume=args.resume)
     return 0
 
 
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="Run a recipe's arms × seeds and compare them with confidence intervals.")
     p.add_argument("sweep", help="The sweep file (YAML: recipe, output_dir, arms, seeds); see docs/sweep.md.")
     p.add_argument("--resume", action="store_true", help="Continue an interrupted sweep (finished runs are kept).")
+    p.add_argument("--compare", action="store_true",
+                   help="Write the comparison of the runs finished so far and start none (a sweep still running "
+                        "elsewhere, or one stopped before its end).")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="Override a sweep field, e.g. seeds=[0].")
     p.set_defaults(func=_sweep)
 

@@ -13,8 +13,8 @@ A sweep file names a recipe, the arms (each a named set of recipe overrides, ``-
 
 Each (arm, seed) is an ordinary recipe run in ``output_dir/runs/<arm>/seed-<seed>`` (the recipe with the arm's
 overrides and ``seed`` set), run in a process of its own; ``parallel`` runs go at a time, each with
-``cpu_count / parallel`` threads (two one-thread runs on a 2-core machine finish sooner than one two-thread run after
-another: the small models of CPU runs do not scale to two threads). Shared, because it is the same by construction:
+``cpu_count / parallel`` threads (on a 2-core machine two one-thread runs side by side, which also keeps one run's
+idle moments — loading, writing — from idling the machine). Shared, because it is the same by construction:
 the reference store of runs with the same base model, replay texts and store settings (``output_dir/stores/<key>``,
 fingerprint-checked on every open), and row 0 of the accuracy matrix and the base model's news NLL of runs with the
 same model, seed, tasks, replay texts and evaluation settings (``output_dir/base/<key>``); the keys hash those
@@ -362,15 +362,35 @@ def check_extension(before: dict, now: dict, out: str) -> None:
                          "sweep may add arms and seeds; for anything else choose another output_dir.")
 
 
+def _previous_state(out: str) -> dict | None:
+    state_path = os.path.join(out, SWEEP_FILE)
+    if not os.path.isfile(state_path):
+        return None
+    with open(state_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def compare_finished(cfg: SweepConfig) -> dict:
+    """Write the comparison of the runs finished so far and start none (``gere-hf sweep --compare``): a look at a
+    sweep still running in another process, or the published part of one that could not finish. Arms with fewer
+    seeds than planned show one value per seed, without an interval."""
+    out = os.path.abspath(cfg.output_dir)
+    if _previous_state(out) is None:
+        raise SweepError(f"{out} holds no sweep yet (no {SWEEP_FILE}); run `gere-hf sweep` first.")
+    runs = plan_runs(cfg)
+    comparison = compare(cfg, runs)
+    write_comparison(cfg, comparison)
+    _say(f"{sum(_finished(r) for r in runs)} of {len(runs)} runs finished; comparison of those: "
+         f"{os.path.join(out, 'comparison.md')}")
+    return comparison
+
+
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     """Run every (arm, seed) not finished yet, ``parallel`` at a time, then write the comparison; returns it."""
     runs = plan_runs(cfg)
     out = os.path.abspath(cfg.output_dir)
     state_path = os.path.join(out, SWEEP_FILE)
-    previous = None
-    if os.path.isfile(state_path):
-        with open(state_path, encoding="utf-8") as f:
-            previous = json.load(f)
+    previous = _previous_state(out)
     if previous is not None and not resume:
         raise SweepError(f"{out} already holds a sweep. Pass --resume to continue it, or choose another output_dir.")
     state = {"config": cfg.to_dict(), "recipe_content": load_recipe(cfg.recipe).raw,
@@ -606,8 +626,8 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["SweepConfig", "SweepError", "SweepRun", "compare", "comparison_markdown", "load_sweep", "plan_runs",
-           "run_sweep"]
+__all__ = ["SweepConfig", "SweepError", "SweepRun", "compare", "compare_finished", "comparison_markdown", "load_sweep",
+           "plan_runs", "run_sweep"]
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))

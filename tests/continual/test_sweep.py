@@ -66,6 +66,15 @@ def test_a_sweep_runs_every_arm_and_seed_resumes_after_a_kill_and_compares(tmp_p
     finished_before = os.path.getmtime(os.path.join(runs[0].run_dir, "results.json"))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # --compare writes the comparison of what finished (one run: one value, no interval) and starts nothing ...
+    finished = [r for r in runs if os.path.isfile(os.path.join(r.run_dir, "sweep_run.json"))]  # the first one or two
+    peek = _cli(path, "--compare")
+    out, _ = peek.communicate(timeout=120)
+    assert peek.returncode == 0 and f"{len(finished)} of 6 runs finished" in out and "started" not in out, out[-3000:]
+    partial = read_json(tmp_path / "sweep" / "comparison.json")
+    assert partial["arms"]["none"]["metrics"]["ap"]["per_seed"] == {
+        str(r.seed): read_json(os.path.join(r.run_dir, "results.json"))["metrics"]["ap"] for r in finished}
+    assert not os.path.isdir(runs[2].run_dir) or not os.listdir(runs[2].run_dir)
     # ... it refuses to start over, and continues with --resume, keeping the finished run.
     again = _cli(path)
     out, _ = again.communicate(timeout=60)
