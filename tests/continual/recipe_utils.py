@@ -55,6 +55,19 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+def crash_in_stage(monkeypatch, trainer_class, stage_folder: str, step: int) -> None:
+    """Make ``trainer_class.training_step`` raise KeyboardInterrupt (an interruption) at global step ``step`` of the
+    stage whose output folder contains ``stage_folder``; every other step trains as usual."""
+    original = trainer_class.training_step
+
+    def crash(self, *args, **kwargs):
+        if stage_folder in self.args.output_dir and self.state.global_step == step:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "training_step", crash)
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)

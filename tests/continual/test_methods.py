@@ -8,7 +8,7 @@ import os
 
 import pytest
 from datasets import Dataset
-from recipe_utils import one_thread, read_json, tiny_recipe
+from recipe_utils import crash_in_stage, one_thread, read_json, tiny_recipe
 
 from gere_hf.continual import run_recipe
 from gere_hf.continual.methods import AUTO, METHODS, MethodConfig, check_tasks
@@ -93,13 +93,7 @@ def test_sdft_resume_after_stage_one_and_a_changed_method_is_refused(tmp_path, m
     out = tmp_path / "run"
     recipe = parse_recipe(tiny_recipe(out, *RESUMABLE))
     original = GeReSDFTTrainer.training_step
-
-    def crash_in_stage_2(self, *args, **kwargs):
-        if "2-trivia" in self.args.output_dir and self.state.global_step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GeReSDFTTrainer, "training_step", crash_in_stage_2)
+    crash_in_stage(monkeypatch, GeReSDFTTrainer, "2-trivia", step=2)
     with one_thread(), pytest.raises(KeyboardInterrupt):
         run_recipe(recipe)
     state = read_json(out / "run_state.json")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from recipe_utils import REPO_ROOT, one_thread, read_json, tiny_recipe
+from recipe_utils import REPO_ROOT, crash_in_stage, one_thread, read_json, tiny_recipe
 
 from gere_hf.continual import RecipeError, parse_recipe, run_recipe
 from gere_hf.continual.adapters import AdapterError, check_launch, effective_rank_schedule, load_causal_lm
@@ -114,13 +114,7 @@ def test_osf_run_resumes_from_a_checkpoint_inside_a_stage(tmp_path, osf_run, mon
     reference, uninterrupted = osf_run
     out = tmp_path / "run"
     original = GeReSFTTrainer.training_step
-
-    def crash_in_stage_2_step_3(self, *args, **kwargs):
-        if "2-trivia" in self.args.output_dir and self.state.global_step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GeReSFTTrainer, "training_step", crash_in_stage_2_step_3)
+    crash_in_stage(monkeypatch, GeReSFTTrainer, "2-trivia", step=2)
     with pytest.raises(KeyboardInterrupt):
         _run(out)
     assert os.path.isdir(out / "stages" / "2-trivia" / "checkpoints" / "checkpoint-2")

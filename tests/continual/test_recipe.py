@@ -9,7 +9,7 @@ import os
 
 import pytest
 import yaml
-from recipe_utils import RECIPES, TINY_RECIPE, one_thread, read_json, tiny_recipe
+from recipe_utils import RECIPES, TINY_RECIPE, crash_in_stage, one_thread, read_json, tiny_recipe
 
 from gere_hf import cli
 from gere_hf.continual.data import load_stage_task
@@ -399,13 +399,7 @@ def test_resume_continues_from_the_last_checkpoint_of_an_unfinished_stage(tmp_pa
     out = tmp_path / "run"
     recipe = parse_recipe(tiny_recipe(out, *RESUMABLE))
     original = GeReSFTTrainer.training_step
-
-    def crash_in_stage_2_step_3(self, *args, **kwargs):
-        if "2-trivia" in self.args.output_dir and self.state.global_step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GeReSFTTrainer, "training_step", crash_in_stage_2_step_3)
+    crash_in_stage(monkeypatch, GeReSFTTrainer, "2-trivia", step=2)
     with one_thread(), pytest.raises(KeyboardInterrupt):
         run_recipe(recipe)
     state = read_json(out / "run_state.json")
