@@ -68,6 +68,19 @@ def crash_in_stage(monkeypatch, trainer_class, stage_folder: str, step: int) -> 
     monkeypatch.setattr(trainer_class, "training_step", crash)
 
 
+def record_steps(monkeypatch, trainer_class) -> list:
+    """Record ``(stage folder, step number)`` for every training step ``trainer_class`` takes from now on."""
+    trained = []
+    original = trainer_class.training_step
+
+    def record(self, *args, **kwargs):
+        trained.append((os.path.basename(os.path.dirname(self.args.output_dir)), self.state.global_step + 1))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "training_step", record)
+    return trained
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)

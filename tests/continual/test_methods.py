@@ -8,7 +8,7 @@ import os
 
 import pytest
 from datasets import Dataset
-from recipe_utils import crash_in_stage, one_thread, read_json, tiny_recipe
+from recipe_utils import crash_in_stage, one_thread, read_json, record_steps, tiny_recipe
 
 from gere_hf.continual import run_recipe
 from gere_hf.continual.methods import AUTO, METHODS, MethodConfig, check_tasks
@@ -104,13 +104,8 @@ def test_sdft_resume_after_stage_one_and_a_changed_method_is_refused(tmp_path, m
         with pytest.raises(RecipeError, match=r"(?s)different recipe.*  method\.(name|max_completion_length): "):
             run_recipe(tiny_recipe(out, *RESUMABLE, *changed), resume=True)
 
-    trained = []
-
-    def record(self, *args, **kwargs):
-        trained.append((os.path.basename(os.path.dirname(self.args.output_dir)), self.state.global_step + 1))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GeReSDFTTrainer, "training_step", record)
+    monkeypatch.setattr(GeReSDFTTrainer, "training_step", original)
+    trained = record_steps(monkeypatch, GeReSDFTTrainer)
     with one_thread():
         results = run_recipe(recipe, resume=True)
     assert trained == [("2-trivia", 3), ("2-trivia", 4)]  # stage 1 kept, stage 2 went on from checkpoint-2

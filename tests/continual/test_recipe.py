@@ -9,7 +9,7 @@ import os
 
 import pytest
 import yaml
-from recipe_utils import RECIPES, TINY_RECIPE, crash_in_stage, one_thread, read_json, tiny_recipe
+from recipe_utils import RECIPES, TINY_RECIPE, crash_in_stage, one_thread, read_json, record_steps, tiny_recipe
 
 from gere_hf import cli
 from gere_hf.continual.data import load_stage_task
@@ -408,13 +408,8 @@ def test_resume_continues_from_the_last_checkpoint_of_an_unfinished_stage(tmp_pa
     stage1 = out / "stages" / "1-polarity" / "adapter_model.safetensors"
     before = os.path.getmtime(stage1)
 
-    trained_steps = []
-
-    def record(self, *args, **kwargs):
-        trained_steps.append((os.path.basename(os.path.dirname(self.args.output_dir)), self.state.global_step + 1))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(GeReSFTTrainer, "training_step", record)
+    monkeypatch.setattr(GeReSFTTrainer, "training_step", original)
+    trained_steps = record_steps(monkeypatch, GeReSFTTrainer)
     with one_thread():
         results = run_recipe(recipe, resume=True)
     # Stage 1 was not trained again; stage 2 went on from checkpoint-2.
