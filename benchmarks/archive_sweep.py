@@ -3,7 +3,8 @@
 
 Copies what the comparison is computed from and what ``gere-hf sweep --resume`` needs to keep a run as finished —
 ``sweep.json``, ``comparison.{md,json,png}``, the shared base rows (``base/<key>/*.json``), and per run
-``results.json``, ``sweep_run.json`` and ``report.md`` — and leaves out the stage weights, stores and checkpoints.
+``results.json``, ``sweep_run.json`` (the run's settings, final answers and training time) and ``report.md`` — and
+leaves out the stage weights, stores, checkpoints and run_state.json.
 A later checkout extends the comparison by copying the folder back and resuming (the recipe is compared by content,
 so the copy may live anywhere):
 

@@ -260,7 +260,10 @@ def run_one(spec: dict) -> dict:
     runner = SharedBaseRowRunner(recipe, resume=resume, base_row_path=os.path.join(spec["base_dir"], BASE_ROW_FILE),
                                  say=say)
     runner.run()
-    summary = {"arm": spec["arm"], "seed": spec["seed"], "seconds": time.time() - start, "news": None}
+    with open(os.path.join(run_dir, RUN_STATE_FILE), encoding="utf-8") as f:
+        state = json.load(f)
+    summary = {"arm": spec["arm"], "seed": spec["seed"], "seconds": time.time() - start, "news": None,
+               "settings": run_settings(spec["recipe"], spec["news_texts"]), **answers_and_train_time(state)}
     if spec["news_texts"]:
         say("measuring news text (outside the replay domain) ...")
         summary["news"] = _news_retention(recipe, spec["news_texts"], spec["base_dir"])
@@ -305,6 +308,46 @@ def _finished(run: SweepRun) -> bool:
             and os.path.isfile(os.path.join(run.run_dir, "results.json")))
 
 
+def run_settings(recipe: dict, news_texts: int) -> dict:
+    """What a run's figures depend on: its recipe (overrides and seed applied) and the news texts it was measured
+    on, without where it was written, so that a sweep moved or archived still matches its runs."""
+    settings = json.loads(json.dumps(recipe))
+    settings.pop("output_dir", None)
+    store_dir = (settings.get("gere") or {}).get("store_dir")
+    if store_dir:  # the sweep's stores/<key>: the key is the content, the folder above it a location
+        settings["gere"]["store_dir"] = os.path.basename(os.path.normpath(store_dir))
+    return {"recipe": settings, "news_texts": news_texts}
+
+
+def check_finished_runs(cfg: SweepConfig, runs: list[SweepRun], checked_sweep: bool) -> None:
+    """Refuse a finished run whose settings are not the ones planned for it: a run folder copied or left from another
+    sweep would otherwise be kept, and compared, as if it had been run with this one's. ``checked_sweep``: the output
+    folder's sweep.json was compared with this sweep (``check_extension``), which vouches for runs written before
+    their settings were recorded."""
+    for run in runs:
+        if not _finished(run):
+            continue
+        with open(os.path.join(run.run_dir, RUN_SUMMARY_FILE), encoding="utf-8") as f:
+            recorded = json.load(f).get("settings")
+        if recorded is None and checked_sweep:
+            continue
+        planned = run_settings(run.recipe, cfg.news_texts)
+        if recorded != planned:
+            what = "records no settings" if recorded is None else "was run with other settings"
+            raise SweepError(f"{run.run_dir} holds a finished run that {what} than those this sweep plans for "
+                             f"{run.label}{_first_difference(recorded, planned)}. Remove that folder to run it again, "
+                             "or choose another output_dir.")
+
+
+def _first_difference(recorded: dict | None, planned: dict, path: str = "") -> str:
+    if not isinstance(recorded, dict) or not isinstance(planned, dict):
+        return f" ({path or 'settings'}: {recorded!r} there, {planned!r} planned)" if recorded is not None else ""
+    for key in sorted(set(recorded) | set(planned), key=str):
+        if recorded.get(key) != planned.get(key):
+            return _first_difference(recorded.get(key), planned.get(key), f"{path}.{key}" if path else key)
+    return ""
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------------------------
@@ -341,10 +384,11 @@ SCHEDULING = ("parallel", "threads")
 LOCATIONS = ("recipe", "output_dir")
 
 
-def check_extension(before: dict, now: dict, out: str) -> None:
+def check_extension(before: dict, now: dict, out: str, what: str = "--resume") -> None:
     """A resumed sweep keeps its settings, its recipe's content and its arms' overrides; it may add arms and seeds
-    (``--resume`` with more arms extends a comparison without running the finished arms again). ``before`` and
-    ``now`` are what ``sweep.json`` holds: ``config`` and ``recipe_content``."""
+    (``--resume`` with more arms extends a comparison without running the finished arms again). ``--compare`` may
+    also leave arms and seeds out (it compares those it lists). ``before`` and ``now`` are what ``sweep.json``
+    holds: ``config`` and ``recipe_content``."""
     by_content = "recipe_content" in before
     ignored = (*EXTENDABLE, *SCHEDULING, *(LOCATIONS if by_content else ()))
     changed = sorted(k for k in set(before["config"]) | set(now["config"])
@@ -356,10 +400,18 @@ def check_extension(before: dict, now: dict, out: str) -> None:
                 now["arms"][a] != o]
     dropped = [f"arms.{a}" for a in before.get("arms", {}) if a not in now.get("arms", {})]
     dropped += [f"seed {s}" for s in before.get("seeds", []) if s not in now.get("seeds", [])]
+    if what == "--compare":
+        dropped = []
     if changed or dropped:
-        what = ", ".join(changed + [f"{d} (dropped)" for d in dropped])
-        raise SweepError(f"--resume: the sweep in {out} was started with other settings ({what} differ). A resumed "
+        differ = ", ".join(changed + [f"{d} (dropped)" for d in dropped])
+        raise SweepError(f"{what}: the sweep in {out} was started with other settings ({differ} differ). A resumed "
                          "sweep may add arms and seeds; for anything else choose another output_dir.")
+
+
+def _sweep_state(cfg: SweepConfig, runs: list[SweepRun]) -> dict:
+    """What ``sweep.json`` holds (as JSON reads it back): the settings, the recipe's content and the planned runs."""
+    return json.loads(json.dumps({"config": cfg.to_dict(), "recipe_content": load_recipe(cfg.recipe).raw,
+                                  "runs": [[r.arm, r.seed] for r in runs]}))
 
 
 def _previous_state(out: str) -> dict | None:
@@ -378,6 +430,8 @@ def compare_finished(cfg: SweepConfig) -> dict:
     if _previous_state(out) is None:
         raise SweepError(f"{out} holds no sweep yet (no {SWEEP_FILE}); run `gere-hf sweep` first.")
     runs = plan_runs(cfg)
+    check_extension(_previous_state(out), _sweep_state(cfg, runs), out, what="--compare")
+    check_finished_runs(cfg, runs, checked_sweep=True)
     comparison = compare(cfg, runs)
     write_comparison(cfg, comparison)
     _say(f"{sum(_finished(r) for r in runs)} of {len(runs)} runs finished; comparison of those: "
@@ -393,10 +447,10 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> dict:
     previous = _previous_state(out)
     if previous is not None and not resume:
         raise SweepError(f"{out} already holds a sweep. Pass --resume to continue it, or choose another output_dir.")
-    state = {"config": cfg.to_dict(), "recipe_content": load_recipe(cfg.recipe).raw,
-             "runs": [[r.arm, r.seed] for r in runs]}
+    state = _sweep_state(cfg, runs)
     if previous is not None:
-        check_extension(previous, json.loads(json.dumps(state)), out)
+        check_extension(previous, state, out)
+    check_finished_runs(cfg, runs, checked_sweep=previous is not None)
     os.makedirs(out, exist_ok=True)
     write_json(state_path, state)
     cpus = os.cpu_count() or 1
@@ -470,27 +524,39 @@ def _execute(cfg: SweepConfig, todo: list[SweepRun], parallel: int, threads: int
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def answers_and_train_time(state: dict) -> dict:
+    """From a run's run_state.json, what the comparison needs beyond results.json: the final row's right/wrong
+    answers per task (the per-example tests) and the stages' training seconds. Kept in ``sweep_run.json``, so that a
+    run archived without its run_state.json (``benchmarks/archive_sweep.py``) still compares in full."""
+    rows = state.get("evaluation") or {}
+    final = rows.get(str(len(state.get("stages") or []))) or {}
+    return {"final_answers": {task: [int(c) for c in answers] for task, answers in (final.get("correct") or {}).items()},
+            "train_seconds": sum(s.get("train_seconds") or 0 for s in state.get("stages") or [])}
+
+
 def run_metrics(run: SweepRun) -> dict:
-    """One finished run's metrics (``None`` where not measured) and its final row's right/wrong answers per task."""
+    """One finished run's metrics (``None`` where not measured) and its final row's right/wrong answers per task
+    (empty for a run archived before ``sweep_run.json`` kept them: it joins the per-seed comparison only)."""
     with open(os.path.join(run.run_dir, "results.json"), encoding="utf-8") as f:
         results = json.load(f)
     with open(os.path.join(run.run_dir, RUN_SUMMARY_FILE), encoding="utf-8") as f:
         summary = json.load(f)
-    with open(os.path.join(run.run_dir, RUN_STATE_FILE), encoding="utf-8") as f:
-        state = json.load(f)
+    state_path = os.path.join(run.run_dir, RUN_STATE_FILE)
+    if "final_answers" not in summary and os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            summary.update(answers_and_train_time(json.load(f)))
     m = results.get("metrics") or {}
     general = max(results.get("general") or [{}], key=lambda g: g.get("stage", -1))
     mmlu = max(results.get("mmlu") or [{}], key=lambda x: x.get("stage", -1)) if results.get("mmlu") else {}
     news = summary.get("news") or {}
-    rows = state.get("evaluation") or {}
-    final = rows.get(str(len(state.get("stages") or []))) or {}
-    train_seconds = sum(s.get("train_seconds") or 0 for s in state.get("stages") or [])
+    train_seconds = summary.get("train_seconds")
     return {
         "metrics": {"ap": m.get("ap"), "bwt": m.get("bwt"), "fwt": m.get("fwt"),
                     "mean_forgetting": m.get("mean_forgetting"), "delta_nll_wiki": general.get("delta_nll_vs_base"),
                     "delta_nll_news": news.get("delta_nll_vs_base"), "mmlu": mmlu.get("accuracy"),
-                    "delta_mmlu": mmlu.get("delta_vs_base"), "train_minutes": train_seconds / 60},
-        "correct": {task: [int(c) for c in answers] for task, answers in (final.get("correct") or {}).items()},
+                    "delta_mmlu": mmlu.get("delta_vs_base"),
+                    "train_minutes": None if train_seconds is None else train_seconds / 60},
+        "correct": summary.get("final_answers") or {},
         "run_seconds": summary.get("seconds"),
     }
 

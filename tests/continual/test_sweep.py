@@ -156,7 +156,23 @@ def test_a_resumed_sweep_keeps_its_settings_and_may_add_arms(tmp_path):
     out, _ = extended.communicate(timeout=600)
     assert extended.returncode == 0, out[-3000:]
     assert os.path.getmtime(tmp_path / "sweep" / "runs" / "none" / "seed-0" / "results.json") == finished
-    assert set(read_json(tmp_path / "sweep" / "comparison.json")["arms"]) == {"none", "ce"}
+    comparison = read_json(tmp_path / "sweep" / "comparison.json")
+    assert set(comparison["arms"]) == {"none", "ce"} and comparison["per_example"]["ce"]["examples"] > 0
+    # Archived as benchmarks/results keeps it (no run_state.json, no weights), the sweep compares in full: the same
+    # per-seed figures, training times and per-example tests.
+    archive = tmp_path / "archive"
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "archive_sweep.py"), str(tmp_path / "sweep"),
+                    str(archive)], check=True)
+    assert not list(archive.glob("runs/*/*/run_state.json"))
+    sweep = yaml.safe_load(open(path, encoding="utf-8"))
+    arms = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["config"]["arms"]
+    (tmp_path / "archive.yaml").write_text(yaml.safe_dump({**sweep, "arms": arms, "output_dir": str(archive)}))
+    peek = _cli(str(tmp_path / "archive.yaml"), "--compare")
+    out, _ = peek.communicate(timeout=120)
+    assert peek.returncode == 0, out[-3000:]
+    archived = read_json(archive / "comparison.json")
+    for key in ("arms", "differences", "per_example"):
+        assert archived[key] == comparison[key]
 
 
 def test_a_sweep_folder_resumes_elsewhere_and_its_recipe_is_compared_by_content(tmp_path):
@@ -181,3 +197,30 @@ def test_a_sweep_folder_resumes_elsewhere_and_its_recipe_is_compared_by_content(
     changed = _cli(str(moved / "sweep.yaml"), "--resume")
     out, _ = changed.communicate(timeout=60)
     assert changed.returncode == 2 and "the recipe" in out and "other settings" in out, out[-3000:]
+
+    # A run folder copied into a fresh sweep folder (no sweep.json to vouch for it) is kept only if it was run with
+    # the settings planned for it: the same recipe is reused, another is refused before anything is written.
+    runs_only = tmp_path / "runs_only"
+    shutil.copytree(tmp_path / "sweep" / "runs", runs_only / "sweep" / "runs")
+    shutil.copy(tmp_path / "recipe.yaml", runs_only / "recipe.yaml")
+    (runs_only / "sweep.yaml").write_text(yaml.safe_dump({**sweep, "output_dir": str(runs_only / "sweep")}))
+    reused = _cli(str(runs_only / "sweep.yaml"))
+    out, _ = reused.communicate(timeout=120)
+    assert reused.returncode == 0 and "1 finished before" in out and "started" not in out, out[-3000:]
+    shutil.rmtree(runs_only / "sweep")
+    shutil.copytree(tmp_path / "sweep" / "runs", runs_only / "sweep" / "runs")
+    shutil.copy(moved / "recipe.yaml", runs_only / "recipe.yaml")  # the learning rate doubled
+    refused = _cli(str(runs_only / "sweep.yaml"))
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode == 2 and "was run with other settings" in out and "learning_rate" in out, out[-3000:]
+    assert not (runs_only / "sweep" / "sweep.json").exists()
+    # A run that records no settings (written before they were recorded) is kept only under the sweep.json that
+    # vouched for it.
+    summary_path = runs_only / "sweep" / "runs" / "none" / "seed-0" / "sweep_run.json"
+    summary = read_json(summary_path)
+    del summary["settings"]
+    summary_path.write_text(json.dumps(summary))
+    shutil.copy(tmp_path / "recipe.yaml", runs_only / "recipe.yaml")
+    unknown = _cli(str(runs_only / "sweep.yaml"))
+    out, _ = unknown.communicate(timeout=60)
+    assert unknown.returncode == 2 and "records no settings" in out, out[-3000:]
