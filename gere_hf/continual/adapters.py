@@ -67,6 +67,8 @@ class AdapterType:
         strategies: the ``adapters.strategy`` values it supports, with why the others cannot work.
         schedule_field: the config field ``adapters.effective_rank_schedule`` sets per stage, if any.
         launches: ``{launch: why it cannot work}`` for the sharded launches ('FSDP', 'ZeRO-3') it cannot train under.
+        learning_rate_limit: ``(limit, why)``: learning rates above ``limit`` are refused, for a type that
+            trains at another scale than LoRA (a recipe switched from LoRA would otherwise keep LoRA's rate).
     """
 
     peft_type: str
@@ -77,6 +79,7 @@ class AdapterType:
     strategies: dict = field(default_factory=lambda: dict.fromkeys(STRATEGIES))
     schedule_field: str | None = None
     launches: dict = field(default_factory=dict)
+    learning_rate_limit: tuple[float, str] | None = None
 
     def config_cls(self):
         import peft
@@ -119,6 +122,12 @@ ADAPTER_TYPES: dict[str, AdapterType] = {t.peft_type: t for t in (
                       "for its SVD: PEFT skips the partitioned matrices, and DeepSpeed then fails with no parameter "
                       "to train",
         },
+        learning_rate_limit=(1e-3, (
+            "OSF trains the orthogonal complement of each target matrix whole (full fine-tuning of most of its rank), "
+            "so it needs a full fine-tuning learning rate, not LoRA's: PEFT's continual example uses 5e-6, and on the "
+            "benchmark (SmolLM2-135M, AdamW) 2e-3 raised the general-text NLL by 24 nats and left every task at 0 "
+            "(docs/lab/experiments.md, section C)"
+        )),
     ),
 )}
 

@@ -188,6 +188,7 @@ def check_training(recipe: Recipe) -> None:
         origins = training_key_origins(recipe, stage, index)
         given = {k: v for k, v in kwargs.items() if k in origins}
         check_values(given, hints, TRAINING_RANGES, lambda k, o=origins: o[k])
+        _check_adapter_learning_rate(recipe, kwargs, origins)
         kwargs.pop("deepspeed", None)
         kwargs["output_dir"] = "checkpoints"  # never created: building the arguments writes nothing
         try:
@@ -200,6 +201,21 @@ def check_training(recipe: Recipe) -> None:
             prefix = where or f"stages[{index - 1}] ({stage.name}): the training arguments"
             classes = recipe.method.method.args_class_name
             raise RecipeError(f"{prefix}: {text}. See transformers.TrainingArguments and {classes}.") from None
+
+
+def _check_adapter_learning_rate(recipe: Recipe, kwargs: dict, origins: dict) -> None:
+    """A stage's learning rate against its adapter type's limit (OSF trains at full fine-tuning's scale). Plain SGD
+    is left alone: its step scales with the gradient, where an adaptive optimizer moves every coordinate by about
+    the learning rate."""
+    kind = adapter_type(recipe.peft)
+    rate = kwargs.get("learning_rate")
+    if kind is None or kind.learning_rate_limit is None or rate is None or str(kwargs.get("optim")) == "sgd":
+        return
+    limit, why = kind.learning_rate_limit
+    if rate > limit:
+        where = origins.get("learning_rate", "training.learning_rate")
+        raise RecipeError(f"{where} = {rate:g} is too high for peft.peft_type {kind.peft_type} (refused above "
+                          f"{limit:g}): {why}. Set a learning rate of full fine-tuning's scale (e.g. 1e-5 to 5e-5).")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
