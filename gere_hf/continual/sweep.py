@@ -333,10 +333,12 @@ def check_finished_runs(cfg: SweepConfig, runs: list[SweepRun], checked_sweep: b
             continue
         planned = run_settings(run.recipe, cfg.news_texts)
         if recorded != planned:
-            what = "records no settings" if recorded is None else "was run with other settings"
-            raise SweepError(f"{run.run_dir} holds a finished run that {what} than those this sweep plans for "
-                             f"{run.label}{_first_difference(recorded, planned)}. Remove that folder to run it again, "
-                             "or choose another output_dir.")
+            what = ("records no settings (written before runs recorded them, and no sweep.json vouches for it), "
+                    "so it cannot be checked against those this sweep plans for" if recorded is None
+                    else "was run with other settings than those this sweep plans for")
+            raise SweepError(f"{run.run_dir} holds a finished run that {what} {run.label}"
+                             f"{_first_difference(recorded, planned)}. Remove that folder to run it again, or choose "
+                             "another output_dir.")
 
 
 def _first_difference(recorded: dict | None, planned: dict, path: str = "") -> str:
