@@ -39,7 +39,9 @@ VARIANTS = {
     "lora_continue": ("adapters.strategy=continue",),
     "full": ("peft=null", "adapters=null"),
     "lora_stack_bi": ("adapters.strategy=stack", "gere.replay_per_step=2"),
-    "osf_stack": ("peft={peft_type: OSF, target_modules: [q_proj, v_proj]}", "adapters.strategy=stack"),
+    # OSF at the highest rate a recipe accepts for it (full fine-tuning's scale, docs/osf.md "The learning rate").
+    "osf_stack": ("peft={peft_type: OSF, target_modules: [q_proj, v_proj]}", "adapters.strategy=stack",
+                  "training.learning_rate=1e-3"),
 }
 ZERO2 = os.path.join(REPO_ROOT, "recipes", "deepspeed", "zero2.json")
 ZERO3 = os.path.join(REPO_ROOT, "recipes", "deepspeed", "zero3.json")
