@@ -381,6 +381,8 @@ def _progress(run: SweepRun) -> str:
 EXTENDABLE = ("arms", "seeds")
 # Settings that change only how the runs are scheduled, never what they compute.
 SCHEDULING = ("parallel", "threads")
+# Settings that change only how the finished runs are compared: another baseline reads the same runs.
+ANALYSIS = ("baseline",)
 # Where things are, not what they compute: a sweep folder copied elsewhere (another checkout, a results archive)
 # resumes there, its recipe compared by content (``recipe_content``), not by path.
 LOCATIONS = ("recipe", "output_dir")
@@ -388,11 +390,11 @@ LOCATIONS = ("recipe", "output_dir")
 
 def check_extension(before: dict, now: dict, out: str, what: str = "--resume") -> None:
     """A resumed sweep keeps its settings, its recipe's content and its arms' overrides; it may add arms and seeds
-    (``--resume`` with more arms extends a comparison without running the finished arms again). ``--compare`` may
-    also leave arms and seeds out (it compares those it lists). ``before`` and ``now`` are what ``sweep.json``
+    (``--resume`` with more arms extends a comparison without running the finished arms again) and compare against
+    another baseline. ``--compare`` may also leave arms and seeds out (it compares those it lists). ``before`` and ``now`` are what ``sweep.json``
     holds: ``config`` and ``recipe_content``."""
     by_content = "recipe_content" in before
-    ignored = (*EXTENDABLE, *SCHEDULING, *(LOCATIONS if by_content else ()))
+    ignored = (*EXTENDABLE, *SCHEDULING, *ANALYSIS, *(LOCATIONS if by_content else ()))
     changed = sorted(k for k in set(before["config"]) | set(now["config"])
                      if k not in ignored and before["config"].get(k) != now["config"].get(k))
     if by_content and before["recipe_content"] != now["recipe_content"]:

@@ -173,6 +173,14 @@ def test_a_resumed_sweep_keeps_its_settings_and_may_add_arms(tmp_path):
     archived = read_json(archive / "comparison.json")
     for key in ("arms", "differences", "per_example"):
         assert archived[key] == comparison[key]
+    # Another baseline reads the same runs: the differences change sign, nothing is run.
+    against_ce = _cli(str(tmp_path / "archive.yaml"), "--compare", "--set", "baseline=ce")
+    out, _ = against_ce.communicate(timeout=120)
+    assert against_ce.returncode == 0, out[-3000:]
+    flipped = read_json(archive / "comparison.json")
+    assert flipped["baseline"] == "ce" and set(flipped["differences"]) == {"none"}
+    assert flipped["differences"]["none"]["ap"]["mean"] == pytest.approx(-comparison["differences"]["ce"]["ap"]["mean"])
+    assert flipped["per_example"]["none"]["examples"] == comparison["per_example"]["ce"]["examples"]
 
 
 def test_a_sweep_folder_resumes_elsewhere_and_its_recipe_is_compared_by_content(tmp_path):
