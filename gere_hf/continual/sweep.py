@@ -391,8 +391,8 @@ LOCATIONS = ("recipe", "output_dir")
 def check_extension(before: dict, now: dict, out: str, what: str = "--resume") -> None:
     """A resumed sweep keeps its settings, its recipe's content and its arms' overrides; it may add arms and seeds
     (``--resume`` with more arms extends a comparison without running the finished arms again) and compare against
-    another baseline. ``--compare`` may also leave arms and seeds out (it compares those it lists). ``before`` and ``now`` are what ``sweep.json``
-    holds: ``config`` and ``recipe_content``."""
+    another baseline. ``--compare`` may also leave arms and seeds out (it compares those it lists). ``before`` and
+    ``now`` are what ``sweep.json`` holds: ``config`` and ``recipe_content``."""
     by_content = "recipe_content" in before
     ignored = (*EXTENDABLE, *SCHEDULING, *ANALYSIS, *(LOCATIONS if by_content else ()))
     changed = sorted(k for k in set(before["config"]) | set(now["config"])
